@@ -1,0 +1,44 @@
+# Two commands set everything up on a fresh machine: `make test` and `make train`.
+# Each creates .venv with Python 3.12 (found by tools/find_python312.sh) and installs
+# the project editable with the pinned versions in constraints.txt before running.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_WORKERS ?= 2
+
+.PHONY: test test-slow lint format train bench clean
+
+$(STAMP): pyproject.toml constraints.txt tools/find_python312.sh
+	@set -e; \
+	if [ ! -x $(PY) ] || ! $(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then \
+	  py=$$(tools/find_python312.sh); \
+	  echo "creating $(VENV) with $$py"; \
+	  rm -rf $(VENV); "$$py" -m venv $(VENV); \
+	fi; \
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip; \
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'; \
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: lint
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+train: $(STAMP)
+	$(PY) -m jaxblocks.train.cli $(ARGS)
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run $(NAME)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

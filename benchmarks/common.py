@@ -1,0 +1,129 @@
+"""Shared measuring and reporting for the benchmarks: one timing rule, one table format.
+
+Every benchmark compares implementations side by side in one run and reports ratios to a named
+baseline; absolute times are only quoted from a GPU (see BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+
+@dataclasses.dataclass
+class Measurement:
+    """One implementation on one case."""
+
+    case: str
+    impl: str
+    median_s: float
+    temp_bytes: int | None = None
+    flops: float | None = None
+    extra: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def compile_stats(
+    fn: Callable[..., Any], args: Sequence[Any]
+) -> tuple[Any, int | None, float | None]:
+    """Compile ``jax.jit(fn)`` for ``args``; return (compiled, XLA temp bytes, XLA FLOPs)."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    temp = None
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        temp = int(mem.temp_size_in_bytes)
+    flops = None
+    cost = compiled.cost_analysis()
+    if isinstance(cost, Sequence) and cost:  # older jax returned a list of dicts
+        cost = cost[0]
+    if isinstance(cost, dict) and "flops" in cost:
+        flops = float(cost["flops"])
+    return compiled, temp, flops
+
+
+def measure(
+    case: str,
+    impl: str,
+    fn: Callable[..., Any],
+    args: Sequence[Any],
+    *,
+    warmup: int = 2,
+    iters: int = 10,
+    flops: float | None = None,
+) -> Measurement:
+    """Median wall time of the compiled ``fn(*args)`` (blocking on the result), plus XLA stats.
+
+    ``flops`` overrides XLA's count (use the op's `pl.CostEstimate` formula for Pallas kernels,
+    whose FLOPs XLA cannot see).
+    """
+    compiled, temp, xla_flops = compile_stats(fn, args)
+    for _ in range(warmup):
+        jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t0)
+    return Measurement(case, impl, statistics.median(times), temp, flops if flops else xla_flops)
+
+
+def _fmt_bytes(n: int | None) -> str:
+    return "–" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def _fmt_time(s: float) -> str:
+    return f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def table(rows: Sequence[Measurement], baseline: str, *, show_time: bool = True) -> str:
+    """Markdown table: cases × implementations, with ratios to the ``baseline`` implementation.
+
+    Time ratio > 1 means slower than the baseline; memory ratio < 1 means less memory.
+    """
+    extra_cols = sorted({k for r in rows for k in r.extra})
+    head = ["case", "impl"]
+    if show_time:
+        head += ["median time", "time / " + baseline]
+    head += ["XLA temp memory", "memory / " + baseline, "GFLOP"] + extra_cols
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = {r.case: r for r in rows if r.impl == baseline}
+    for r in rows:
+        b = base.get(r.case)
+        cells = [r.case, r.impl]
+        if show_time:
+            ratio = f"{r.median_s / b.median_s:.2f}×" if b else "–"
+            cells += [_fmt_time(r.median_s), ratio]
+        mratio = "–"
+        if b and b.temp_bytes and r.temp_bytes is not None:
+            mratio = f"{r.temp_bytes / b.temp_bytes:.2f}×"
+        gflop = "–" if r.flops is None else f"{r.flops / 1e9:.2f}"
+        cells += [_fmt_bytes(r.temp_bytes), mratio, gflop]
+        cells += [r.extra.get(k, "") for k in extra_cols]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def machine() -> str:
+    """One line naming the machine, backend and versions, for the BENCHMARKS.md entry."""
+    dev = jax.devices()[0]
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (
+        f"{dev.platform.upper()} `{dev.device_kind}` ({len(jax.devices())} device(s)); "
+        f"host CPU {cpu}, {os.cpu_count()} cores; jax {jax.__version__}; "
+        f"{datetime.date.today().isoformat()}"
+    )

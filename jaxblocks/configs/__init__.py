@@ -1,0 +1,1 @@
+"""jaxblocks.configs."""
