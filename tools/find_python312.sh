@@ -8,16 +8,19 @@ if works python3.12; then
   python3.12 -c 'import sys; print(sys.executable)'
   exit 0
 fi
-if command -v pyenv >/dev/null 2>&1; then
-  root=$(pyenv root)
+roots=()
+command -v pyenv >/dev/null 2>&1 && roots+=("$(pyenv root)")
+roots+=("${PYENV_ROOT:-$HOME/.pyenv}")
+for root in "${roots[@]}"; do
   for v in $(ls -1 "$root/versions" 2>/dev/null | grep -E '^3\.12(\.[0-9]+)?$' | sort -t. -k3 -n -r); do
     py="$root/versions/$v/bin/python3.12"
     if works "$py"; then echo "$py"; exit 0; fi
   done
-fi
+done
 cat >&2 <<'MSG'
 error: jaxblocks needs Python 3.12 (jax 0.11.2 requires Python >= 3.12) and none was found.
-  Tried: `python3.12` on PATH, then the 3.12.x versions installed under pyenv.
+  Tried: `python3.12` on PATH, then the 3.12.x versions under pyenv
+  (`pyenv root`, $PYENV_ROOT or ~/.pyenv).
   Install one, e.g. `pyenv install 3.12` or your system's python3.12 package, then re-run make.
 MSG
 exit 1
