@@ -17,10 +17,10 @@ for root in "${roots[@]}"; do
     if works "$py"; then echo "$py"; exit 0; fi
   done
 done
-cat >&2 <<'MSG'
-error: jaxblocks needs Python 3.12 (jax 0.11.2 requires Python >= 3.12) and none was found.
-  Tried: `python3.12` on PATH, then the 3.12.x versions under pyenv
-  (`pyenv root`, $PYENV_ROOT or ~/.pyenv).
-  Install one, e.g. `pyenv install 3.12` or your system's python3.12 package, then re-run make.
-MSG
+{
+  echo "error: jaxblocks needs Python 3.12 (jax 0.11.2 requires Python >= 3.12) and none was found."
+  echo "  Tried: \`python3.12\` on PATH, then the 3.12.x versions under pyenv"
+  echo "  (\`pyenv root\`, \$PYENV_ROOT or ~/.pyenv)."
+  echo "  Install one, e.g. \`pyenv install 3.12\` or your system's python3.12 package, then re-run make."
+} >&2
 exit 1
