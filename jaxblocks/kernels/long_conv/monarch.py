@@ -1,0 +1,230 @@
+"""The Monarch (four-step Cooley–Tukey) DFT shared by the GPU and TPU fft_conv kernels.
+
+No Pallas backend has an FFT, so the kernels compute it as matmuls. With N = N1·N2 (N1 ≥ N2,
+both powers of two, N1 = 2^⌈log2(N)/2⌉) and a row x viewed as A[n1, n2] = x[N2·n1 + n2]:
+
+    X[k1 + N1·k2] = Σ_{n2} W_{N2}^{n2·k2} · W_N^{n2·k1} · Σ_{n1} W_{N1}^{n1·k1} · A[n1, n2]
+                  = ((F1 @ A) ⊙ T) @ F2        with F_m[i, j] = W_m^{ij}, T[k1, n2] = W_N^{k1·n2}
+
+so the spectrum comes out as S[k1, k2] = X[k1 + N1·k2] (transposed order). A convolution never
+needs natural order: the filter spectrum is laid out the same way and the inverse transform
+undoes the steps in reverse with conjugated factors,
+
+    x[N2·n1 + n2] = (1/N) · Re( conj(F1) @ ((S @ conj(F2)) ⊙ conj(T)) )[n1, n2].
+
+Complex numbers are pairs of real arrays; F1 @ A of a real A takes 2 real matmuls, the complex
+products 4, so one convolution row costs 2 + 4 (forward) + 4 + 2 (inverse) = 12 matmuls.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MIN_FFT_SIZE = 256  # N2 >= 16: the smallest dot Triton takes
+MAX_FFT_SIZE = 65536  # N1 = N2 = 256: one row's factors and spectra fit in VMEM / SMEM tiles
+# The DFT matmuls run in full fp32: TF32 / one-pass bf16 DFTs would lose ~3 digits at N = 64K.
+PRECISION = jax.lax.Precision.HIGHEST
+
+
+def split(n: int) -> tuple[int, int]:
+    """(N1, N2) with N1·N2 = n, N1 = 2^ceil(log2(n)/2)."""
+    log = int(n).bit_length() - 1
+    n1 = 1 << ((log + 1) // 2)
+    return n1, n // n1
+
+
+def is_supported_size(n: int) -> bool:
+    return MIN_FFT_SIZE <= n <= MAX_FFT_SIZE and n & (n - 1) == 0
+
+
+@functools.lru_cache(maxsize=32)
+def _factors_np(n: int) -> tuple[np.ndarray, ...]:
+    n1, n2 = split(n)
+    f1 = np.exp(-2j * np.pi * np.outer(np.arange(n1), np.arange(n1)) / n1)  # [N1, N1]
+    f2 = np.exp(-2j * np.pi * np.outer(np.arange(n2), np.arange(n2)) / n2)  # [N2, N2]
+    tw = np.exp(-2j * np.pi * np.outer(np.arange(n1), np.arange(n2)) / n)  # [N1, N2] (k1, n2)
+    return tuple(
+        a.astype(np.float32) for a in (f1.real, f1.imag, f2.real, f2.imag, tw.real, tw.imag)
+    )
+
+
+def factors(n: int) -> tuple[jax.Array, ...]:
+    """(F1r, F1i, F2r, F2i, Tr, Ti) in fp32 for FFT size n (computed in float64 on the host)."""
+    return tuple(jnp.asarray(a) for a in _factors_np(n))
+
+
+def filter_spectrum(k, n: int, *, conj: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Spectrum of k [H, Lk] zero-padded to n, in the kernels' [H, N1, N2] order, scaled by 1/n.
+
+    The kernel's spectrum is computed once per channel (not per batch row) with XLA's FFT, as
+    FlashFFTConv does; ``conj=True`` gives the spectrum of the time-reversed kernel (correlation).
+    """
+    n1, n2 = split(n)
+    kf = jnp.fft.fft(k.astype(jnp.float32), n=n) / n  # [H, n]  X[k1 + N1·k2]
+    kf = jnp.swapaxes(kf.reshape(k.shape[0], n2, n1), 1, 2)  # [H, N1, N2]  S[k1, k2]
+    im = -kf.imag if conj else kf.imag
+    return kf.real, im
+
+
+def _dot(a, b):
+    return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=PRECISION)
+
+
+def dft(a, f1r, f1i, f2r, f2i, tr, ti):
+    """Real row A [N1, N2] -> spectrum (Sr, Si) [N1, N2] in transposed order (module docstring)."""
+    # Step 1: length-N1 DFTs down the columns, B = F1 @ A; A is real so 2 matmuls.
+    br = _dot(f1r, a)  # [N1, N1] @ [N1, N2] -> [N1, N2]
+    bi = _dot(f1i, a)  # [N1, N1] @ [N1, N2] -> [N1, N2]
+    # Step 2: twiddles, C = B ⊙ T.
+    cr = br * tr - bi * ti
+    ci = br * ti + bi * tr
+    # Step 3: length-N2 DFTs along the rows, S = C @ F2 (complex: 4 matmuls).
+    sr = _dot(cr, f2r) - _dot(ci, f2i)  # [N1, N2] @ [N2, N2] -> [N1, N2]
+    si = _dot(cr, f2i) + _dot(ci, f2r)  # [N1, N2] @ [N2, N2] -> [N1, N2]
+    return sr, si
+
+
+def idft_real(sr, si, f1r, f1i, f2r, f2i, tr, ti):
+    """Spectrum (Sr, Si) [N1, N2] in transposed order -> N · Re(inverse DFT) as a row [N1, N2]."""
+    # Inverse step 3: E = S @ conj(F2).
+    er = _dot(sr, f2r) + _dot(si, f2i)  # [N1, N2] @ [N2, N2] -> [N1, N2]
+    ei = _dot(si, f2r) - _dot(sr, f2i)  # [N1, N2] @ [N2, N2] -> [N1, N2]
+    # Inverse step 2: conjugate twiddles, G = E ⊙ conj(T).
+    gr = er * tr + ei * ti
+    gi = ei * tr - er * ti
+    # Inverse step 1: Re(conj(F1) @ G) = F1r @ Gr + F1i @ Gi (the imaginary part is not needed).
+    return _dot(f1r, gr) + _dot(f1i, gi)  # [N1, N1] @ [N1, N2] -> [N1, N2]
+
+
+def make_conv_kernel(has_pre: bool, has_post: bool, has_d: bool):
+    """Kernel body: one row of y = post ⊙ (IDFT(DFT(pre ⊙ u) ⊙ K) + D ⊙ u), all in fp32.
+
+    Refs, in order: u, [pre], [post], [D (1, N2)], Kr, Ki (already scaled by 1/N), F1r, F1i,
+    F2r, F2i, Tr, Ti, out; every row block is [N1, N2].
+    """
+
+    def kernel(*refs):
+        refs = list(refs)
+        u_ref = refs.pop(0)
+        pre_ref = refs.pop(0) if has_pre else None
+        post_ref = refs.pop(0) if has_post else None
+        d_ref = refs.pop(0) if has_d else None
+        kr_ref, ki_ref, f1r_ref, f1i_ref, f2r_ref, f2i_ref, tr_ref, ti_ref, o_ref = refs
+        fac = tuple(r[...] for r in (f1r_ref, f1i_ref, f2r_ref, f2i_ref, tr_ref, ti_ref))
+        u = u_ref[...].astype(jnp.float32)  # [N1, N2]
+        v = u * pre_ref[...].astype(jnp.float32) if has_pre else u
+        sr, si = dft(v, *fac)
+        kr, ki = kr_ref[...], ki_ref[...]  # [N1, N2]
+        # FFT -> pointwise multiply -> inverse FFT, without leaving the kernel.
+        y = idft_real(sr * kr - si * ki, sr * ki + si * kr, *fac)
+        if has_d:
+            y = y + d_ref[...].astype(jnp.float32) * u  # [1, N2] broadcast over N1
+        if has_post:
+            y = y * post_ref[...].astype(jnp.float32)
+        o_ref[...] = y.astype(o_ref.dtype)
+
+    return kernel
+
+
+def xcorr_kernel(a_ref, b_ref, f1r_ref, f1i_ref, f2r_ref, f2i_ref, tr_ref, ti_ref, o_ref):
+    """One row of N · IDFT(DFT(a) ⊙ conj(DFT(b))): circular cross-correlation Σ_t a[t] b[t-j]."""
+    fac = tuple(r[...] for r in (f1r_ref, f1i_ref, f2r_ref, f2i_ref, tr_ref, ti_ref))
+    ar, ai = dft(a_ref[...].astype(jnp.float32), *fac)
+    br, bi = dft(b_ref[...].astype(jnp.float32), *fac)
+    o_ref[...] = idft_real(ar * br + ai * bi, ai * br - ar * bi, *fac).astype(o_ref.dtype)
+
+
+def cost(rows: int, n: int, matmuls: int, io_bytes: int) -> dict[str, int]:
+    """FLOPs and bytes of ``rows`` kernel rows of ``matmuls`` DFT matmuls (for CostEstimate)."""
+    n1, n2 = split(n)
+    # Left matmuls are [N1,N1]@[N1,N2], right ones [N1,N2]@[N2,N2]: half of each on average.
+    flops_mm = matmuls * (n1 * n2 * (n1 + n2))  # 2·M·N·K averaged over the two kinds
+    factor_bytes = 4 * (2 * n1 * n1 + 2 * n2 * n2 + 2 * n)
+    return dict(flops=rows * (flops_mm + 16 * n), bytes_accessed=io_bytes + factor_bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# fft_conv on top of two kernel launchers, with its custom_vjp (shared by the GPU and TPU files).
+# ---------------------------------------------------------------------------------------------
+
+
+def _rows(x, n: int):
+    """[B, H, L] -> zero-padded [B, H, N1, N2] rows."""
+    n1, n2 = split(n)
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, n - x.shape[-1])))
+    return x.reshape(*x.shape[:2], n1, n2)  # [B, H, N] -> [B, H, N1, N2]
+
+
+def _unrows(y, length: int):
+    return y.reshape(*y.shape[:2], -1)[..., :length]  # [B, H, N1, N2] -> [B, H, L]
+
+
+def make_fft_conv(conv_call, xcorr_call):
+    """Build ``fn(u, k, D, pregate, postgate, n)`` with a custom_vjp from two launchers.
+
+    ``conv_call(u4, pre4, post4, d3, kr, ki, n, out_dtype)`` runs `make_conv_kernel` over the
+    rows; ``xcorr_call(a4, b4, n)`` runs `xcorr_kernel`. The backward reuses them: the gradient
+    of a convolution is a correlation,
+
+        dv[s] = Σ_t dy[t] k[t − s]  = conv(dy, k reversed)  -> conv_call with conj(K)
+        dk[j] = Σ_b Σ_t dy[t] v[t − j]                     -> xcorr_call(dy, v), summed over b
+
+    both exact for the circular convolution of period N and so for the causal one (N ≥ L+Lk−1:
+    the wrapped-around terms meet zero padding).
+    """
+
+    def forward(u, k, D, pre, post, n, out_dtype):
+        L = u.shape[-1]
+        kr, ki = filter_spectrum(k, n)
+        d3 = (
+            None
+            if D is None
+            else jnp.broadcast_to(
+                D.astype(jnp.float32)[:, None, None], (D.shape[0], 1, split(n)[1])
+            )
+        )
+        pre4 = None if pre is None else _rows(pre, n)
+        post4 = None if post is None else _rows(post, n)
+        y = conv_call(_rows(u, n), pre4, post4, d3, kr, ki, n, out_dtype)
+        return _unrows(y, L)
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+    def fn(u, k, D, pre, post, n):
+        return forward(u, k, D, pre, post, n, u.dtype)
+
+    def fn_fwd(u, k, D, pre, post, n):
+        if post is None:
+            y = forward(u, k, D, pre, None, n, u.dtype)
+            return y, (u, k, D, pre, post, None)
+        y = forward(u, k, D, pre, None, n, jnp.float32)  # kept for d(postgate) = dz ⊙ y
+        z = (y * post.astype(jnp.float32)).astype(u.dtype)
+        return z, (u, k, D, pre, post, y)
+
+    def fn_bwd(n, res, dz):
+        u, k, D, pre, post, y = res
+        L, Lk = u.shape[-1], k.shape[-1]
+        dz = dz.astype(jnp.float32)
+        u32 = u.astype(jnp.float32)
+        dy = dz if post is None else dz * post.astype(jnp.float32)
+        d_post = None if post is None else (dz * y).astype(post.dtype)
+        # dv = correlation of dy with k: the forward kernel with the conjugate filter spectrum.
+        kr, ki = filter_spectrum(k, n, conj=True)
+        dv = _unrows(conv_call(_rows(dy, n), None, None, None, kr, ki, n, jnp.float32), L)
+        v = u32 if pre is None else u32 * pre.astype(jnp.float32)
+        # dk = Σ_b correlation of dy with v: one kernel row per (b, h), summed over b here.
+        corr = _unrows(xcorr_call(_rows(dy, n), _rows(v, n), n), Lk)  # [B, H, Lk], ·N
+        dk = (jnp.sum(corr, axis=0) / n).astype(k.dtype)
+        du = dv if pre is None else dv * pre.astype(jnp.float32)
+        dD = None
+        if D is not None:
+            du = du + dy * D.astype(jnp.float32)[None, :, None]
+            dD = jnp.sum(dy * u32, axis=(0, 2)).astype(D.dtype)
+        d_pre = None if pre is None else (dv * u32).astype(pre.dtype)
+        return du.astype(u.dtype), dk, dD, d_pre, d_post
+
+    fn.defvjp(fn_fwd, fn_bwd)
+    return fn

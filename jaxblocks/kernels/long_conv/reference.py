@@ -1,0 +1,79 @@
+"""The specification of the long-convolution ops: direct convolutions in fp32.
+
+`fft_conv_reference` computes, for every batch b and channel h,
+
+    v[t]  = pregate[b, h, t] · u[b, h, t]                         (pregate optional)
+    c[t]  = Σ_{s=0}^{Lk-1} k[h, s] · v[t − s]                     causal (linear) convolution
+    c[t]  = Σ_{s=0}^{Lk-1} k[h, s] · v_N[(t − s) mod N],  t < L   circular, period N = fft_size
+    y[t]  = postgate[b, h, t] · (c[t] + D[h] · u[b, h, t])        (D, postgate optional)
+
+where ``v_N`` is ``v`` zero-padded to length N. Both forms are direct (O(L·Lk)) convolutions:
+the input is extended on the left by Lk − 1 samples — zeros (causal) or the tail of ``v_N``
+(circular) — and a depthwise "valid" convolution runs over it.
+
+`causal_conv1d_reference` is the short depthwise causal convolution, channels last:
+
+    y[b, t, c] = act(bias[c] + Σ_{j=0}^{W-1} w[j, c] · x[b, t − (W − 1) + j, c])
+
+(x[t] = 0 for t < 0; W ≤ 8; act ∈ {None, "silu"}), written as a loop over the W taps.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _depthwise_valid(x, k):
+    """x: [B, H, Lx], k: [H, Lk] -> [B, H, Lx - Lk + 1], y[t] = Σ_s k[s] x[t + Lk - 1 - s]."""
+    H = x.shape[1]
+    return jax.lax.conv_general_dilated(
+        x,  # [B, H, Lx]  (N, C, W)
+        jnp.flip(k, -1)[
+            :, None, :
+        ],  # [H, 1, Lk]  (O, I/g, W): flipped, conv_general is a correlation
+        window_strides=(1,),
+        padding="VALID",
+        dimension_numbers=("NCH", "OIH", "NCH"),
+        feature_group_count=H,
+        precision=jax.lax.Precision.HIGHEST,
+    )
+
+
+def fft_conv_reference(u, k, D=None, pregate=None, postgate=None, *, causal=True, fft_size=None):
+    """Direct fp32 convolution; see the module docstring. Returns ``u.dtype``."""
+    B, H, L = u.shape
+    Lk = k.shape[-1]
+    f32 = lambda a: None if a is None else a.astype(jnp.float32)
+    u32, k32 = f32(u), f32(k)
+    v = u32 if pregate is None else u32 * f32(pregate)
+    if causal:
+        left = jnp.zeros((B, H, Lk - 1), jnp.float32)
+    else:
+        N = L if fft_size is None else fft_size
+        v_n = jnp.pad(v, ((0, 0), (0, 0), (0, N - L)))  # [B, H, N]
+        # (t - s) mod N for t < L, s < Lk reaches back Lk - 1 samples: the tail of v_N.
+        reps = -(-(Lk - 1) // N) if Lk > 1 else 0
+        tail = jnp.tile(v_n, (1, 1, reps))[..., reps * N - (Lk - 1) :]
+        left = tail
+    c = _depthwise_valid(jnp.concatenate([left, v], axis=-1), k32)  # [B, H, L]
+    y = c if D is None else c + f32(D)[None, :, None] * u32
+    if postgate is not None:
+        y = y * f32(postgate)
+    return y.astype(u.dtype)
+
+
+def causal_conv1d_reference(x, w, bias=None, activation=None):
+    """Tap loop in fp32; see the module docstring. x: [B, T, C], w: [W, C]. Returns ``x.dtype``."""
+    T = x.shape[1]
+    W = w.shape[0]
+    x32 = x.astype(jnp.float32)
+    xp = jnp.pad(x32, ((0, 0), (W - 1, 0), (0, 0)))  # [B, T + W - 1, C]
+    y = jnp.zeros_like(x32)
+    for j in range(W):
+        y = y + w[j].astype(jnp.float32)[None, None, :] * xp[:, j : j + T, :]
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)[None, None, :]
+    if activation == "silu":
+        y = jax.nn.silu(y)
+    return y.astype(x.dtype)
