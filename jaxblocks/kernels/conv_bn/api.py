@@ -1,0 +1,104 @@
+"""Public entry of the pointwise (1x1) ConvBN op: validation, then implementation dispatch."""
+
+from __future__ import annotations
+
+import numbers
+
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from jaxblocks.kernels.conv_bn.reference import ACTIVATIONS, pointwise_conv_bn_reference
+from jaxblocks.kernels.conv_bn.xla import pointwise_conv_bn_xla
+from jaxblocks.kernels.dispatch import Implementation, select_implementation
+from jaxblocks.kernels.validation import check_array, check_choice, describe
+
+OP = "pointwise_conv_bn"
+
+IMPLEMENTATIONS: dict[str, Implementation] = {
+    "reference": Implementation(pointwise_conv_bn_reference),
+    "xla": Implementation(pointwise_conv_bn_xla),
+}
+
+
+def pointwise_conv_bn(
+    x: Float[Array, "*B Cin"],
+    w: Float[Array, "Cin Cout"],
+    scale: Float[Array, " Cout"],
+    bias: Float[Array, " Cout"],
+    mean: Float[Array, " Cout"],
+    var: Float[Array, " Cout"],
+    *,
+    conv_bias: Float[Array, " Cout"] | None = None,
+    epsilon: float = 1e-5,
+    activation: str | None = None,
+    implementation: str | None = None,
+) -> Float[Array, "*B Cout"]:
+    """Pointwise (1x1) convolution with the BatchNorm folded in and an activation fused.
+
+    Tune mode of "Efficient ConvBN Blocks for Transfer Learning and Beyond"
+    (https://arxiv.org/abs/2305.11624): the BatchNorm on running statistics is folded into the
+    convolution weight on the fly, inside autodiff, so outputs and gradients equal the unfolded
+    conv -> BN -> activation (Eval mode) while the backward keeps only ``x`` (plus the output for
+    relu/relu6, the pre-activation for silu/gelu) instead of the conv output as well. For a 1x1
+    stride-1 convolution this is one matmul with a fold prologue and a bias+activation epilogue::
+
+        s = scale * rsqrt(var + epsilon)                          (fp32)
+        y = act(x @ (w * s) + (bias + s * (conv_bias - mean)))
+
+    The fold is computed in fp32 and the folded weight cast to ``x.dtype`` for the matmul, which
+    accumulates in fp32. ``mean`` and ``var`` are running statistics: constants of the step,
+    their cotangent is zero. Gradients flow to ``x``, ``w``, ``scale``, ``bias``, ``conv_bias``.
+
+    Args:
+      x: input [..., C_in], any leading dims (flattened to M rows); float32, bfloat16, float16.
+        M = 0 (empty leading dims) gives an empty [..., C_out] output.
+      w: 1x1 convolution weight [C_in, C_out] (any float dtype; folded in fp32).
+      scale, bias: BatchNorm affine parameters [C_out].
+      mean, var: BatchNorm running statistics [C_out] (biased variance, as flax.linen.BatchNorm).
+      conv_bias: optional convolution bias [C_out].
+      epsilon: BatchNorm epsilon, a non-negative Python float.
+      activation: None, "relu", "relu6", "silu" or "gelu" (tanh approximation, as
+        `jax.nn.gelu`'s default).
+      implementation: None (automatic: "pallas_gpu" on GPU, "pallas_tpu" on TPU, "xla"
+        elsewhere), or one of "reference", "xla", "pallas_gpu", "pallas_tpu".
+
+    Returns:
+      y [..., C_out] in ``x.dtype``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
+      >>> w = jax.random.normal(jax.random.key(1), (16, 32)) * 0.25
+      >>> ones, zeros = jnp.ones(32), jnp.zeros(32)
+      >>> pointwise_conv_bn(x, w, ones, zeros, zeros, ones, activation="relu").shape
+      (2, 8, 8, 32)
+    """
+    check_array(OP, "x", x)
+    if x.ndim < 1:
+        raise ValueError(f"{OP}: x must have rank >= 1 ([..., C_in]), got {describe(x)}")
+    check_array(OP, "w", w, ndim=2, min_size=1)
+    c_in, c_out = w.shape
+    if x.shape[-1] != c_in:
+        raise ValueError(
+            f"{OP}: x's last dim (C_in) must equal w.shape[0]={c_in} (w is [C_in, C_out]), "
+            f"got x {describe(x)} and w {describe(w)}"
+        )
+    for name, v in (("scale", scale), ("bias", bias), ("mean", mean), ("var", var)):
+        check_array(OP, name, v, shape=(c_out,))
+    if conv_bias is not None:
+        check_array(OP, "conv_bias", conv_bias, shape=(c_out,))
+    if (
+        isinstance(epsilon, bool)
+        or not isinstance(epsilon, numbers.Real)
+        or not epsilon >= 0  # also rejects NaN
+    ):
+        raise ValueError(f"{OP}: epsilon must be a non-negative Python float, got {epsilon!r}")
+    check_choice(OP, "activation", activation, list(ACTIVATIONS))
+
+    x2d = x.reshape(-1, c_in)  # [M, C_in]
+    kwargs = dict(epsilon=float(epsilon), activation=activation)
+    _, fn = select_implementation(
+        OP, implementation, IMPLEMENTATIONS, x2d, w, scale, bias, mean, var, conv_bias, **kwargs
+    )
+    y = fn(x2d, w, scale, bias, mean, var, conv_bias, **kwargs)  # [M, C_out]
+    return jnp.reshape(y, (*x.shape[:-1], c_out))
