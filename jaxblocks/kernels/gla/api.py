@@ -1,0 +1,254 @@
+"""Public entry points: `chunk_gla` (training / prefill) and `fused_recurrent_gla` (decoding).
+
+Both validate every argument (shapes, dtypes, ranks; errors name the argument) and dispatch with
+`select_implementation` to ``reference``, ``xla``, ``pallas_gpu`` or ``pallas_tpu``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxblocks.kernels.dispatch import Implementation, select_implementation
+from jaxblocks.kernels.gla import pallas_gpu, pallas_tpu
+from jaxblocks.kernels.gla.reference import gla_reference, segment_starts
+from jaxblocks.kernels.gla.xla import gla_xla, recurrent_xla
+from jaxblocks.kernels.validation import check_array
+from jaxblocks.typing import Array, Float, Int
+
+INT = (jnp.int32, jnp.int64, jnp.int16, jnp.int8, jnp.uint32)
+CHUNK_SIZES = (16, 32, 64, 128)
+
+
+def _reference(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size):
+    del chunk_size
+    return gla_reference(
+        q, k, v, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids
+    )
+
+
+def _xla(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size):
+    return gla_xla(
+        q,
+        k,
+        v,
+        g,
+        scale=scale,
+        initial_state=initial_state,
+        segment_ids=segment_ids,
+        chunk_size=chunk_size,
+    )
+
+
+IMPLS: dict[str, Implementation] = {
+    "reference": Implementation(_reference),
+    "xla": Implementation(_xla),
+    "pallas_gpu": Implementation(pallas_gpu.gla_pallas_gpu, supports=pallas_gpu.supports),
+    "pallas_tpu": Implementation(pallas_tpu.gla_pallas_tpu, supports=pallas_tpu.supports),
+}
+
+
+def _check_qkvg(op, q, k, v, g):
+    check_array(op, "q", q, ndim=4, min_size=None)
+    B, T, H, K = q.shape
+    check_array(op, "k", k, shape=(B, T, H, K))
+    check_array(op, "g", g, shape=(B, T, H, K))
+    check_array(op, "v", v, ndim=4)
+    check_array(op, "v", v, shape=(B, T, H, None))
+    if K == 0 or v.shape[-1] == 0 or H == 0 or B == 0:
+        raise ValueError(
+            f"{op}: B, H, K and V must be positive, got q {tuple(q.shape)}, v {tuple(v.shape)}"
+        )
+    return B, T, H, K, v.shape[-1]
+
+
+def _segment_final_states(q, k, v, g, seg, h0, scale, N):
+    """Per-sequence initial-state contribution to ``o`` and per-sequence final states.
+
+    For packed sequences (``cu_seqlens``) with ``N`` sequences: token t of sequence n sees
+    ``scale · (q_t ⊙ exp(Γ_t)) h0_n`` with Γ the gate cumsum restarted at each sequence, and the
+    final state of sequence n is ``exp(Γ_end) ⊙ h0_n + Σ_{t ∈ n} (k_t ⊙ exp(Γ_end − Γ_t))ᵀ v_t``.
+    Dense in (T, N), which is what a packed batch of a few sequences needs.
+    """
+    starts = segment_starts(seg)[0]  # [T]
+    g32 = g[0].astype(jnp.float32)  # [T, H, K]
+
+    def combine(a, b):  # segmented sum: restart where b starts a segment
+        return jnp.where(b[1][:, None, None], b[0], a[0] + b[0]), a[1] | b[1]
+
+    Gs, _ = jax.lax.associative_scan(combine, (g32, starts))  # [T, H, K]
+    M = seg[0][:, None] == jnp.arange(N)[None, :]  # [T, N] token t belongs to sequence n
+    is_last = M & ~jnp.concatenate([M[1:], jnp.zeros_like(M[:1])], axis=0)
+    Gend = jnp.einsum("tn,thk->nhk", is_last.astype(jnp.float32), Gs)  # 0 for empty sequences
+    Mx = M[:, :, None, None]
+    E = jnp.where(Mx, jnp.exp(jnp.where(Mx, Gend[None] - Gs[:, None], 0.0)), 0.0)  # [T,N,H,K]
+    k32, v32, q32 = (x[0].astype(jnp.float32) for x in (k, v, q))
+    final = jnp.einsum("tnhk,thv->nhkv", E * k32[:, None], v32)
+    o_extra = None
+    if h0 is not None:
+        final = final + jnp.exp(Gend)[..., None] * h0
+        qd = q32 * jnp.exp(Gs)  # [T, H, K], exponent ≤ 0
+        o_extra = scale * jnp.einsum("tn,thk,nhkv->thv", M.astype(jnp.float32), qd, h0)[None]
+    return o_extra, final
+
+
+def chunk_gla(
+    q: Float[Array, "B T H K"],
+    k: Float[Array, "B T H K"],
+    v: Float[Array, "B T H V"],
+    g: Float[Array, "B T H K"],
+    *,
+    scale: float | None = None,
+    initial_state: Float[Array, "B H K V"] | None = None,
+    output_final_state: bool = False,
+    segment_ids: Int[Array, "B T"] | None = None,
+    cu_seqlens: Int[Array, " N1"] | None = None,
+    chunk_size: int = 64,
+    implementation: str | None = None,
+) -> tuple[Float[Array, "B T H V"], Float[Array, "B H K V"] | None]:
+    """Gated linear attention, chunkwise (Yang et al., https://arxiv.org/abs/2312.06635).
+
+    Computes, per batch row and head, ``S_t = diag(exp(g_t)) S_{t-1} + k_tᵀ v_t`` and
+    ``o_t = scale · q_t S_t`` with a ``K × V`` state, in chunks of ``chunk_size`` tokens (fla's
+    ``chunk_gla`` API and layout). ``g`` is the per-key-channel log forget gate (normally ≤ 0,
+    e.g. ``logsigmoid``; positive values are allowed but may overflow, as in the recurrence).
+
+    Args:
+      q, k, g: ``[B, T, H, K]``; v: ``[B, T, H, V]``. Any float dtype; bf16 runs bf16 matmuls
+        with fp32 accumulation, the output has ``v``'s dtype.
+      scale: query scale, default ``K ** -0.5``.
+      initial_state: fp32 ``[B, H, K, V]`` state before position 0 (with ``cu_seqlens``:
+        ``[N, H, K, V]``, one per sequence).
+      output_final_state: also return the final state (fp32).
+      segment_ids: int ``[B, T]``; the state is reset to zero wherever the id changes, so packed
+        sequences are independent. ``initial_state`` then belongs to the first segment of each
+        row and the final state (``[B, H, K, V]``) is that of the last segment of each row.
+      cu_seqlens: int ``[N + 1]`` cumulative sequence lengths (fla/FlashAttention convention,
+        requires ``B == 1``); converted to segment ids. States are then per sequence: the final
+        state has shape ``[N, H, K, V]`` (an empty sequence returns its initial state).
+      chunk_size: one of 16, 32, 64, 128 (sub-chunks are 16 wide).
+      implementation: ``None`` (automatic), ``"reference"``, ``"xla"``, ``"pallas_gpu"`` or
+        ``"pallas_tpu"``.
+
+    Returns:
+      ``(o [B, T, H, V], final_state or None)``.
+
+    Example:
+      >>> q = k = g = -jnp.ones((1, 8, 2, 16)); v = jnp.ones((1, 8, 2, 16))
+      >>> o, _ = chunk_gla(q, k, v, g)
+    """
+    op = "chunk_gla"
+    B, T, H, K, V = _check_qkvg(op, q, k, v, g)
+    if chunk_size not in CHUNK_SIZES:
+        raise ValueError(f"{op}: chunk_size must be one of {list(CHUNK_SIZES)}, got {chunk_size!r}")
+    if segment_ids is not None and cu_seqlens is not None:
+        raise ValueError(f"{op}: pass segment_ids or cu_seqlens, not both")
+    N = None
+    if cu_seqlens is not None:
+        check_array(op, "cu_seqlens", cu_seqlens, ndim=1, dtypes=INT)
+        if B != 1:
+            raise ValueError(f"{op}: cu_seqlens requires batch size B == 1, got q {tuple(q.shape)}")
+        if cu_seqlens.shape[0] < 2:
+            raise ValueError(f"{op}: cu_seqlens must have at least 2 entries, got {cu_seqlens}")
+        N = cu_seqlens.shape[0] - 1
+        # Token t belongs to sequence n when cu[n] <= t < cu[n+1] (empty sequences own no token).
+        pos = jnp.arange(T)
+        segment_ids = (jnp.searchsorted(cu_seqlens, pos, side="right") - 1)[None].astype(jnp.int32)
+    if segment_ids is not None:
+        check_array(op, "segment_ids", segment_ids, shape=(B, T), dtypes=INT)
+    state_rows = N if N is not None else B
+    if initial_state is not None:
+        check_array(op, "initial_state", initial_state, dtypes=(jnp.float32,))
+        check_array(op, "initial_state", initial_state, shape=(state_rows, H, K, V))
+    scale = float(K**-0.5) if scale is None else float(scale)
+
+    if T == 0:
+        o = jnp.zeros((B, 0, H, V), v.dtype)
+        if not output_final_state:
+            return o, None
+        final = initial_state if initial_state is not None else None
+        return o, final if final is not None else jnp.zeros((state_rows, H, K, V), jnp.float32)
+
+    _, fn = select_implementation(
+        op,
+        implementation,
+        IMPLS,
+        q,
+        k,
+        v,
+        g,
+        scale=scale,
+        initial_state=initial_state if N is None else None,
+        segment_ids=segment_ids,
+        chunk_size=chunk_size,
+    )
+    if N is None:
+        o, final = fn(
+            q,
+            k,
+            v,
+            g,
+            scale=scale,
+            initial_state=initial_state,
+            segment_ids=segment_ids,
+            chunk_size=chunk_size,
+        )
+        return o, final if output_final_state else None
+    o, _ = fn(
+        q, k, v, g, scale=scale, initial_state=None, segment_ids=segment_ids, chunk_size=chunk_size
+    )
+    o_extra, final = _segment_final_states(q, k, v, g, segment_ids, initial_state, scale, N)
+    if o_extra is not None:
+        o = (o.astype(jnp.float32) + o_extra).astype(o.dtype)
+    return o, final if output_final_state else None
+
+
+def _recurrent_reference(q, k, v, g, *, scale, initial_state):
+    return gla_reference(q, k, v, g, scale=scale, initial_state=initial_state)
+
+
+def _recurrent_xla(q, k, v, g, *, scale, initial_state):
+    return recurrent_xla(q, k, v, g, initial_state, scale)
+
+
+RECURRENT_IMPLS: dict[str, Implementation] = {
+    "reference": Implementation(_recurrent_reference),
+    "xla": Implementation(_recurrent_xla),
+}
+
+
+def fused_recurrent_gla(
+    q: Float[Array, "B T H K"],
+    k: Float[Array, "B T H K"],
+    v: Float[Array, "B T H V"],
+    g: Float[Array, "B T H K"],
+    *,
+    scale: float | None = None,
+    initial_state: Float[Array, "B H K V"] | None = None,
+    output_final_state: bool = False,
+    implementation: str | None = None,
+) -> tuple[Float[Array, "B T H V"], Float[Array, "B H K V"] | None]:
+    """Gated linear attention as a token loop, for decoding a few tokens against a state.
+
+    Same recurrence and arguments as `chunk_gla` (https://arxiv.org/abs/2312.06635); O(1) work
+    per token in T, so ``chunk_gla`` over a prompt followed by ``fused_recurrent_gla`` token by
+    token (carrying ``final_state``) equals ``chunk_gla`` over the whole sequence.
+
+    Example:
+      >>> q = k = g = -jnp.ones((1, 1, 2, 16)); v = jnp.ones((1, 1, 2, 16))
+      >>> o, S = fused_recurrent_gla(q, k, v, g, output_final_state=True)
+    """
+    op = "fused_recurrent_gla"
+    B, T, H, K, V = _check_qkvg(op, q, k, v, g)
+    if initial_state is not None:
+        check_array(op, "initial_state", initial_state, dtypes=(jnp.float32,))
+        check_array(op, "initial_state", initial_state, shape=(B, H, K, V))
+    scale = float(K**-0.5) if scale is None else float(scale)
+    h0 = jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None else initial_state
+    if T == 0:
+        return jnp.zeros((B, 0, H, V), v.dtype), (h0 if output_final_state else None)
+    _, fn = select_implementation(
+        op, implementation, RECURRENT_IMPLS, q, k, v, g, scale=scale, initial_state=h0
+    )
+    o, final = fn(q, k, v, g, scale=scale, initial_state=h0)
+    return o, final if output_final_state else None

@@ -1,0 +1,175 @@
+"""Chunked gated linear attention in pure JAX: the fast form that runs everywhere.
+
+The sequence is cut into chunks of ``C`` (64) tokens and each chunk into sub-chunks of ``c`` (16)
+(the paper's secondary chunking, fla's ``chunk_gla``). Gates are cumulated in fp32 log space
+within a chunk (``G``). Inter-chunk terms go through the per-chunk states (a `lax.scan` over
+chunks); the intra-chunk scores ``A`` are built per sub-chunk pair:
+
+* off-diagonal pairs (column sub-chunk before the row sub-chunk): both operands are rescaled
+  against ``G`` at the first row of the row sub-chunk, ``q·exp(G_i − G_n)`` and
+  ``k·exp(G_n − G_j)``, so no exponent is positive, then multiplied as a matmul in the input
+  dtype with fp32 accumulation;
+* diagonal pairs: exact ``Σ_k q_ik k_jk exp(G_ik − G_jk)`` in fp32.
+
+Every exponent that is evaluated is ≤ 0 for gates ≤ 0 (masked entries are set to 0 before the
+``exp``, so neither the value nor its derivative can overflow), hence the result is finite for any
+gate value. The backward pass is JAX autodiff of this function. See README.md for the math.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxblocks.kernels.gla.reference import segment_starts
+
+SUB_CHUNK = 16
+
+
+def effective_chunk(T: int, chunk_size: int) -> int:
+    """fla's rule: ``min(chunk_size, max(16, next_pow2(T)))`` (short sequences pad less)."""
+    return min(chunk_size, max(SUB_CHUNK, 1 << max(T - 1, 0).bit_length()))
+
+
+def chunk_gates(g: jax.Array, C: int) -> jax.Array:
+    """Chunk-local inclusive cumulative sum of ``g [..., T, K]`` in fp32, T a multiple of C."""
+    *lead, T, K = g.shape
+    G = jnp.cumsum(g.astype(jnp.float32).reshape(*lead, T // C, C, K), axis=-2)
+    return G.reshape(*lead, T, K)
+
+
+def _where_exp(mask, x):
+    """exp(x) where mask else 0; the exponent is zeroed first (no overflow, nor in the VJP)."""
+    return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
+
+
+def _intra_scores(q, k, G, scale: float, c: int, dtype):
+    """Causal intra-chunk scores A [..., C, C] (fp32) from q, k [..., C, K] and G [..., C, K]."""
+    *lead, C, K = q.shape
+    n = C // c
+    qs = q.reshape(*lead, n, c, K).astype(jnp.float32)
+    ks = k.reshape(*lead, n, c, K).astype(jnp.float32)
+    Gs = G.reshape(*lead, n, c, K)
+    Gn = Gs[..., :, :1, :]  # [..., n, 1, K]: G at the first row of each row sub-chunk
+    # Off-diagonal sub-blocks (J < I), rescaled against the row sub-chunk's first row.
+    qg = (qs * jnp.exp(Gs - Gn)).astype(dtype)  # [..., n(I), c, K], exponent ≤ 0
+    I = jnp.arange(n)[:, None, None, None]
+    J = jnp.arange(n)[None, :, None, None]
+    off = (J < I)[..., 0, 0]  # [n, n]
+    kg = ks[..., None, :, :, :] * _where_exp(
+        (J < I), Gn[..., :, None, :, :] - Gs[..., None, :, :, :]
+    )  # [..., n(I), n(J), c, K], exponent ≤ 0 where kept
+    A_off = jnp.einsum(
+        "...Iik,...IJjk->...IiJj", qg, kg.astype(dtype), preferred_element_type=jnp.float32
+    )  # [..., n, c, n, c]
+    A_off = jnp.where(off[:, None, :, None], A_off, 0.0)
+    # Diagonal sub-blocks: exact per-pair sums in fp32 (the "log-space full precision" part).
+    ii = jnp.arange(c)[:, None, None]
+    jj = jnp.arange(c)[None, :, None]
+    dec = _where_exp(jj <= ii, Gs[..., :, None, :] - Gs[..., None, :, :])  # [..., n, c, c, K]
+    A_diag = jnp.einsum(
+        "...nik,...njk,...nijk->...nij", qs, ks, dec, precision=jax.lax.Precision.HIGHEST
+    )  # [..., n, c, c]
+    eye = jnp.eye(n, dtype=bool)[:, None, :, None]
+    A = jnp.where(eye, A_diag[..., :, :, None, :], A_off)  # [..., n, c, n, c]
+    return scale * A.reshape(*lead, C, C)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "chunk_size", "with_segments"))
+def _gla_chunked(q, k, v, g, h0, seg, *, scale, chunk_size, with_segments):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = effective_chunk(T, chunk_size)
+    c = min(SUB_CHUNK, C)
+    Tp = -(-T // C) * C
+    NT = Tp // C
+    dtype = jnp.promote_types(q.dtype, v.dtype)
+
+    def head_first(x):  # [B, T, H, D] -> [B, H, NT, C, D], zero-padded in time
+        x = jnp.pad(x, ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
+        return jnp.swapaxes(x, 1, 2).reshape(B, H, NT, C, x.shape[-1])
+
+    qc, kc, vc = head_first(q), head_first(k), head_first(v)
+    G = chunk_gates(head_first(g).reshape(B, H, Tp, K), C).reshape(B, H, NT, C, K)
+    Glast = G[..., -1:, :]  # [B, H, NT, 1, K]
+
+    if with_segments:
+        # Running segment count (reset count) per position; padding continues the last segment.
+        cnt = jnp.cumsum(segment_starts(seg).astype(jnp.int32), axis=1)
+        cnt = jnp.pad(cnt, ((0, 0), (0, Tp - T)), mode="edge").reshape(B, 1, NT, C)
+        prev = jnp.concatenate([jnp.zeros_like(cnt[:, :, :1, :1]), cnt[:, :, :-1, -1:]], axis=2)
+        same = cnt[..., :, None] == cnt[..., None, :]  # [B, 1, NT, C, C]
+        sees_state = (cnt == prev)[..., None]  # [B, 1, NT, C, 1] row i continues the state
+        carry = (cnt[..., -1:] == prev)[..., None]  # [B, 1, NT, 1, 1] no reset in the chunk
+        to_state = (cnt == cnt[..., -1:])[..., None]  # [B, 1, NT, C, 1] row j reaches the end
+    else:
+        same = sees_state = carry = to_state = True
+
+    # Intra-chunk part.
+    A = _intra_scores(qc, kc, G, scale, c, dtype)
+    causal = jnp.tril(jnp.ones((C, C), bool))
+    A = jnp.where(causal & same, A, 0.0)
+    o = jnp.einsum("...ij,...jv->...iv", A.astype(dtype), vc, preferred_element_type=jnp.float32)
+
+    # Inter-chunk part: per-chunk state updates, then the recurrence over chunks.
+    kdec = jnp.where(to_state, kc.astype(jnp.float32) * jnp.exp(Glast - G), 0.0)
+    U = jnp.einsum(
+        "...jk,...jv->...kv", kdec.astype(dtype), vc, preferred_element_type=jnp.float32
+    )  # [B, H, NT, K, V]
+    decay = jnp.where(carry, jnp.exp(Glast), 0.0)[..., 0, :, None]  # [B, H, NT, K, 1]
+
+    def step(S, xs):
+        d, u = xs
+        return d * S + u, S
+
+    move = lambda x: jnp.moveaxis(x, 2, 0)
+    final, h = jax.lax.scan(step, h0, (move(decay), move(U)))
+    h = jnp.moveaxis(h, 0, 2)  # [B, H, NT, K, V]: state entering each chunk
+    qdec = jnp.where(sees_state, qc.astype(jnp.float32) * jnp.exp(G), 0.0)
+    o = o + scale * jnp.einsum(
+        "...ik,...kv->...iv",
+        qdec.astype(dtype),
+        h.astype(dtype),
+        preferred_element_type=jnp.float32,
+    )
+    o = jnp.swapaxes(o.reshape(B, H, Tp, V), 1, 2)[:, :T]
+    return o.astype(v.dtype), final
+
+
+def gla_xla(q, k, v, g, *, scale, initial_state=None, segment_ids=None, chunk_size=64):
+    """Chunked GLA (see module doc). Returns ``(o [B, T, H, V], final_state [B, H, K, V] fp32)``."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    h0 = (
+        jnp.zeros((B, H, K, V), jnp.float32)
+        if initial_state is None
+        else initial_state.astype(jnp.float32)
+    )
+    seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids
+    return _gla_chunked(
+        q,
+        k,
+        v,
+        g,
+        h0,
+        seg,
+        scale=float(scale),
+        chunk_size=chunk_size,
+        with_segments=segment_ids is not None,
+    )
+
+
+@jax.jit
+def recurrent_xla(q, k, v, g, h0, scale):
+    """Token loop for decoding (a `lax.scan`, fp32 state); same contract as the reference."""
+    f32 = lambda x: jnp.swapaxes(x.astype(jnp.float32), 0, 1)
+
+    def step(S, xs):
+        q_t, k_t, v_t, g_t = xs
+        S = jnp.exp(g_t)[..., None] * S + k_t[..., None] * v_t[..., None, :]
+        return S, scale * jnp.einsum("bhk,bhkv->bhv", q_t, S)
+
+    S, o = jax.lax.scan(step, h0.astype(jnp.float32), (f32(q), f32(k), f32(v), f32(g)))
+    return jnp.swapaxes(o, 0, 1).astype(v.dtype), S
