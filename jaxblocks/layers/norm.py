@@ -88,6 +88,19 @@ def _moments(x32: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
     return mean, jnp.mean(jnp.square(centred), axis=axes)
 
 
+def _bc(v: Array, ndim: int) -> Array:
+    """Reshape a per-channel vector to broadcast against a rank-``ndim`` channels-last array."""
+    return v.reshape((1,) * (ndim - 1) + (v.shape[-1],))
+
+
+def _affine(y32: Array, scale: Array | None, bias: Array | None) -> Array:
+    if scale is not None:
+        y32 = y32 * _bc(scale.astype(jnp.float32), y32.ndim)
+    if bias is not None:
+        y32 = y32 + _bc(bias.astype(jnp.float32), y32.ndim)
+    return y32
+
+
 def _out_dtype(module_dtype: Dtype | None, x: Array) -> Dtype:
     return module_dtype if module_dtype is not None else x.dtype
 
@@ -147,11 +160,7 @@ def ghost_batch_norm(
     means, var = _moments(xg, axes)  # [k, C]
     shape = (k,) + (1,) * (xg.ndim - 2) + (x.shape[-1],)
     y = (xg - means.reshape(shape)) * jax.lax.rsqrt(var.reshape(shape) + epsilon)
-    if scale is not None:
-        y = y * scale.astype(jnp.float32)
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
-    return y.reshape(x.shape), means, var
+    return _affine(y, scale, bias).reshape(x.shape), means, var
 
 
 def sequential_ema(running: Float[Array, " C"], stats: Float[Array, "G C"], momentum: float):
@@ -221,11 +230,9 @@ class GhostBatchNorm(nn.Module):
         )
         bias = self.param("bias", self.bias_init, (c,), self.param_dtype) if self.use_bias else None
         if ura:
-            y = (x.astype(jnp.float32) - ra_mean.value) * jax.lax.rsqrt(ra_var.value + self.epsilon)
-            if scale is not None:
-                y = y * scale.astype(jnp.float32)
-            if bias is not None:
-                y = y + bias.astype(jnp.float32)
+            inv = jax.lax.rsqrt(ra_var.value + self.epsilon)
+            y = (x.astype(jnp.float32) - _bc(ra_mean.value, x.ndim)) * _bc(inv, x.ndim)
+            y = _affine(y, scale, bias)
         else:
             y, means, var = ghost_batch_norm(x, scale, bias, self.ghost_batch_size, self.epsilon)
             if not self.is_initializing():
@@ -250,24 +257,24 @@ def _group_scaling(x32: Array, group_num: int, epsilon: float) -> Array:
 def _power_norm_core(x, fwd_inv, bwd_inv, nu, weights, alpha_bwd):
     # z = x / psi: the forward treats the statistic as a constant (fwd_inv: [C]).
     del bwd_inv, nu, weights, alpha_bwd
-    return x * fwd_inv
+    return x * fwd_inv[None, :]
 
 
 def _power_norm_core_fwd(x, fwd_inv, bwd_inv, nu, weights, alpha_bwd):
-    return x * fwd_inv, (x, fwd_inv, bwd_inv, nu, weights)
+    return x * fwd_inv[None, :], (x, fwd_inv, bwd_inv, nu, weights)
 
 
 def _power_norm_core_bwd(alpha_bwd, res, g):
     # Approximate backward through the running statistic (Shen et al., Algorithm 1; official
     # PowerFunction.backward). g is the cotangent of z, i.e. gamma * dL/dy.
     x, fwd_inv, bwd_inv, nu, weights = res
-    z = x * fwd_inv  # [N, C] tokens x channels
+    z = x * fwd_inv[None, :]  # [N, C] tokens x channels
     w = weights[:, None]  # [N, 1] 1 for real tokens, 0 for padding
     n = jnp.maximum(jnp.sum(weights), 1.0)
     gamma_t = jnp.sum(w * z * z, axis=0) / n  # Γ = mean(z²)   [C]
     lambda_t = jnp.sum(w * g * z, axis=0) / n  # Λ = mean(g z)  [C]
-    g_tilde = g - w * nu * z  # correction only on real tokens
-    dx = g_tilde * bwd_inv
+    g_tilde = g - w * nu[None, :] * z  # correction only on real tokens
+    dx = g_tilde * bwd_inv[None, :]
     nu_new = nu * (1.0 - (1.0 - alpha_bwd) * gamma_t) + (1.0 - alpha_bwd) * lambda_t
     zeros = jnp.zeros_like(fwd_inv)
     # nu's cotangent slot carries its *update*: differentiating w.r.t. nu returns nu_t.
@@ -319,7 +326,7 @@ def power_norm(
             raise ValueError(f"power_norm: group_num={group_num} must divide the {c} channels")
         x32 = _group_scaling(x32, group_num, epsilon)
     if not train:
-        y = x32 * jax.lax.rsqrt(psi2 + epsilon)
+        y = x32 * _bc(jax.lax.rsqrt(psi2 + epsilon), x32.ndim)
     else:
         tokens = x32.reshape(-1, c)  # [N, C]
         if mask is None:
@@ -341,11 +348,7 @@ def power_norm(
         y = z.reshape(x.shape)
         psi_c = jnp.where(warm, psi2 * step / (step + 1.0) + s / (step + 1.0), psi2)
         psi2 = jax.lax.stop_gradient(alpha_fwd * psi_c + (1.0 - alpha_fwd) * s)
-    if scale is not None:
-        y = y * scale.astype(jnp.float32)
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
-    return y, psi2
+    return _affine(y, scale, bias), psi2
 
 
 class PowerNorm(nn.Module):
@@ -481,10 +484,10 @@ def evonorm_b0(
     spatial = tuple(range(1, x.ndim - 1))
     _, inst_var = _moments(x32, spatial)
     inst_std = jnp.sqrt(jnp.expand_dims(inst_var, spatial) + epsilon)
-    left = jnp.sqrt(batch_var + epsilon)
-    right = v.astype(jnp.float32) * x32 + inst_std
+    left = _bc(jnp.sqrt(batch_var + epsilon), x.ndim)
+    right = _bc(v.astype(jnp.float32), x.ndim) * x32 + inst_std
     y = x32 / jnp.maximum(left, right)
-    return y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return _affine(y, scale, bias)
 
 
 def evonorm_s0(
@@ -505,8 +508,8 @@ def evonorm_s0(
     axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
     _, var = _moments(xg, axes)  # [B, G]
     std = jnp.sqrt(var + epsilon).reshape((x.shape[0],) + (1,) * (x.ndim - 2) + (groups, 1))
-    y = (xg / std).reshape(x.shape) * jax.nn.sigmoid(v.astype(jnp.float32) * x32)
-    return y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    y = (xg / std).reshape(x.shape) * jax.nn.sigmoid(_bc(v.astype(jnp.float32), x.ndim) * x32)
+    return _affine(y, scale, bias)
 
 
 class EvoNormB0(nn.Module):
@@ -557,7 +560,7 @@ class EvoNormB0(nn.Module):
         scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
         bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
         if not self.apply_act:
-            y = x.astype(jnp.float32) * scale + bias
+            y = _affine(x.astype(jnp.float32), scale, bias)
             return y.astype(_out_dtype(self.dtype, x))
         v = self.param("v", self.v_init, (c,), self.param_dtype)
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
@@ -620,7 +623,7 @@ class EvoNormS0(nn.Module):
         scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
         bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
         if not self.apply_act:
-            y = x.astype(jnp.float32) * scale + bias
+            y = _affine(x.astype(jnp.float32), scale, bias)
             return y.astype(_out_dtype(self.dtype, x))
         v = self.param("v", self.v_init, (c,), self.param_dtype)
         y = evonorm_s0(x, v, scale, bias, groups, self.epsilon)
@@ -697,18 +700,15 @@ def batch_channel_norm(
     """BCN: batch step ``(x - mean)/sqrt(var + eps) * bn_scale + bn_bias``, then per-sample group
     norm over (spatial, channels of the group) without affine, then a per-group affine."""
     x32 = x.astype(jnp.float32)
-    y = (x32 - mean) * jax.lax.rsqrt(var + epsilon)
-    if bn_scale is not None:
-        y = y * bn_scale.astype(jnp.float32)
-    if bn_bias is not None:
-        y = y + bn_bias.astype(jnp.float32)
+    y = (x32 - _bc(mean, x.ndim)) * _bc(jax.lax.rsqrt(var + epsilon), x.ndim)
+    y = _affine(y, bn_scale, bn_bias)
     c = x.shape[-1]
     yg = y.reshape(x.shape[:-1] + (num_groups, c // num_groups))  # [B, *S, G, C/G]
     axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
     gmean, gvar = _moments(yg, axes)  # [B, G]
     bshape = (x.shape[0],) + (1,) * (x.ndim - 2) + (num_groups, 1)
     yg = (yg - gmean.reshape(bshape)) * jax.lax.rsqrt(gvar.reshape(bshape) + epsilon)
-    gshape = (num_groups, 1)
+    gshape = (1,) * (x.ndim - 1) + (num_groups, 1)
     if scale is not None:
         yg = yg * scale.astype(jnp.float32).reshape(gshape)
     if bias is not None:
@@ -786,7 +786,8 @@ class BatchChannelNorm(nn.Module):
             )
             if self.estimate:
                 bmean = jnp.mean(x32, axis=axes)
-                bvar = jnp.mean(jnp.square(x32 - mean), axis=axes)  # around the running mean
+                # around the running mean, as the official EstBN
+                bvar = jnp.mean(jnp.square(x32 - _bc(mean, x.ndim)), axis=axes)
             else:
                 bmean, bvar = _moments(x32, axes)
                 mean, var = bmean, bvar
@@ -813,8 +814,8 @@ def rep_batch_norm(
 ) -> Array:
     """RepBN with given statistics: ``(x - mean)/sqrt(var + eps) * scale + bias + alpha * x``."""
     x32 = x.astype(jnp.float32)
-    bn = (x32 - mean) * jax.lax.rsqrt(var + epsilon) * scale.astype(jnp.float32)
-    return bn + bias.astype(jnp.float32) + alpha.astype(jnp.float32) * x32
+    bn = (x32 - _bc(mean, x.ndim)) * _bc(jax.lax.rsqrt(var + epsilon), x.ndim)
+    return _affine(bn, scale, bias) + alpha.astype(jnp.float32) * x32
 
 
 class RepBN(nn.Module):
@@ -886,7 +887,7 @@ class RepBN(nn.Module):
                 w = mask.reshape(-1, 1).astype(jnp.float32)
                 n = jnp.maximum(jnp.sum(w), 1.0)
                 mean = jnp.sum(w * tokens, axis=0) / n
-                var = jnp.sum(w * jnp.square(tokens - mean), axis=0) / n
+                var = jnp.sum(w * jnp.square(tokens - mean[None, :]), axis=0) / n
             if not self.is_initializing():
                 m = self.momentum
                 new_mean = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mean)
