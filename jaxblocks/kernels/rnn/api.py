@@ -1,0 +1,117 @@
+"""`flashrnn`: head-wise LSTM / sLSTM / GRU / Elman recurrences (FlashRNN, arXiv 2412.07752).
+
+`flashrnn` validates its arguments and dispatches to ``reference`` (`lax.scan`, fp32), ``xla``
+(unrolled scan with one fused head-wise matmul per step; the CPU default), ``pallas_gpu`` (Triton
+kernels, R resident on chip for the whole sequence) or ``pallas_tpu`` (Mosaic kernels, time as
+the innermost sequential grid axis). `flashrnn_step` is one step, for decoding.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from jaxblocks.kernels.dispatch import Implementation, select_implementation
+from jaxblocks.kernels.rnn.cells import CELLS
+from jaxblocks.kernels.rnn.pallas_gpu import flashrnn_pallas_gpu
+from jaxblocks.kernels.rnn.pallas_tpu import flashrnn_pallas_tpu
+from jaxblocks.kernels.rnn.reference import flashrnn_reference
+from jaxblocks.kernels.rnn.xla import flashrnn_step as _step
+from jaxblocks.kernels.rnn.xla import flashrnn_xla
+from jaxblocks.kernels.validation import check_array, check_choice
+
+OP = "flashrnn"
+
+IMPLEMENTATIONS: dict[str, Implementation] = {
+    "reference": Implementation(flashrnn_reference),
+    "xla": Implementation(flashrnn_xla),
+    "pallas_gpu": Implementation(flashrnn_pallas_gpu),
+    "pallas_tpu": Implementation(flashrnn_pallas_tpu),
+}
+
+
+def _validate(op, Wx, R, b, states, function, *, step=False):
+    check_choice(op, "function", function, list(CELLS))
+    cell = CELLS[function]
+    if step:
+        check_array(op, "Wx", Wx, ndim=4)
+        B, G, N, D = Wx.shape
+        layout = "[B, G, N, D]"
+    else:
+        check_array(op, "Wx", Wx, ndim=5)
+        B, _, G, N, D = Wx.shape
+        layout = "[B, T, G, N, D]"
+    if G != cell.G:
+        raise ValueError(
+            f"{op}: Wx {layout} must have G={cell.G} gate inputs for function={function!r} "
+            f"(gates {cell.gate_names}), got shape {tuple(Wx.shape)}"
+        )
+    if B == 0 or N == 0 or D == 0:
+        raise ValueError(f"{op}: Wx must have non-empty B, N, D, got shape {tuple(Wx.shape)}")
+    check_array(op, "R", R, shape=(cell.Gr, N, D, D))
+    check_array(op, "b", b, shape=(cell.Gb, N, D))
+    if states is not None:
+        check_array(op, "states", states, shape=(cell.S, B, N, D))
+
+
+def flashrnn(
+    Wx: Float[Array, "B T G N D"],
+    R: Float[Array, "Gr N D D"],
+    b: Float[Array, "Gb N D"],
+    states: Float[Array, "S B N D"] | None = None,
+    *,
+    function: str = "lstm",
+    implementation: str | None = None,
+) -> tuple[Float[Array, "S B T N D"], Float[Array, "S B N D"]]:
+    """FlashRNN's head-wise recurrence (arXiv 2412.07752): `R` is block-diagonal over N heads.
+
+    Runs ``s_{t+1} = cell(Wx[:, t], Ry_t, b, s_t)`` with ``Ry[b,g,n,e] = Σ_d h[b,n,d] R[g,n,d,e]``
+    (``h = s[0]``) for the cells of FlashRNN (see `reference.flashrnn_reference`). Unlike a
+    cuDNN LSTM it takes precomputed input projections and head-wise recurrent matrices, and it has
+    four cells with one interface. Accumulation is fp32 in every implementation.
+
+    Args:
+      Wx: input pre-activations ``[B, T, G, N, D]`` (G = 4 lstm/slstm, 3 gru (r, z, n), 1 elman).
+      R: recurrent weights ``[Gr, N, D, D]`` (Gr = G, but 3 for gru: (g, r, z)).
+      b: biases ``[Gb, N, D]`` (Gb = G, but 4 for gru: (g, r, z, n)).
+      states: initial states ``[S, B, N, D]`` (S = 2 lstm (h, c), 4 slstm (y, c, n, m), 1 gru /
+        elman); zeros when None.
+      function: "lstm", "slstm", "gru" or "elman".
+      implementation: None (automatic), "reference", "xla", "pallas_gpu" or "pallas_tpu".
+
+    Returns:
+      ``(states_all [S, B, T, N, D], last_states [S, B, N, D])`` in ``Wx.dtype``: the states after
+      every step and after the last one (the initial states when T = 0).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> Wx = jnp.ones((2, 5, 4, 3, 16)); R = jnp.zeros((4, 3, 16, 16)); b = jnp.zeros((4, 3, 16))
+      >>> flashrnn(Wx, R, b)[0].shape
+      (2, 2, 5, 3, 16)
+    """
+    _validate(OP, Wx, R, b, states, function)
+    cell = CELLS[function]
+    B, T, G, N, D = Wx.shape
+    if states is None:
+        states = jnp.zeros((cell.S, B, N, D), Wx.dtype)
+    if T == 0:  # an empty sequence: no step, the initial states come back
+        return jnp.zeros((cell.S, B, 0, N, D), Wx.dtype), states.astype(Wx.dtype)
+    _, fn = select_implementation(OP, implementation, IMPLEMENTATIONS, Wx, R, b, states, function)
+    return fn(Wx, R, b, states, function)
+
+
+def flashrnn_step(
+    Wx: Float[Array, "B G N D"],
+    R: Float[Array, "Gr N D D"],
+    b: Float[Array, "Gb N D"],
+    states: Float[Array, "S B N D"],
+    *,
+    function: str = "lstm",
+) -> Float[Array, "S B N D"]:
+    """One step of `flashrnn` for decoding: the new states ``[S, B, N, D]`` in ``Wx.dtype``.
+
+    ``flashrnn_step(Wx[:, t], R, b, s)`` equals ``flashrnn(Wx[:, t:t+1], R, b, s)[1]``.
+    """
+    op = "flashrnn_step"
+    _validate(op, Wx, R, b, states, function, step=True)
+    return _step(Wx, R, b, states, function)

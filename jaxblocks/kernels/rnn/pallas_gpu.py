@@ -1,0 +1,273 @@
+"""`flashrnn` as Pallas GPU kernels (Triton backend), after FlashRNN's fused kernel.
+
+Grid ``(N, B / block_b)``: one program per head and batch tile. Each program loads the head's
+recurrent matrices ``R[:, n]`` (Gr × D × D) and bias once and keeps them on chip for the whole
+sequence, then loops over time inside the kernel, carrying the states in registers (fp32). The
+backward kernel runs the same loop in reverse with R resident, recomputing the gate
+pre-activations from the stored states, and accumulates ``dR`` and ``db`` for its batch tile in
+fp32 (tiles are summed outside).
+
+Triton needs power-of-two tiles and ``tl.dot`` needs each side ≥ 16, so the wrapper pads the head
+dim to a power of two ≥ 16 and the batch to a multiple of ``block_b`` with zeros. Zero rows of R
+keep padded lanes from reaching real ones; padded outputs are sliced off. Time needs no padding:
+the kernel only ever loads one ``(block_b, D)`` tile of a step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from jaxblocks.kernels.interpret import gpu_interpret
+from jaxblocks.kernels.rnn.cells import CELLS, pointwise, pointwise_bwd
+
+MIN_TILE = 16  # tl.dot needs every matmul side >= 16
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Batch rows per program (a power of two ≥ 16) and Triton launch parameters."""
+
+    block_b: int = 16
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def __post_init__(self):
+        if self.block_b < MIN_TILE or self.block_b & (self.block_b - 1):
+            raise ValueError(f"BlockSizes.block_b must be a power of two >= 16, got {self.block_b}")
+        if self.num_warps <= 0 or self.num_stages <= 0:
+            raise ValueError(f"BlockSizes: num_warps/num_stages must be positive, got {self}")
+
+
+def _dot(a, b, dot_dtype):
+    """(M, K) @ (K, N) in ``dot_dtype`` with fp32 accumulation."""
+    return jnp.dot(a.astype(dot_dtype), b.astype(dot_dtype), preferred_element_type=jnp.float32)
+
+
+def _dot_tn(a, b, dot_dtype):
+    """aᵀ @ b for a: (K, M), b: (K, N) -> (M, N) fp32 (Triton transposes a in registers)."""
+    dims = (((0,), (0,)), ((), ()))
+    return jax.lax.dot_general(
+        a.astype(dot_dtype), b.astype(dot_dtype), dims, preferred_element_type=jnp.float32
+    )
+
+
+def _dot_nt(a, b, dot_dtype):
+    """a @ bᵀ for a: (M, K), b: (N, K) -> (M, N) fp32."""
+    dims = (((1,), (1,)), ((), ()))
+    return jax.lax.dot_general(
+        a.astype(dot_dtype), b.astype(dot_dtype), dims, preferred_element_type=jnp.float32
+    )
+
+
+def _flashrnn_fwd_kernel(wx_ref, r_ref, b_ref, s0_ref, out_ref, *, function, T, dot_dtype):
+    # wx_ref: (bB, T, G, D), r_ref: (Gr, D, D), b_ref: (Gb, D), s0_ref: (S, bB, D)
+    # out_ref: (S, bB, T, D)
+    cell = CELLS[function]
+    f32 = jnp.float32
+    r = [r_ref[g].astype(dot_dtype) for g in range(cell.Gr)]  # resident for all T: (D, D) each
+    bias = [b_ref[g][None, :].astype(f32) for g in range(cell.Gb)]  # (1, D)
+    s0 = tuple(s0_ref[k].astype(f32) for k in range(cell.S))  # (bB, D)
+
+    def step(t, s):  # FlashRNN forward: Ry = h R (one dot per gate), then the pointwise cell
+        ry = [_dot(s[0], r[g], dot_dtype) for g in range(cell.Gr)]  # (bB, D) @ (D, D)
+        wx = [wx_ref[:, t, g, :].astype(f32) for g in range(cell.G)]  # (bB, D)
+        new = pointwise(function, wx, ry, bias, s)
+        for k in range(cell.S):
+            out_ref[k, :, t, :] = new[k].astype(out_ref.dtype)
+        return tuple(new)
+
+    jax.lax.fori_loop(0, T, step, s0)
+
+
+def _flashrnn_bwd_kernel(
+    wx_ref,
+    r_ref,
+    b_ref,
+    sprev_ref,
+    dall_ref,
+    dwx_ref,
+    dr_ref,
+    db_ref,
+    ds0_ref,
+    *,
+    function,
+    T,
+    dot_dtype,
+):
+    # wx_ref/dwx_ref: (bB, T, G, D); r_ref: (Gr, D, D); b_ref: (Gb, D)
+    # sprev_ref: (S, bB, T, D) states before each step; dall_ref: (S, bB, T, D) cotangents
+    # dr_ref: (Gr, D, D), db_ref: (Gb, D) partial sums of this batch tile; ds0_ref: (S, bB, D)
+    cell = CELLS[function]
+    f32 = jnp.float32
+    r = [r_ref[g].astype(dot_dtype) for g in range(cell.Gr)]  # resident for all T
+    bias = [b_ref[g][None, :].astype(f32) for g in range(cell.Gb)]
+    bB, D = wx_ref.shape[0], wx_ref.shape[-1]
+    delta0 = tuple(jnp.zeros((bB, D), f32) for _ in range(cell.S))
+    dr0 = tuple(jnp.zeros((D, D), f32) for _ in range(cell.Gr))
+    db0 = tuple(jnp.zeros((bB, D), f32) for _ in range(cell.Gb))
+
+    def step(i, carry):  # reverse time: t = T-1 .. 0
+        delta, dr, db = carry
+        t = T - 1 - i
+        sp = tuple(sprev_ref[k, :, t, :].astype(f32) for k in range(cell.S))  # s_{t-1}
+        delta = tuple(delta[k] + dall_ref[k, :, t, :].astype(f32) for k in range(cell.S))
+        ry = [_dot(sp[0], r[g], dot_dtype) for g in range(cell.Gr)]  # recompute (bB, D)
+        wx = [wx_ref[:, t, g, :].astype(f32) for g in range(cell.G)]
+        d_wx, d_ry, d_b, d_sp = pointwise_bwd(function, wx, ry, bias, sp, delta)
+        for g in range(cell.G):
+            dwx_ref[:, t, g, :] = d_wx[g].astype(dwx_ref.dtype)
+        # dR[g] += hᵀ dRy[g]: (D, bB) @ (bB, D);  dh += dRy[g] R[g]ᵀ: (bB, D) @ (D, D)
+        dr = tuple(dr[g] + _dot_tn(sp[0], d_ry[g], dot_dtype) for g in range(cell.Gr))
+        dh = d_sp[0]
+        for g in range(cell.Gr):
+            dh = dh + _dot_nt(d_ry[g], r[g], dot_dtype)
+        db = tuple(db[g] + d_b[g] for g in range(cell.Gb))
+        return (dh,) + tuple(d_sp[1:]), dr, db
+
+    delta, dr, db = jax.lax.fori_loop(0, T, step, (delta0, dr0, db0))
+    for g in range(cell.Gr):
+        dr_ref[g] = dr[g]
+    for g in range(cell.Gb):
+        db_ref[g] = jnp.sum(db[g], axis=0)
+    for k in range(cell.S):
+        ds0_ref[k] = delta[k].astype(ds0_ref.dtype)
+
+
+def _cost(function, B, T, N, D, itemsize, backward=False) -> pl.CostEstimate:
+    cell = CELLS[function]
+    mm = 2 * B * T * N * D * D * cell.Gr * (3 if backward else 1)
+    pw = B * T * N * D * (12 * cell.G) * (2 if backward else 1)
+    trans = B * T * N * D * (cell.G + 1) * (2 if backward else 1)
+    io = (B * T * N * D) * (cell.G + cell.S) * itemsize * (3 if backward else 1)
+    return pl.CostEstimate(
+        flops=int(mm + pw), transcendentals=int(trans), bytes_accessed=int(io + cell.Gr * N * D * D)
+    )
+
+
+def _dot_dtype(R):
+    return jnp.float32 if R.dtype == jnp.float32 else R.dtype
+
+
+def _states_dtype(function, dtype):
+    """sLSTM keeps its stored states in fp32: the backward recomputes exp(i − m') from them, and a
+    bf16 m (|m| ~ 10 rounds by ~0.03) would change the recomputed gates by percents."""
+    return jnp.float32 if function == "slstm" else dtype
+
+
+def _forward_call(wx, R, b, s0, function, blocks):
+    cell = CELLS[function]
+    B, T, G, N, D = wx.shape
+    bB = blocks.block_b
+    kernel = functools.partial(
+        _flashrnn_fwd_kernel, function=function, T=T, dot_dtype=_dot_dtype(R)
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((cell.S, B, T, N, D), _states_dtype(function, wx.dtype)),
+        grid=(N, B // bB),
+        in_specs=[
+            pl.BlockSpec((bB, T, G, None, D), lambda n, i: (i, 0, 0, n, 0)),
+            pl.BlockSpec((cell.Gr, None, D, D), lambda n, i: (0, n, 0, 0)),
+            pl.BlockSpec((cell.Gb, None, D), lambda n, i: (0, n, 0)),
+            pl.BlockSpec((cell.S, bB, None, D), lambda n, i: (0, i, n, 0)),
+        ],
+        out_specs=pl.BlockSpec((cell.S, bB, T, None, D), lambda n, i: (0, i, 0, n, 0)),
+        compiler_params=pltriton.CompilerParams(
+            num_warps=blocks.num_warps, num_stages=blocks.num_stages
+        ),
+        cost_estimate=_cost(function, B, T, N, D, wx.dtype.itemsize),
+        interpret=gpu_interpret(),
+        name=f"flashrnn_{function}_fwd_gpu",
+    )(wx, R, b, s0)
+
+
+def _backward_call(wx, R, b, s_prev, d_all, function, blocks):
+    cell = CELLS[function]
+    B, T, G, N, D = wx.shape
+    bB = blocks.block_b
+    nb = B // bB
+    kernel = functools.partial(
+        _flashrnn_bwd_kernel, function=function, T=T, dot_dtype=_dot_dtype(R)
+    )
+    f32 = jnp.float32
+    return pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct(wx.shape, wx.dtype),
+            jax.ShapeDtypeStruct((nb, cell.Gr, N, D, D), f32),
+            jax.ShapeDtypeStruct((nb, cell.Gb, N, D), f32),
+            jax.ShapeDtypeStruct((cell.S, B, N, D), f32),
+        ),
+        grid=(N, nb),
+        in_specs=[
+            pl.BlockSpec((bB, T, G, None, D), lambda n, i: (i, 0, 0, n, 0)),
+            pl.BlockSpec((cell.Gr, None, D, D), lambda n, i: (0, n, 0, 0)),
+            pl.BlockSpec((cell.Gb, None, D), lambda n, i: (0, n, 0)),
+            pl.BlockSpec((cell.S, bB, T, None, D), lambda n, i: (0, i, 0, n, 0)),
+            pl.BlockSpec((cell.S, bB, T, None, D), lambda n, i: (0, i, 0, n, 0)),
+        ],
+        out_specs=(
+            pl.BlockSpec((bB, T, G, None, D), lambda n, i: (i, 0, 0, n, 0)),
+            pl.BlockSpec((None, cell.Gr, None, D, D), lambda n, i: (i, 0, n, 0, 0)),
+            pl.BlockSpec((None, cell.Gb, None, D), lambda n, i: (i, 0, n, 0)),
+            pl.BlockSpec((cell.S, bB, None, D), lambda n, i: (0, i, n, 0)),
+        ),
+        compiler_params=pltriton.CompilerParams(
+            num_warps=blocks.num_warps, num_stages=blocks.num_stages
+        ),
+        cost_estimate=_cost(function, B, T, N, D, wx.dtype.itemsize, backward=True),
+        interpret=gpu_interpret(),
+        name=f"flashrnn_{function}_bwd_gpu",
+    )(wx, R, b, s_prev, d_all)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _flashrnn_padded(wx, R, b, s0, function, blocks):
+    return _forward_call(wx, R, b, s0, function, blocks)
+
+
+def _flashrnn_padded_fwd(wx, R, b, s0, function, blocks):
+    states_all = _forward_call(wx, R, b, s0, function, blocks)
+    return states_all, (wx, R, b, s0, states_all)
+
+
+def _flashrnn_padded_bwd(function, blocks, res, d_all):
+    wx, R, b, s0, states_all = res
+    # states before each step: s0, then the outputs shifted by one step. [S, B, T, N, D]
+    s_prev = jnp.concatenate([s0[:, :, None].astype(states_all.dtype), states_all[:, :, :-1]], 2)
+    dwx, dr, db, ds0 = _backward_call(wx, R, b, s_prev, d_all, function, blocks)
+    return (
+        dwx,
+        jnp.sum(dr, axis=0).astype(R.dtype),
+        jnp.sum(db, axis=0).astype(b.dtype),
+        ds0.astype(s0.dtype),
+    )
+
+
+_flashrnn_padded.defvjp(_flashrnn_padded_fwd, _flashrnn_padded_bwd)
+
+
+def flashrnn_pallas_gpu(Wx, R, b, states, function: str, blocks: BlockSizes | None = None):
+    """`flashrnn` with the Triton kernels; pads B and D, runs, slices back."""
+    blocks = BlockSizes() if blocks is None else blocks
+    B, T, G, N, D = Wx.shape
+    Dp = max(MIN_TILE, _next_pow2(D))
+    Bp = -(-B // blocks.block_b) * blocks.block_b
+    pd, pb = Dp - D, Bp - B
+    wx = jnp.pad(Wx, ((0, pb), (0, 0), (0, 0), (0, 0), (0, pd)))
+    r = jnp.pad(R, ((0, 0), (0, 0), (0, pd), (0, pd)))
+    bb = jnp.pad(b, ((0, 0), (0, 0), (0, pd)))
+    s0 = jnp.pad(states, ((0, 0), (0, pb), (0, 0), (0, pd)))
+    states_all = _flashrnn_padded(wx, r, bb, s0, function, blocks)[:, :B, :, :, :D]
+    states_all = states_all.astype(Wx.dtype)
+    return states_all, states_all[:, :, -1]
