@@ -1,0 +1,227 @@
+"""Tiny models for trainer tests and smoke runs: an MLP, a BatchNorm CNN and a causal LM.
+
+They are deliberately small (thousands of parameters) so sharding, checkpointing and
+large-batch recipes run in seconds on CPU. All parameters carry logical axis names, so the
+trainer's rules shard them over ``fsdp``/``tensor``. The calling convention is the trainer's:
+``model.apply(variables, x, train=bool[, use_aux=bool])``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from jaxblocks.registry import register_model
+
+
+def _dense(features: int, axes: tuple[str, str], dtype: Any, name: str | None = None) -> nn.Dense:
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
+        name=name,
+    )
+
+
+class MLP(nn.Module):
+    """Flatten → (Dense → ReLU)* → Dense classifier. No normalization, so gradient
+    accumulation is exactly a large batch."""
+
+    hidden: Sequence[int] = (32,)
+    num_classes: int = 10
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "B ..."], train: bool = False) -> Float[Array, "B N"]:
+        del train
+        x = x.reshape(x.shape[0], -1).astype(self.dtype)
+        for i, h in enumerate(self.hidden):
+            x = nn.relu(_dense(h, ("embed", "mlp"), self.dtype, f"dense{i}")(x))
+        return _dense(self.num_classes, ("mlp", "classes"), self.dtype, "head")(x)
+
+
+class _Norm(nn.Module):
+    """BatchNorm, or Ghost BatchNorm when ``ghost_batch_size`` is set (Hoffer et al. 2017:
+    statistics per group of ``ghost_batch_size`` examples, running stats averaged over groups).
+
+    Uses `jaxblocks.layers.norm.GhostBatchNorm` when that module exists; the fallback below is the
+    same math (reshape to ``[G, B/G, ...]``, reduce over axis 1), so group boundaries align with
+    data shards and need no collective.
+    """
+
+    ghost_batch_size: int | None = None
+    momentum: float = 0.9
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        if self.ghost_batch_size is None:
+            return nn.BatchNorm(use_running_average=not train, momentum=self.momentum)(x)
+        try:
+            from jaxblocks.layers.norm import GhostBatchNorm  # type: ignore[attr-defined]
+        except ImportError:
+            GhostBatchNorm = None  # noqa: N806
+        if GhostBatchNorm is not None:
+            return GhostBatchNorm(
+                virtual_batch_size=self.ghost_batch_size,
+                use_running_average=not train,
+                momentum=self.momentum,
+            )(x)
+        return _ghost_bn_fallback(self, x, train)
+
+
+def _ghost_bn_fallback(mod: nn.Module, x: Array, train: bool) -> Array:
+    c = x.shape[-1]
+    scale = mod.param("scale", nn.initializers.ones, (c,))
+    bias = mod.param("bias", nn.initializers.zeros, (c,))
+    ra_mean = mod.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = mod.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    if train:
+        g = mod.ghost_batch_size
+        b = x.shape[0]
+        if b % g:
+            raise ValueError(f"GhostBatchNorm: batch {b} not divisible by ghost size {g}")
+        xg = x.astype(jnp.float32).reshape(b // g, g, *x.shape[1:])  # [G, B/G, ..., C]
+        axes = tuple(range(1, xg.ndim - 1))
+        mean = xg.mean(axes, keepdims=True)
+        var = xg.var(axes, keepdims=True)
+        y = ((xg - mean) / jnp.sqrt(var + 1e-5)).reshape(x.shape)
+        if not mod.is_initializing():
+            m = mod.momentum
+            ra_mean.value = m * ra_mean.value + (1 - m) * mean.reshape(-1, c).mean(0)
+            ra_var.value = m * ra_var.value + (1 - m) * var.reshape(-1, c).mean(0)
+    else:
+        y = (x.astype(jnp.float32) - ra_mean.value) / jnp.sqrt(ra_var.value + 1e-5)
+    return (y * scale + bias).astype(x.dtype)
+
+
+class CNN(nn.Module):
+    """Conv3x3 → BN → ReLU → Conv3x3/2 → BN → ReLU → global mean → Dense.
+
+    Attributes:
+      channels: conv widths.
+      num_classes: outputs.
+      ghost_batch_size: if set, Ghost BatchNorm with this many examples per group.
+      aux_bn: also create an auxiliary BatchNorm per layer (AdvProp/ConAdv): called with
+        ``use_aux=True`` the model normalises with it (adversarial inputs), else with the main BN.
+      dtype: compute dtype (parameters stay fp32).
+    """
+
+    channels: Sequence[int] = (8, 16)
+    num_classes: int = 10
+    ghost_batch_size: int | None = None
+    aux_bn: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: Float[Array, "B H W C"], train: bool = False, use_aux: bool = False
+    ) -> Float[Array, "B N"]:
+        if x.ndim == 3:
+            x = x[..., None]
+        x = x.astype(self.dtype)
+        for i, c in enumerate(self.channels):
+            x = nn.Conv(
+                c,
+                (3, 3),
+                strides=1 if i == 0 else 2,
+                use_bias=False,
+                dtype=self.dtype,
+                kernel_init=nn.with_logical_partitioning(
+                    nn.initializers.he_normal(), (None, None, "conv_in", "conv_out")
+                ),
+                name=f"conv{i}",
+            )(x)
+            main = _Norm(self.ghost_batch_size, name=f"bn{i}")
+            if self.aux_bn:
+                aux = _Norm(self.ghost_batch_size, name=f"bn{i}_aux")
+                # Both branches are traced at init so both variable sets exist.
+                if self.is_initializing():
+                    aux(x, train)
+                x = aux(x, train) if use_aux else main(x, train)
+            else:
+                x = main(x, train)
+            x = nn.relu(x)
+        x = x.astype(jnp.float32).mean((1, 2)).astype(self.dtype)
+        return _dense(self.num_classes, ("conv_out", "classes"), self.dtype, "head")(x)
+
+
+class CharLM(nn.Module):
+    """A one-block causal Transformer over bytes, with selectable attention implementation.
+
+    ``attention="ring"`` runs `jaxblocks.train.ring_attention.ring_attention` over the mesh's
+    ``sequence`` axis (dense when that axis has size 1 or no mesh is set).
+    """
+
+    vocab: int = 256
+    width: int = 32
+    heads: int = 2
+    layers: int = 1
+    attention: str = "dense"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: Int[Array, "B T"], train: bool = False) -> Float[Array, "B T V"]:
+        del train
+        from jaxblocks.train.ring_attention import dense_attention, ring_attention
+
+        if self.attention not in ("dense", "ring"):
+            raise ValueError(f"CharLM: attention must be 'dense' or 'ring', got {self.attention!r}")
+        b, t = tokens.shape
+        emb = nn.Embed(
+            self.vocab,
+            self.width,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(0.02), ("vocab", "embed")
+            ),
+            name="embed",
+        )
+        pos = self.param(
+            "pos",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+            (t, self.width),
+        )
+        x = (emb(tokens) + pos[None]).astype(self.dtype)
+        hd = self.width // self.heads
+        for i in range(self.layers):
+            h = nn.LayerNorm(dtype=self.dtype, name=f"ln{i}a")(x)
+            qkv = _dense(3 * self.width, ("embed", "heads"), self.dtype, f"qkv{i}")(h)
+            q, k, v = jnp.split(qkv.reshape(b, t, 3 * self.heads, hd), 3, axis=2)
+            attn = ring_attention if self.attention == "ring" else dense_attention
+            o = attn(q, k, v, causal=True).reshape(b, t, self.width)
+            x = x + _dense(self.width, ("heads", "embed"), self.dtype, f"proj{i}")(o)
+            h = nn.LayerNorm(dtype=self.dtype, name=f"ln{i}b")(x)
+            h = nn.gelu(_dense(4 * self.width, ("embed", "mlp"), self.dtype, f"up{i}")(h))
+            x = x + _dense(self.width, ("mlp", "embed"), self.dtype, f"down{i}")(h)
+        x = nn.LayerNorm(dtype=self.dtype, name="ln_f")(x)
+        return emb.attend(x.astype(jnp.float32))
+
+
+def _example_image() -> Array:
+    return jnp.linspace(0.0, 1.0, 2 * 8 * 8, dtype=jnp.float32).reshape(2, 8, 8, 1)
+
+
+def _example_tokens() -> Array:
+    return (jnp.arange(2 * 16, dtype=jnp.int32) % 256).reshape(2, 16)
+
+
+@register_model("mlp_tiny", example_input=_example_image)
+def mlp_tiny(**kwargs: Any) -> MLP:
+    """A 1-hidden-layer MLP (32 units)."""
+    return MLP(**kwargs)
+
+
+@register_model("cnn_tiny", example_input=_example_image)
+def cnn_tiny(**kwargs: Any) -> CNN:
+    """A 2-conv BatchNorm CNN (8, 16 channels)."""
+    return CNN(**kwargs)
+
+
+@register_model("char_lm_tiny", example_input=_example_tokens)
+def char_lm_tiny(**kwargs: Any) -> CharLM:
+    """A 1-block byte-level Transformer LM (width 32, 2 heads)."""
+    return CharLM(**kwargs)

@@ -1,0 +1,162 @@
+"""In-memory datasets with a *stateless* position: the batch of step ``s`` is a pure function of
+``(seed, s)``.
+
+That makes resumption exact for free (the checkpointed position is just the step; Levanter
+#309/#311 name data-loader replay as the biggest restart cost) and lets every host compute its own
+slice of a global batch without coordination. Epoch ``e`` is a permutation drawn from
+``default_rng((seed, e))``; the last partial batch of an epoch is dropped.
+
+Sources (all local, nothing is downloaded): ``synthetic`` (Gaussian images labelled by a fixed
+random linear teacher), ``digits`` (scikit-learn's digits via `jaxblocks.data.digits`) and
+``stdlib_text`` (bytes of the Python standard library's own ``.py`` files, for character LMs).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sysconfig
+from dataclasses import dataclass
+
+import jax
+import ml_collections
+import numpy as np
+
+
+@dataclass
+class ArrayDataset:
+    """Examples ``x[i], y[i]`` served as deterministic shuffled global batches.
+
+    Attributes:
+      x, y: arrays with equal leading size N.
+      batch_size: global batch size.
+      seed: shuffle seed.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    batch_size: int
+    seed: int = 0
+
+    def __post_init__(self):
+        if len(self.x) != len(self.y):
+            raise ValueError(f"ArrayDataset: x has {len(self.x)} rows but y has {len(self.y)}")
+        if len(self.x) < self.batch_size:
+            raise ValueError(
+                f"ArrayDataset: {len(self.x)} examples are fewer than one batch of "
+                f"{self.batch_size}"
+            )
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.x)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.x) // self.batch_size
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        cache = self.__dict__.setdefault("_perm_cache", {})
+        if epoch not in cache:
+            if len(cache) > 4:
+                cache.clear()
+            cache[epoch] = np.random.default_rng((self.seed, epoch)).permutation(len(self.x))
+        return cache[epoch]
+
+    def indices(self, step: int) -> np.ndarray:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        return self._perm(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
+
+    def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
+        """This process's slice of the global batch of ``step`` (numpy)."""
+        idx = self.indices(step)
+        per = self.batch_size // process_count
+        idx = idx[process_index * per : (process_index + 1) * per]
+        return {"x": self.x[idx], "y": self.y[idx]}
+
+    def position(self, step: int) -> dict:
+        """The data position to checkpoint (enough to rebuild the iterator at ``step``)."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        return {
+            "step": int(step),
+            "epoch": int(epoch),
+            "index_in_epoch": int(i),
+            "seed": int(self.seed),
+            "num_examples": int(len(self.x)),
+        }
+
+
+def eval_batches(x: np.ndarray, y: np.ndarray, batch_size: int):
+    """Ordered batches covering every example once; the last is padded and masked by ``w``."""
+    n = len(x)
+    for start in range(0, n, batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        w = np.ones(len(xb), np.float32)
+        pad = batch_size - len(xb)
+        if pad:
+            xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
+            yb = np.concatenate([yb, np.zeros((pad, *yb.shape[1:]), yb.dtype)])
+            w = np.concatenate([w, np.zeros(pad, np.float32)])
+        yield {"x": xb, "y": yb, "w": w}
+
+
+def synthetic(num: int, shape: tuple[int, ...], num_classes: int, seed: int):
+    """Gaussian inputs labelled by ``argmax(x·W)`` of a fixed random teacher ``W``."""
+    teacher = np.random.default_rng(1234).standard_normal((int(np.prod(shape)), num_classes))
+    x = np.random.default_rng(seed).standard_normal((num, *shape)).astype(np.float32)
+    y = np.argmax(x.reshape(num, -1) @ teacher, -1).astype(np.int32)
+    return x, y
+
+
+@functools.lru_cache(maxsize=2)
+def stdlib_bytes(max_bytes: int) -> np.ndarray:
+    """The first ``max_bytes`` bytes of the stdlib's ``.py`` files in sorted path order."""
+    root = sysconfig.get_paths()["stdlib"]
+    chunks, total = [], 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "test", "tests"))
+        for f in sorted(filenames):
+            if not f.endswith(".py"):
+                continue
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                b = fh.read()
+            chunks.append(b)
+            total += len(b)
+            if total >= max_bytes:
+                return np.frombuffer(b"".join(chunks)[:max_bytes], np.uint8).copy()
+    return np.frombuffer(b"".join(chunks), np.uint8).copy()
+
+
+def make_datasets(cfg: ml_collections.ConfigDict):
+    """``(train ArrayDataset, (x_test, y_test), num_classes)`` for ``cfg.data``."""
+    d = cfg.data
+    if d.name == "synthetic":
+        shape = (d.image_size, d.image_size, d.channels)
+        nc = len(d.classes)
+        x, y = synthetic(d.num_examples, shape, nc, seed=cfg.seed)
+        xt, yt = synthetic(max(d.num_examples // 4, 1), shape, nc, seed=cfg.seed + 1)
+    elif d.name == "digits":
+        from jaxblocks.data.digits import load_digits
+
+        kw = dict(classes=tuple(d.classes), size=d.image_size, channels=d.channels)
+        x, y = load_digits("train", **kw)
+        xt, yt = load_digits("test", **kw)
+        nc = len(d.classes)
+    elif d.name == "stdlib_text":
+        data = stdlib_bytes(d.max_bytes).astype(np.int32)
+        t = d.seq_len
+        n = (len(data) - 1) // t
+        x = data[: n * t].reshape(n, t)
+        y = data[1 : n * t + 1].reshape(n, t)
+        cut = max(n - max(n // 10, 1), 1)
+        x, xt, y, yt = x[:cut], x[cut:], y[:cut], y[cut:]
+        nc = 256
+    else:
+        raise ValueError(
+            f"config.data.name: unknown dataset {d.name!r}; choose synthetic, digits, stdlib_text"
+        )
+    return ArrayDataset(x, y, cfg.batch_size, seed=cfg.seed), (xt, yt), nc
+
+
+def process_slice() -> tuple[int, int]:
+    return jax.process_index(), jax.process_count()

@@ -1,0 +1,358 @@
+"""The training loop: build everything from a config, train, evaluate, checkpoint, log.
+
+`train(cfg, workdir)` runs one stage; `run(cfg, workdir)` runs every stage of a staged config
+(each in ``workdir/<stage>``), the later ones starting from the previous stage's parameters.
+Re-running on the same ``workdir`` resumes from the latest checkpoint, bit-for-bit: the step's
+RNG is ``fold_in(seed_key, step)`` and the data order is a pure function of the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxblocks.registry import create_model
+from jaxblocks.train import agvm as agvm_lib
+from jaxblocks.train import config as config_lib
+from jaxblocks.train import data as data_lib
+from jaxblocks.train import optim
+from jaxblocks.train import sharding as shd
+from jaxblocks.train import state as state_lib
+from jaxblocks.train import step as step_lib
+from jaxblocks.train.checkpoint import Checkpointer, PreemptionGuard
+from jaxblocks.train.metrics import MetricWriter, Progress, plot_curves
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished (or preempted) stage hands back."""
+
+    state: Any
+    final_step: int
+    num_steps: int
+    eval_metrics: dict[str, float]
+    train_losses: dict[int, float]
+    preempted: bool
+    workdir: str
+    timings: dict[str, float]
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything built from a config, before any step runs (useful in tests and notebooks)."""
+
+    cfg: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    model: nn.Module
+    train_data: data_lib.ArrayDataset
+    test_data: tuple[np.ndarray, np.ndarray]
+    num_steps: int
+    schedule: Any
+    tx: Any
+    init_fn: Any
+    boxed_variables: Any
+    train_kwargs: dict
+    eval_kwargs: dict
+
+    def create_state(self):
+        with self.mesh_context():
+            return state_lib.create_state(
+                self.init_fn, self.cfg.seed, self.boxed_variables, self.mesh
+            )
+
+    def mesh_context(self):
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(shd.LOGICAL_AXIS_RULES))
+        if self.cfg.model.convbn_mode:
+            from jaxblocks.layers.conv_bn import convbn_mode
+
+            stack.enter_context(convbn_mode(self.cfg.model.convbn_mode))
+        return stack
+
+
+def _model_kwargs(cfg) -> dict:
+    kw = dict(cfg.model.kwargs)
+    if cfg.mixed_precision:
+        kw["dtype"] = jnp.bfloat16
+    return kw
+
+
+def build(cfg: ml_collections.ConfigDict, devices=None) -> Trainer:
+    """Validate ``cfg`` and build mesh, data, model, schedule, optimizer and the init function."""
+    config_lib.validate(cfg)
+    mesh = shd.make_mesh(dict(cfg.mesh), devices)
+    config_lib.check_batch_divisible(cfg, shd.data_parallel_size(mesh))
+    if cfg.agvm.enabled and cfg.conadv.enabled:
+        raise ValueError("config: agvm and conadv are separate step variants; enable one")
+    train_data, test_data, _ = data_lib.make_datasets(cfg)
+    model = create_model(cfg.model.name, **_model_kwargs(cfg))
+    train_kwargs = dict(cfg.model.train_kwargs)
+    eval_kwargs = dict(cfg.model.eval_kwargs)
+    num_steps = optim.total_steps(cfg, train_data.num_examples)
+    schedule = optim.make_schedule(cfg, num_steps, train_data.num_examples)
+
+    example = jnp.asarray(train_data.x[:1])
+    key = jax.random.key(cfg.seed)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(shd.LOGICAL_AXIS_RULES):
+        boxed = state_lib.abstract_variables(model, key, example, eval_kwargs)
+    abstract_vars = shd.strip_boxes(boxed)
+    params_abs = abstract_vars["params"]
+    bs_abs = abstract_vars.get("batch_stats", {})
+    tx = optim.make_optimizer(cfg, schedule, params=params_abs, batch_stats=bs_abs)
+    if cfg.agvm.enabled:
+        groups = tuple(cfg.agvm.groups)
+        if not groups:
+            groups = tuple(params_abs)  # every top-level module its own group
+        labels = agvm_lib.group_labels(params_abs, groups)
+        tx = agvm_lib.agvm(
+            tx,
+            labels,
+            len(groups),
+            momentum=cfg.agvm.momentum,
+            interval=cfg.agvm.interval,
+            start_step=cfg.agvm.start_step,
+        )
+    params_transform = None
+    if cfg.optimizer.freeze == "bn_only" and cfg.optimizer.bn_only_scale_init != "keep":
+        how = cfg.optimizer.bn_only_scale_init
+        params_transform = lambda p, bs, k: optim.bn_only_reinit(p, bs, k, how)  # noqa: E731
+    x_adv_shape = None
+    if cfg.conadv.enabled:
+        x_adv_shape = ((cfg.batch_size, *train_data.x.shape[1:]), train_data.x.dtype)
+    init_fn = state_lib.make_init_fn(
+        model, tx, example, eval_kwargs, x_adv_shape=x_adv_shape, params_transform=params_transform
+    )
+    return Trainer(
+        cfg,
+        mesh,
+        model,
+        train_data,
+        test_data,
+        num_steps,
+        schedule,
+        tx,
+        init_fn,
+        boxed,
+        train_kwargs,
+        eval_kwargs,
+    )
+
+
+def compile_steps(tr: Trainer, state_sh) -> dict[str, Any]:
+    """Jitted steps with declared shardings; the state argument is donated."""
+    cfg, mesh = tr.cfg, tr.mesh
+    rep = shd.replicated(mesh)
+    seq_axis = 1 if cfg.task == "lm" else None
+    x_sh = shd.batch_sharding(mesh, tr.train_data.x.ndim, seq_axis)
+    y_sh = shd.batch_sharding(mesh, tr.train_data.y.ndim, seq_axis)
+    batch_sh = {"x": x_sh, "y": y_sh}
+    if cfg.conadv.enabled:
+        batch_sh = dict(batch_sh, x_next=x_sh, y_next=y_sh)
+    common = dict(
+        train_kwargs=tr.train_kwargs, accum_steps=cfg.accum_steps, rules=shd.LOGICAL_AXIS_RULES
+    )
+    variants = ["conadv"] if cfg.conadv.enabled else ["default"]
+    if cfg.agvm.enabled:
+        variants.append("agvm")
+    steps = {}
+    for v in variants:
+        fn = step_lib.make_train_step(
+            tr.model,
+            tr.tx,
+            tr.schedule,
+            variant=v,
+            conadv_epsilon=cfg.conadv.epsilon,
+            conadv_weight=cfg.conadv.adv_weight,
+            **common,
+        )
+        steps[v] = jax.jit(
+            fn,
+            in_shardings=(state_sh, batch_sh),
+            out_shardings=(state_sh, rep),
+            donate_argnums=(0,),
+        )
+    eval_sh = {"x": x_sh, "y": y_sh, "w": shd.batch_sharding(mesh, 1)}
+    steps["eval"] = jax.jit(
+        step_lib.make_eval_step(tr.model, tr.eval_kwargs, shd.LOGICAL_AXIS_RULES),
+        in_shardings=(state_sh.params, state_sh.batch_stats, eval_sh),
+        out_shardings=rep,
+    )
+    if cfg.conadv.enabled:
+        steps["adv_init"] = jax.jit(
+            step_lib.make_adv_init(
+                tr.model, tr.train_kwargs, cfg.conadv.epsilon, shd.LOGICAL_AXIS_RULES
+            ),
+            in_shardings=(state_sh, {"x": x_sh, "y": y_sh}),
+            out_shardings=state_sh,
+            donate_argnums=(0,),
+        )
+    steps["batch_shardings"] = batch_sh
+    return steps
+
+
+def evaluate(tr: Trainer, steps, state) -> dict[str, float]:
+    x, y = tr.test_data
+    tot = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    pi, pc = jax.process_index(), jax.process_count()
+    seq_axis = 1 if tr.cfg.task == "lm" else None
+    for b in data_lib.eval_batches(x, y, tr.cfg.eval_batch_size):
+        per = tr.cfg.eval_batch_size // pc
+        local = {k: v[pi * per : (pi + 1) * per] for k, v in b.items()}
+        gb = shd.shard_batch(local, tr.mesh, seq_axis)
+        out = jax.device_get(steps["eval"](state.params, state.batch_stats, gb))
+        for k in tot:
+            tot[k] += float(out[k])
+    n = max(tot["count"], 1.0)
+    return {"loss": tot["loss"] / n, "accuracy": tot["correct"] / n}
+
+
+def _global_batch(tr: Trainer, step: int) -> dict:
+    pi, pc = jax.process_index(), jax.process_count()
+    seq_axis = 1 if tr.cfg.task == "lm" else None
+    local = tr.train_data.batch(step, pi, pc)
+    if tr.cfg.conadv.enabled:
+        nxt = tr.train_data.batch(step + 1, pi, pc)
+        local = dict(local, x_next=nxt["x"], y_next=nxt["y"])
+    return shd.shard_batch(local, tr.mesh, seq_axis)
+
+
+def train(
+    cfg: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    init_from: Any = None,
+    devices=None,
+    stop_after: int | None = None,
+    description: str = "train",
+) -> TrainResult:
+    """Train one stage in ``workdir`` (resuming from its latest checkpoint if any).
+
+    Args:
+      cfg: a (single-stage) config.
+      workdir: output directory: ``checkpoints/``, ``metrics.jsonl``, ``tb/``, ``curves.png``.
+      init_from: parameters/batch_stats dict to start from (transfer), ignored when resuming.
+      devices: restrict the mesh to these devices (tests).
+      stop_after: stop (with a checkpoint) after this many steps of this call (tests).
+      description: progress-bar label.
+    """
+    config_lib.check_workdir(workdir)
+    timings: dict[str, float] = {}
+    t_build = time.perf_counter()
+    tr = build(cfg, devices)
+    writer = MetricWriter(workdir, tensorboard=cfg.tensorboard)
+    ckpt = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        cfg.checkpoint.every_steps,
+        cfg.checkpoint.keep,
+        cfg.checkpoint.async_save,
+    )
+    try:
+        return _train(
+            cfg, tr, workdir, writer, ckpt, init_from, stop_after, description, timings, t_build
+        )
+    finally:
+        writer.close()
+        ckpt.close()
+
+
+def _train(cfg, tr, workdir, writer, ckpt, init_from, stop_after, description, timings, t_build):
+    with tr.mesh_context():
+        state, state_sh, abstract = state_lib.create_state(
+            tr.init_fn, cfg.seed, tr.boxed_variables, tr.mesh
+        )
+        steps = compile_steps(tr, state_sh)
+        target = state_lib.abstract_with_shardings(abstract, state_sh)
+        restored = ckpt.restore(target)
+        start = 0
+        if restored is not None:
+            state, pos = restored
+            start = int(jax.device_get(state.step))
+            if pos.get("step", start) != start:
+                raise RuntimeError(f"checkpoint: data position {pos} disagrees with step {start}")
+        elif init_from is not None:
+            params, _ = state_lib.merge_params(
+                state.params, init_from["params"], tuple(cfg.get("transfer_reinit", ()))
+            )
+            bs, _ = state_lib.merge_params(state.batch_stats, init_from.get("batch_stats", {}))
+            state = state.replace(params=params, batch_stats=bs)
+            state = jax.device_put(state, state_sh)
+        if cfg.conadv.enabled and start == 0:
+            b0 = _global_batch(tr, 0)
+            state = steps["adv_init"](state, {"x": b0["x"], "y": b0["y"]})
+        timings["build_s"] = time.perf_counter() - t_build
+
+        n = tr.num_steps
+        end = n if stop_after is None else min(n, start + stop_after)
+        progress = Progress(n, start, cfg.batch_size, enabled=cfg.progress, description=description)
+        losses: dict[int, float] = {}
+        preempted = False
+        eval_metrics: dict[str, float] = {}
+        step_times: list[float] = []
+        with PreemptionGuard() as guard:
+            step = start
+            while step < end:
+                batch = _global_batch(tr, step)
+                variant = "conadv" if cfg.conadv.enabled else "default"
+                if (
+                    cfg.agvm.enabled
+                    and step % cfg.agvm.interval == 0
+                    and step >= cfg.agvm.start_step
+                ):
+                    variant = "agvm"
+                t0 = time.perf_counter()
+                state, m = steps[variant](state, batch)
+                step += 1
+                last = step == end
+                logged = step % cfg.log_every == 0 or last or step == start + 1
+                if logged:
+                    m = jax.device_get(m)
+                    if step > start + 1:  # the first step compiles
+                        step_times.append(time.perf_counter() - t0)
+                r = progress.update(step, {"loss": float(m["loss"])} if logged else None)
+                if logged:
+                    vals = writer.write(step, "train", {**m, **r})
+                    losses[step] = vals["loss"]
+                if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == n):
+                    eval_metrics = evaluate(tr, steps, state)
+                    writer.write(step, "eval", eval_metrics)
+                ckpt.save(step, state, tr.train_data.position(step), force=(step == n))
+                if guard.requested or ckpt.reached_preemption(step):
+                    preempted = True
+                    ckpt.save(step, state, tr.train_data.position(step), force=True)
+                    break
+            if stop_after is not None and not preempted and step < n:
+                ckpt.save(step, state, tr.train_data.position(step), force=True)
+        progress.close()
+        ckpt.wait()
+        if not preempted and step == n and not eval_metrics:
+            eval_metrics = evaluate(tr, steps, state)
+            writer.write(step, "eval", eval_metrics)
+    if cfg.plot and not preempted:
+        plot_curves(writer.path, os.path.join(workdir, "curves.png"), title=description)
+    if step_times:
+        timings["step_s"] = float(np.median(step_times))
+    return TrainResult(state, step, tr.num_steps, eval_metrics, losses, preempted, workdir, timings)
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str, **kwargs) -> list[tuple[str, TrainResult]]:
+    """Run every stage of ``cfg`` (see `jaxblocks.train.config.stage_configs`)."""
+    results: list[tuple[str, TrainResult]] = []
+    prev = None
+    for name, scfg in config_lib.stage_configs(cfg):
+        wd = os.path.join(workdir, name) if name else workdir
+        res = train(scfg, wd, init_from=prev, description=name or "train", **kwargs)
+        results.append((name, res))
+        if res.preempted:
+            break
+        prev = {"params": res.state.params, "batch_stats": res.state.batch_stats}
+    return results
