@@ -19,6 +19,7 @@ from tests.kernels.harness import (
     assert_close,
     check_custom_vjp_matches_autodiff,
     check_forward_and_vjp,
+    check_pallas_lowering,
 )
 
 IMPLS = [name for name in api.IMPLEMENTATIONS if name != "reference"]
@@ -145,6 +146,21 @@ def test_output_dtype_follows_x():
     args = _args(case)
     args[1] = args[1].astype(jnp.float32)  # an fp32 weight with a bf16 input: fold in fp32
     assert _op("xla", "relu")(*args).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("impl, platform", [("pallas_gpu", "cuda"), ("pallas_tpu", "tpu")])
+def test_lowering_value_and_grad(impl, platform):
+    case = specs.LOWERING_CASE
+    x, w, scale, bias, mean, var, _ = case.make()
+    args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, w, scale, bias, mean, var)]
+    op = _op(impl, case.activation)
+    loss = lambda *a: jnp.sum(op(*a).astype(jnp.float32))
+    # Three kernels: the forward, dx and dw' (the backward ones only exist if the VJP is lowered).
+    text = check_pallas_lowering(
+        loss, args, platform, op=f"pointwise_conv_bn[{impl}]", min_kernels=3
+    )
+    for name in ("pointwise_conv_bn_fwd", "pointwise_conv_bn_bwd_dx", "pointwise_conv_bn_bwd_dw"):
+        assert name in text
 
 
 def _bad_call(**overrides):

@@ -7,6 +7,7 @@ import numbers
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from jaxblocks.kernels.conv_bn import pallas_gpu, pallas_tpu
 from jaxblocks.kernels.conv_bn.reference import ACTIVATIONS, pointwise_conv_bn_reference
 from jaxblocks.kernels.conv_bn.xla import pointwise_conv_bn_xla
 from jaxblocks.kernels.dispatch import Implementation, select_implementation
@@ -17,6 +18,12 @@ OP = "pointwise_conv_bn"
 IMPLEMENTATIONS: dict[str, Implementation] = {
     "reference": Implementation(pointwise_conv_bn_reference),
     "xla": Implementation(pointwise_conv_bn_xla),
+    "pallas_gpu": Implementation(
+        pallas_gpu.pointwise_conv_bn_pallas_gpu, supports=pallas_gpu.supports
+    ),
+    "pallas_tpu": Implementation(
+        pallas_tpu.pointwise_conv_bn_pallas_tpu, supports=pallas_tpu.supports
+    ),
 }
 
 
