@@ -1,0 +1,60 @@
+"""SLAB-DeiT block: train/eval, PRepBN schedule inside the block, deploy-time fold."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxblocks.blocks.slab import SLABBlock, fold_slab_block
+from jaxblocks.layers.norm import PRepBN
+from tests.kernels.harness import assert_close
+
+
+def _train(blk, v, x, steps):
+    for _ in range(steps):
+        _, upd = blk.apply(v, x, train=True, mutable=["batch_stats"])
+        v = {**v, **upd}
+    return v
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_slab_block_train_eval_and_fold(dtype):
+    x = (jax.random.normal(jax.random.key(0), (2, 16, 12)) + 0.3).astype(dtype)
+    blk = SLABBlock(num_heads=3, norm=functools.partial(PRepBN, total_steps=2), dtype=dtype)
+    v = blk.init(jax.random.key(1), x, train=True)
+    y, upd = blk.apply(v, x, train=True, mutable=["batch_stats"])
+    assert y.shape == x.shape and y.dtype == dtype
+    assert int(upd["batch_stats"]["norm1"]["step"]) == 1
+    v = _train(blk, v, x, 3)  # past the schedule: lambda = 0, pure RepBN
+    # after the schedule, training output = RepBN with batch stats; eval = running stats
+    y_eval = blk.apply(v, x, train=False)
+    folded = fold_slab_block(v)
+    y_dep = SLABBlock(num_heads=3, deploy=True, dtype=dtype).apply(folded, x)
+    assert "norm1" not in folded["params"]
+    assert_close(y_dep, y_eval, dtype=dtype)
+
+    def loss(p):
+        out, _ = blk.apply({**v, "params": p}, x, train=True, mutable=["batch_stats"])
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+
+    g = jax.grad(loss)(v["params"])
+    assert all(np.all(np.isfinite(np.asarray(a, np.float32))) for a in jax.tree.leaves(g))
+
+
+def test_slab_block_explicit_step_and_ln_start():
+    x = jax.random.normal(jax.random.key(0), (1, 9, 6))
+    blk = SLABBlock(num_heads=2, mlp_ratio=2.0)
+    v = blk.init(jax.random.key(1), x, train=True)
+    # at step 0 the norms are pure LayerNorm; a big step makes them pure RepBN
+    y0, u0 = blk.apply(v, x, train=True, step=0, mutable=["batch_stats"])
+    y_end, _ = blk.apply(v, x, train=True, step=10**6, mutable=["batch_stats"])
+    assert int(u0["batch_stats"]["norm1"]["step"]) == 0
+    assert not np.allclose(np.asarray(y0), np.asarray(y_end))
+    # qkv without bias still folds exactly (deploy keeps the folded bias)
+    blk_nb = SLABBlock(num_heads=2, qkv_bias=False, norm=functools.partial(PRepBN, total_steps=1))
+    vb = _train(blk_nb, blk_nb.init(jax.random.key(1), x, train=True), x, 2)
+    y_eval = blk_nb.apply(vb, x, train=False)
+    y_dep = SLABBlock(num_heads=2, qkv_bias=False, deploy=True).apply(fold_slab_block(vb), x)
+    assert_close(y_dep, y_eval, tol=1e-5)
