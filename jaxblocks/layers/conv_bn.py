@@ -98,6 +98,11 @@ _LEAN = jax.make_user_context(default_value=None)
 # Pure math (fp32 statistics), shared by the modules, `fold_for_deploy` and the tests.
 
 
+def _per_channel(v: Array, ndim: int) -> Array:
+    """A [C] vector shaped to broadcast over the last axis of a rank-``ndim`` array."""
+    return v.reshape((1,) * (ndim - 1) + v.shape)
+
+
 def fold_factor(scale: Array, var: Array, epsilon: float = DEFAULT_EPSILON) -> Array:
     """``γ / √(σ² + ε)`` in fp32, the per-output-channel factor of the fold."""
     return scale.astype(jnp.float32) * lax.rsqrt(var.astype(jnp.float32) + epsilon)
@@ -119,7 +124,7 @@ def fold(
     Conv (HWIO, also grouped and depthwise) and Dense alike.
     """
     c = fold_factor(scale, var, epsilon)
-    new_kernel = kernel.astype(jnp.float32) * c
+    new_kernel = kernel.astype(jnp.float32) * _per_channel(c, kernel.ndim)
     shift = -mean.astype(jnp.float32)
     if conv_bias is not None:
         shift = shift + conv_bias.astype(jnp.float32)
@@ -135,7 +140,7 @@ def bn_batch_stats(y: Array) -> tuple[Array, Array]:
     axes = tuple(range(y.ndim - 1))
     y32 = y.astype(jnp.float32)
     mean = jnp.mean(y32, axis=axes)
-    var = jnp.mean(jnp.square(y32 - mean), axis=axes)
+    var = jnp.mean(jnp.square(y32 - _per_channel(mean, y.ndim)), axis=axes)
     return mean, var
 
 
@@ -156,7 +161,8 @@ def bn_normalize(
 ) -> Array:
     """``(y − μ)·γ/√(σ²+ε) + β`` in fp32 (Flax BatchNorm's form), cast to ``dtype``."""
     mul = scale.astype(jnp.float32) * lax.rsqrt(var.astype(jnp.float32) + epsilon)
-    out = (y.astype(jnp.float32) - mean.astype(jnp.float32)) * mul + bias.astype(jnp.float32)
+    ch = lambda v: _per_channel(v.astype(jnp.float32), y.ndim)
+    out = (y.astype(jnp.float32) - ch(mean)) * ch(mul) + ch(bias)
     return out.astype(dtype)
 
 
@@ -363,7 +369,7 @@ def _apply_modes(
 
     if mode == "deploy":
         bias = param("bias", module.bias_init, (features,), out_axes)
-        z = lin(x, kernel.astype(dtype)) + bias.astype(dtype)
+        z = lin(x, kernel.astype(dtype)) + _per_channel(bias.astype(dtype), x.ndim)
         return finish(z)
 
     conv_bias = param(bias_name, module.bias_init, (features,), out_axes) if use_bias else None
@@ -383,12 +389,12 @@ def _apply_modes(
         w, b = fold(
             kernel, scale, bias, ra_mean.value, ra_var.value, conv_bias, epsilon=module.epsilon
         )
-        z = lin(x, w.astype(dtype)) + b.astype(dtype)
+        z = lin(x, w.astype(dtype)) + _per_channel(b.astype(dtype), x.ndim)
         return finish(z)
 
     y = lin(x, kernel.astype(dtype))
     if conv_bias is not None:
-        y = y + conv_bias.astype(dtype)
+        y = y + _per_channel(conv_bias.astype(dtype), y.ndim)
     if mode == "eval":
         mean, var = ra_mean.value, ra_var.value
     else:  # train
