@@ -52,7 +52,9 @@ def _op(impl, activation, epsilon=1e-5):
 
 
 def _ref(activation, epsilon=1e-5):
-    return functools.partial(pointwise_conv_bn_reference, epsilon=epsilon, activation=activation)
+    return jax.jit(
+        functools.partial(pointwise_conv_bn_reference, epsilon=epsilon, activation=activation)
+    )
 
 
 def _grad_tol(case):

@@ -93,6 +93,14 @@ class BlockSizes:
         return fit(self.block_m, m), fit(self.block_n, c_out), fit(self.block_k, c_in)
 
 
+def _auto_splits(m_blocks: int, tiles: int) -> int:
+    """M splits of the dw' reduction: enough programs to fill the GPU, >= 4 row blocks each,
+    preferably a divisor of the row-block count (then x, dy are not padded again)."""
+    target = max(1, min(math.ceil(TARGET_PROGRAMS / tiles), m_blocks // 4))
+    divisor = max(d for d in range(1, target + 1) if m_blocks % d == 0)
+    return divisor if 2 * divisor >= target else target
+
+
 def _params(blocks: BlockSizes):
     return pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
@@ -340,9 +348,8 @@ def _bwd(epsilon, activation, blocks, residuals, dy):
     kp, np_ = _round_up(c_in, bk), _round_up(c_out, bn)
     m_blocks = _round_up(max(m, 1), bm) // bm
     splits = blocks.dw_splits
-    if splits is None:  # enough programs to fill the GPU, each with >= 4 row blocks
-        tiles = (kp // bk) * (np_ // bn)
-        splits = max(1, min(math.ceil(TARGET_PROGRAMS / tiles), m_blocks // 4))
+    if splits is None:
+        splits = _auto_splits(m_blocks, (kp // bk) * (np_ // bn))
     splits = min(splits, m_blocks)
     mp = _round_up(max(m, 1), bm * splits)
     dyp = _pad2(dy.astype(x.dtype), mp, np_)
