@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from jaxblocks.layers.norm import GhostBatchNorm
 from jaxblocks.registry import register_model
 
 
@@ -46,13 +47,8 @@ class MLP(nn.Module):
 
 
 class _Norm(nn.Module):
-    """BatchNorm, or Ghost BatchNorm when ``ghost_batch_size`` is set (Hoffer et al. 2017:
-    statistics per group of ``ghost_batch_size`` examples, running stats averaged over groups).
-
-    Uses `jaxblocks.layers.norm.GhostBatchNorm` when that module exists; the fallback below is the
-    same math (reshape to ``[G, B/G, ...]``, reduce over axis 1), so group boundaries align with
-    data shards and need no collective.
-    """
+    """BatchNorm, or Ghost BatchNorm (`jaxblocks.layers.norm.GhostBatchNorm`, Hoffer et al. 2017)
+    with ``ghost_batch_size`` examples per statistics group when that is set."""
 
     ghost_batch_size: int | None = None
     momentum: float = 0.9
@@ -61,42 +57,11 @@ class _Norm(nn.Module):
     def __call__(self, x: Array, train: bool) -> Array:
         if self.ghost_batch_size is None:
             return nn.BatchNorm(use_running_average=not train, momentum=self.momentum)(x)
-        try:
-            from jaxblocks.layers.norm import GhostBatchNorm  # type: ignore[attr-defined]
-        except ImportError:
-            GhostBatchNorm = None  # noqa: N806
-        if GhostBatchNorm is not None:
-            return GhostBatchNorm(
-                virtual_batch_size=self.ghost_batch_size,
-                use_running_average=not train,
-                momentum=self.momentum,
-            )(x)
-        return _ghost_bn_fallback(self, x, train)
-
-
-def _ghost_bn_fallback(mod: nn.Module, x: Array, train: bool) -> Array:
-    c = x.shape[-1]
-    scale = mod.param("scale", nn.initializers.ones, (c,))
-    bias = mod.param("bias", nn.initializers.zeros, (c,))
-    ra_mean = mod.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
-    ra_var = mod.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-    if train:
-        g = mod.ghost_batch_size
-        b = x.shape[0]
-        if b % g:
-            raise ValueError(f"GhostBatchNorm: batch {b} not divisible by ghost size {g}")
-        xg = x.astype(jnp.float32).reshape(b // g, g, *x.shape[1:])  # [G, B/G, ..., C]
-        axes = tuple(range(1, xg.ndim - 1))
-        mean = xg.mean(axes, keepdims=True)
-        var = xg.var(axes, keepdims=True)
-        y = ((xg - mean) / jnp.sqrt(var + 1e-5)).reshape(x.shape)
-        if not mod.is_initializing():
-            m = mod.momentum
-            ra_mean.value = m * ra_mean.value + (1 - m) * mean.reshape(-1, c).mean(0)
-            ra_var.value = m * ra_var.value + (1 - m) * var.reshape(-1, c).mean(0)
-    else:
-        y = (x.astype(jnp.float32) - ra_mean.value) / jnp.sqrt(ra_var.value + 1e-5)
-    return (y * scale + bias).astype(x.dtype)
+        return GhostBatchNorm(
+            ghost_batch_size=self.ghost_batch_size,
+            use_running_average=not train,
+            momentum=self.momentum,
+        )(x)
 
 
 class CNN(nn.Module):

@@ -87,7 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.regime_adaptation = False
     c.optimizer.regime_base_batch_size = 128
     c.optimizer.freeze = "none"  # none | bn_only (Frankle et al.: train only BN scale and bias)
-    c.optimizer.bn_only_scale_init = "keep"  # keep | uniform (gamma ~ U[0, 1])
+    # BN-only init: uniform (gamma ~ U[0, 1], the paper's), fixed, oneone, positivenegative, keep
+    c.optimizer.bn_only_init = "uniform"
 
     # AGVM (Xue et al. 2022): per-group LR multipliers from the gradient variance.
     c.agvm = ml_collections.ConfigDict()
@@ -112,6 +113,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.keep = 2
     c.checkpoint.async_save = True
 
+    c.step_delay_s = 0.0  # sleep after each step: makes preemption tests deterministic
     c.log_every = 10
     c.eval_every = 50
     c.progress = True
@@ -119,6 +121,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.plot = True
 
     c.stages = ()  # tuple of override dicts (see module docstring)
+    c.transfer_reinit = ()  # top-level param names re-initialised when starting from a stage
+    c.compare_convbn_modes = False  # main job: repeat the last stage in ConvBN eval mode
     return c
 
 

@@ -107,8 +107,7 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Trainer:
         boxed = state_lib.abstract_variables(model, key, example, eval_kwargs)
     abstract_vars = shd.strip_boxes(boxed)
     params_abs = abstract_vars["params"]
-    bs_abs = abstract_vars.get("batch_stats", {})
-    tx = optim.make_optimizer(cfg, schedule, params=params_abs, batch_stats=bs_abs)
+    tx = optim.make_optimizer(cfg, schedule, params=params_abs)
     if cfg.agvm.enabled:
         groups = tuple(cfg.agvm.groups)
         if not groups:
@@ -123,9 +122,9 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Trainer:
             start_step=cfg.agvm.start_step,
         )
     params_transform = None
-    if cfg.optimizer.freeze == "bn_only" and cfg.optimizer.bn_only_scale_init != "keep":
-        how = cfg.optimizer.bn_only_scale_init
-        params_transform = lambda p, bs, k: optim.bn_only_reinit(p, bs, k, how)  # noqa: E731
+    if cfg.optimizer.freeze == "bn_only":
+        scheme = cfg.optimizer.bn_only_init
+        params_transform = lambda p, bs, k: optim.bn_only_init(p, k, scheme)  # noqa: E731
     x_adv_shape = None
     if cfg.conadv.enabled:
         x_adv_shape = ((cfg.batch_size, *train_data.x.shape[1:]), train_data.x.dtype)
@@ -326,6 +325,8 @@ def _train(cfg, tr, workdir, writer, ckpt, init_from, stop_after, description, t
                     eval_metrics = evaluate(tr, steps, state)
                     writer.write(step, "eval", eval_metrics)
                 ckpt.save(step, state, tr.train_data.position(step), force=(step == n))
+                if cfg.step_delay_s > 0:
+                    time.sleep(cfg.step_delay_s)
                 if guard.requested or ckpt.reached_preemption(step):
                     preempted = True
                     ckpt.save(step, state, tr.train_data.position(step), force=True)

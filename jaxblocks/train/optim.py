@@ -9,8 +9,9 @@
 * Regime adaptation (Hoffer et al. 2017, arXiv:1705.08741): every step count is multiplied by
   ``⌈B/B0⌉`` so a large batch gets as many updates as the small-batch regime.
 * Durations in steps, epochs or examples.
-* BN-only training (Frankle et al. 2021, arXiv:2003.00152) as a freeze mask:
-  `optax.multi_transform` sends every non-BatchNorm leaf to `optax.set_to_zero`.
+* BN-only training (Frankle et al. 2021, arXiv:2003.00152) as a freeze mask: every leaf but the
+  BatchNorm scale/bias gets `optax.set_to_zero` (`jaxblocks.layers.norm.bn_only_optimizer`), and
+  the BN parameters are re-initialised as in the paper's code (`bn_only_init`).
 * AGVM (Xue et al. 2022, arXiv:2210.11078) lives in `jaxblocks.train.agvm`.
 """
 
@@ -139,46 +140,15 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
 
 
-def bn_param_mask(params: Any, batch_stats: Any) -> Any:
-    """True for BatchNorm affine parameters.
-
-    A module is a BatchNorm if it owns running statistics (a ``batch_stats`` entry); its
-    ``scale``/``bias`` leaves are the BN parameters. This finds Flax ``BatchNorm``, Ghost BN and
-    ConvBN affine parameters alike without knowing the module classes.
-    """
-    bn_modules: set[tuple[str, ...]] = set()
-    for path, _ in jax.tree_util.tree_flatten_with_path(batch_stats)[0]:
-        keys = tuple(_key(k) for k in path)
-        bn_modules.add(keys[:-1])
-
-    def one(path, _):
-        keys = tuple(_key(k) for k in path)
-        return keys[:-1] in bn_modules and keys[-1] in ("scale", "bias")
-
-    return jax.tree_util.tree_map_with_path(one, params)
-
-
-def _key(k: Any) -> str:
-    return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-
-
-def bn_only_reinit(params: Any, batch_stats: Any, key: jax.Array, how: str) -> Any:
-    """Initialisation for BN-only training: ``keep`` (γ=1, β=0) or ``uniform`` (γ ~ U[0, 1],
-    PyTorch's pre-1.2 default that Frankle et al.'s open_lth code ran with)."""
-    if how == "keep":
+def bn_only_init(params: Any, key: jax.Array, scheme: str) -> Any:
+    """BN-only initialisation of the BN affine parameters (`jaxblocks.layers.norm.bn_only_init`;
+    ``"uniform"`` — γ ~ U[0, 1], β = 0 — is the paper's default for ResNets); ``"keep"`` leaves
+    the model's own initialisation."""
+    if scheme == "keep":
         return params
-    if how != "uniform":
-        raise ValueError(f"optimizer.bn_only_scale_init must be keep/uniform, got {how!r}")
-    mask = bn_param_mask(params, batch_stats)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    mleaves = jax.tree.leaves(mask)
-    keys = jax.random.split(key, len(leaves))
-    out = []
-    for (path, p), m, k in zip(leaves, mleaves, keys, strict=True):
-        if m and _key(path[-1]) == "scale":
-            p = jax.random.uniform(k, p.shape, p.dtype)
-        out.append(p)
-    return jax.tree.unflatten(treedef, out)
+    from jaxblocks.layers.norm import bn_only_init as _init
+
+    return _init(params, key, scheme)
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,14 +206,13 @@ def make_optimizer(
     schedule: optax.Schedule,
     *,
     params: Any = None,
-    batch_stats: Any = None,
 ) -> optax.GradientTransformation:
     """The optimizer of ``cfg.optimizer`` (clip → optimizer → freeze mask).
 
     Args:
       cfg: full config.
       schedule: learning rate per optimizer step.
-      params, batch_stats: (abstract) trees, needed for the BN-only freeze mask.
+      params: (abstract) parameter tree, needed for the BN-only freeze mask.
     """
     o = cfg.optimizer
     if o.name == "sgd":
@@ -270,13 +239,13 @@ def make_optimizer(
     if o.grad_clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
     if o.freeze == "bn_only":
-        if params is None or batch_stats is None:
-            raise ValueError("optimizer.freeze='bn_only' needs params and batch_stats")
-        mask = bn_param_mask(params, batch_stats)
-        if not any(jax.tree.leaves(mask)):
+        from jaxblocks.layers.norm import bn_only_mask, bn_only_optimizer
+
+        if params is None:
+            raise ValueError("optimizer.freeze='bn_only' needs the (abstract) params")
+        if not any(jax.tree.leaves(bn_only_mask(params))):
             raise ValueError("optimizer.freeze='bn_only': the model has no BatchNorm parameters")
-        labels = jax.tree.map(lambda m: "train" if m else "frozen", mask)
-        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+        tx = bn_only_optimizer(tx, params)
     elif o.freeze != "none":
         raise ValueError(f"optimizer.freeze must be none/bn_only, got {o.freeze!r}")
     return tx
