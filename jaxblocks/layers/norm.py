@@ -1035,9 +1035,16 @@ def _path_names(path: tuple) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _is_box(x: Any) -> bool:
+    # Logically-partitioned params (nn.Partitioned) count as one leaf, so masks and re-inits
+    # work on boxed and unboxed trees alike (a bool in a box's place is a valid optax prefix).
+    return isinstance(x, nn.meta.AxisMetadata)
+
+
 def _bn_leaf_paths(params: Any, norm_leaves: Sequence[str]) -> set[tuple[str, ...]]:
     """Paths of `scale`-style leaves: a module that has a ``scale`` leaf is a norm module."""
-    paths = {_path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_box)[0]
+    paths = {_path_names(p) for p, _ in flat}
     modules_with_scale = {p[:-1] for p in paths if p and p[-1] == "scale"}
     return {p for p in paths if p and p[-1] in norm_leaves and p[:-1] in modules_with_scale}
 
@@ -1070,13 +1077,13 @@ def bn_only_mask(
         names = _path_names(path)
         return names in norm or any(p.search("/".join(names)) for p in pats)
 
-    return jax.tree_util.tree_map_with_path(label, params)
+    return jax.tree_util.tree_map_with_path(label, params, is_leaf=_is_box)
 
 
 def bn_only_labels(params: Any, **kwargs: Any) -> Any:
     """``bn_only_mask`` as ``optax.multi_transform`` labels: ``"trainable"`` / ``"frozen"``."""
     mask = bn_only_mask(params, **kwargs)
-    return jax.tree_util.tree_map(lambda m: "trainable" if m else "frozen", mask)
+    return jax.tree_util.tree_map(lambda m: "trainable" if m else "frozen", mask, is_leaf=_is_box)
 
 
 def bn_only_optimizer(tx: optax.GradientTransformation, params: Any, **kwargs: Any):
@@ -1105,20 +1112,23 @@ def bn_only_init(
     if scheme not in ("uniform", "fixed", "positivenegative", "oneone"):
         raise ValueError(f"bn_only_init: unknown scheme {scheme!r}")
     norm = _bn_leaf_paths(params, tuple(kwargs.get("norm_leaves", ("scale", "bias"))))
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_box)
     keys = jax.random.split(key, len(leaves))
     out = []
-    for (path, leaf), k in zip(leaves, keys, strict=True):
+    for (path, box), k in zip(leaves, keys, strict=True):
         names = _path_names(path)
         name = names[-1]
+        leaf = box.unbox() if _is_box(box) else box
         if names not in norm or name not in ("scale", "bias"):
-            out.append(leaf)
-        elif name == "bias":
-            out.append(jnp.full_like(leaf, 1.0 if scheme == "oneone" else 0.0))
+            out.append(box)
+            continue
+        if name == "bias":
+            new = jnp.full_like(leaf, 1.0 if scheme == "oneone" else 0.0)
         elif scheme == "uniform":
-            out.append(jax.random.uniform(k, leaf.shape, leaf.dtype, 0.0, 1.0))
+            new = jax.random.uniform(k, leaf.shape, leaf.dtype, 0.0, 1.0)
         elif scheme == "positivenegative":
-            out.append(jax.random.uniform(k, leaf.shape, leaf.dtype, -1.0, 1.0))
+            new = jax.random.uniform(k, leaf.shape, leaf.dtype, -1.0, 1.0)
         else:
-            out.append(jnp.ones_like(leaf))
+            new = jnp.ones_like(leaf)
+        out.append(box.replace_boxed(new) if _is_box(box) else new)
     return jax.tree_util.tree_unflatten(treedef, out)

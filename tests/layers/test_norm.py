@@ -531,6 +531,15 @@ def test_bn_only_mask_selects_norm_affine_only():
     assert np.all(_np(init["block"]["ConvBN_0"]["kernel"]) == 1)
     with pytest.raises(ValueError, match="scheme"):
         N.bn_only_init(params, jax.random.key(0), "normal")
+    # logically partitioned (boxed) params: a box is one leaf; mask and init keep the boxes
+    boxed = {
+        "conv": {"kernel": nn.Partitioned(jnp.ones((3, 2)), names=(None, "c"))},
+        "bn": {"scale": nn.Partitioned(jnp.ones((2,)), names=("c",)), "bias": jnp.ones((2,))},
+    }
+    assert N.bn_only_mask(boxed) == {"conv": {"kernel": False}, "bn": {"scale": True, "bias": True}}
+    bi = N.bn_only_init(boxed, jax.random.key(0))
+    assert isinstance(bi["bn"]["scale"], nn.Partitioned) and bi["bn"]["scale"].names == ("c",)
+    assert float(bi["bn"]["bias"].sum()) == 0.0
 
 
 def test_bn_only_training_changes_only_bn_params():
