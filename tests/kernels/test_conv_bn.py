@@ -193,11 +193,10 @@ def test_output_dtype_follows_x():
     assert _op("xla", "relu")(*args).dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("case", specs.LOWERING_CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("impl, platform", [("pallas_gpu", "cuda"), ("pallas_tpu", "tpu")])
-def test_lowering_value_and_grad(impl, platform):
-    case = specs.LOWERING_CASE
-    x, w, scale, bias, mean, var, _ = case.make()
-    args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, w, scale, bias, mean, var)]
+def test_lowering_value_and_grad(impl, platform, case):
+    args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in _args(case)]
     op = _op(impl, case.activation)
     loss = lambda *a: jnp.sum(op(*a).astype(jnp.float32))
     # Three kernels: the forward, dx and dw' (the backward ones only exist if the VJP is lowered).

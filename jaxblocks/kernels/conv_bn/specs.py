@@ -90,7 +90,10 @@ TEST_CASES: tuple[Case, ...] = (
 )
 
 # Realistic shapes for the lowering checks (no execution) and the benchmark: ResNet-50 1x1.
-LOWERING_CASE = Case("resnet50_s1_256to64", (8 * 56 * 56, 256), 64, "bfloat16", "relu")
+LOWERING_CASES: tuple[Case, ...] = (
+    Case("resnet50_56x56_256to64", (8 * 56 * 56, 256), 64, "bfloat16", "relu"),
+    Case("resnet50_14x14_1024to256", (8, 14, 14, 1024), 256, "float32", "silu", conv_bias=True),
+)
 
 BENCH_CASES: tuple[Case, ...] = (
     Case("r50_56x56_64to256", (16 * 56 * 56, 64), 256, "float32", None),
