@@ -49,6 +49,16 @@ def log_sigmoid(x):
     return jnp.minimum(x, 0.0) - jnp.log(1.0 + jnp.exp(-jnp.abs(x)))
 
 
+def _forget(fresh, x):
+    """sLSTM's f' = exp(log σ(f) + m − m'), and 0 at a fresh state (n = 0).
+
+    Away from a fresh state x ≤ 0 since m' ≥ log σ(f) + m. At a fresh state m' = i, so x could be
+    large (exp(300) overflows fp32 and inf · c = inf · 0 = NaN); f' only multiplies c = n = 0
+    there, so 0 is the value. The inner ``where`` keeps the unused exp finite for autodiff.
+    """
+    return jnp.where(fresh, 0.0, jnp.exp(jnp.where(fresh, 0.0, x)))
+
+
 def pointwise(function: str, wx: Sequence, ry: Sequence, b: Sequence, states: Sequence) -> tuple:
     """One step of ``function`` after the recurrent matmul.
 
@@ -68,10 +78,11 @@ def pointwise(function: str, wx: Sequence, ry: Sequence, b: Sequence, states: Se
         ri, rf, rz, ro = (wx[g] + ry[g] + b[g] for g in range(4))
         _, c, n, m = states
         lfm = log_sigmoid(rf) + m
+        fresh = n == 0.0
         # m' = i at a fresh (n == 0) state, else max(i, log σ(f) + m); ties go to i.
-        m_new = jnp.where((n == 0.0) | (ri >= lfm), ri, lfm)
+        m_new = jnp.where(fresh | (ri >= lfm), ri, lfm)
         ig = jnp.exp(ri - m_new)
-        fg = jnp.exp(lfm - m_new)
+        fg = _forget(fresh, lfm - m_new)
         c_new = fg * c + ig * jnp.tanh(rz)
         u = fg * n + ig
         n_new = jnp.where(u > 1.0, u, 1.0)
@@ -116,10 +127,11 @@ def pointwise_bwd(
         _, c, n, m = states
         dy, dc, dn, dm = d_new
         lfm = log_sigmoid(rf) + m
-        sel_i = (n == 0.0) | (ri >= lfm)
+        fresh = n == 0.0
+        sel_i = fresh | (ri >= lfm)
         m_new = jnp.where(sel_i, ri, lfm)
         ig = jnp.exp(ri - m_new)
-        fg = jnp.exp(lfm - m_new)
+        fg = _forget(fresh, lfm - m_new)
         zt = jnp.tanh(rz)
         c_new = fg * c + ig * zt
         u = fg * n + ig
