@@ -38,22 +38,22 @@ def get_config(arg: str | None = None):
     pretrain = {
         "name": "pretrain",
         "data": {"classes": (0, 1, 2, 3, 4)},
-        "train_epochs": 5.0,
+        "train_epochs": 8.0,
         "optimizer": {"learning_rate": 3e-3},
         "model": {"train_kwargs": {"mode": "train"}},
-        "eval_every": 14,
+        "eval_every": 21,
     }
     transfer = {
         "name": "transfer",
         "data": {"classes": (5, 6, 7, 8, 9)},
-        "train_epochs": 4.0,
-        "optimizer": {"learning_rate": 1e-3},
+        "train_epochs": 8.0,
+        "optimizer": {"learning_rate": 3e-3},
         "model": {"train_kwargs": {"mode": "tune"}},
-        "eval_every": 14,
+        "eval_every": 21,
     }
     if "smoke" in sw:
         c.smoke = True
-        c.model.kwargs = {"width": 4, "stem": "small", "num_classes": 5}
+        c.model.kwargs = {"width": 4, "stem": "small", "num_classes": 5, "stage_sizes": (1, 1)}
         c.data.image_size = 8
         c.batch_size = 32
         c.eval_batch_size = 64
