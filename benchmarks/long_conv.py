@@ -1,0 +1,95 @@
+"""Long convolutions: fft_conv (XLA FFT) vs the direct convolution; LongConv vs attention.
+
+CPU: ratios only. The Pallas Monarch kernels need a GPU/TPU to time (interpret mode measures
+the interpreter); on a GPU this benchmark also times them against ``jnp.fft`` (``xla``).
+FlashFFTConv's published H100 figure for the gated convolution at B 64, H 768, L 1K is
+0.29 ms (7.93× PyTorch's FFT conv); it is quoted, not re-measured, in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from benchmarks.common import measure, table
+from jaxblocks.kernels.long_conv import fft_conv, monarch, specs
+from jaxblocks.layers.long_conv import LongConv
+
+
+def _conv_rows(quick: bool):
+    rows = []
+    B, H = 1, 16
+    lengths = specs.BENCH_LENGTHS_QUICK if quick else specs.BENCH_LENGTHS
+    impls = ["reference", "xla"]
+    if jax.default_backend() == "gpu":
+        impls.append("pallas_gpu")
+    if jax.default_backend() == "tpu":
+        impls.append("pallas_tpu")
+    for L in lengths:
+        case = specs.FFTConvCase(B, H, L, L, gated=False)
+        u, k, *_ = case.make()
+        name = f"B{B} H{H} L={L} Lk=L fwd"
+        for impl in impls:
+            fn = functools.partial(fft_conv, implementation=impl)
+            # the direct convolution is O(L²): time it once at the largest lengths
+            iters = 1 if (impl == "reference" and L >= 16384) else 5
+            m = measure(name, impl, fn, [u, k], warmup=1, iters=iters)
+            if impl.startswith("pallas"):
+                n = 2 * L
+                m.flops = monarch.cost(B * H, n, 12, 0)["flops"]
+            rows.append(m)
+    return rows
+
+
+class _Attention(nn.Module):
+    """Single-head softmax self-attention of width H (causal), the LongConv's comparison."""
+
+    @nn.compact
+    def __call__(self, x):
+        H = x.shape[-1]
+        q, k, v = (nn.Dense(H, name=n)(x) for n in ("q", "k", "v"))
+        o = jax.nn.dot_product_attention(
+            q[:, :, None], k[:, :, None], v[:, :, None], is_causal=True
+        )
+        return nn.Dense(H, name="o")(o[:, :, 0])
+
+
+def _layer_rows(quick: bool):
+    rows = []
+    B, H = 1, 64
+    lengths = (1024, 4096) if quick else (1024, 4096, 8192, 16384)
+    for L in lengths:
+        x = jax.random.normal(jax.random.key(0), (B, L, H))
+        for impl, mod in (("attention", _Attention()), ("long_conv", LongConv(l_max=L))):
+            if impl == "attention" and L > 8192:
+                continue  # O(L²) scores: 1 GiB+ per head at 16K on a shared 2-core machine
+            params = mod.init(jax.random.key(1), x)
+
+            def fwd_bwd(p, x, mod=mod):
+                return jax.value_and_grad(lambda p: jnp.sum(mod.apply(p, x) ** 2))(p)
+
+            rows.append(measure(f"B{B} H{H} L={L} fwd+bwd", impl, fwd_bwd, [params, x], iters=3))
+    return rows
+
+
+def run(quick: bool) -> str:
+    conv = _conv_rows(quick)
+    layer = _layer_rows(quick)
+    speed = []
+    for r in conv:
+        if r.impl == "xla":
+            ref = next(x for x in conv if x.case == r.case and x.impl == "reference")
+            speed.append(f"L={r.case.split('L=')[1].split()[0]}: {ref.median_s / r.median_s:.1f}×")
+    return (
+        "fft_conv forward, u [B, H, L] fp32, k [H, L] (Lk = L, causal, FFT size 2L): `reference`"
+        " is the direct O(L·Lk) depthwise convolution, `xla` is `jnp.fft.rfft/irfft`. "
+        f"Direct / xla time: {', '.join(speed)}.\n\n"
+        + table(conv, "reference")
+        + "\n\nOne layer, forward + backward (`value_and_grad` of a sum of squares): "
+        "`LongConv` (safari defaults, 2 channels, GLU) vs single-head causal softmax attention of "
+        "the same width (q/k/v/o projections); attention is left out above L = 8K (O(L²) "
+        "scores).\n\n" + table(layer, "attention")
+    )
