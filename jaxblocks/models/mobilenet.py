@@ -1,0 +1,222 @@
+"""MobileNetV2 built from `ConvBN`: inverted residuals with depthwise ConvBNs, every mode works.
+
+Sandler et al., "MobileNetV2: Inverted Residuals and Linear Bottlenecks",
+https://arxiv.org/abs/1801.04381; ConvBN modes: https://arxiv.org/abs/2305.11624.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from jaxblocks.layers.conv_bn import ConvBN
+from jaxblocks.models.resnet import (
+    ACTIVATION_AXES,
+    HEAD_KERNEL_AXES,
+    conv_kernel_init,
+    global_avg_pool,
+    resolve_call_mode,
+)
+from jaxblocks.registry import register_model
+
+# (expansion t, output channels c, repeats n, first stride s): the paper's Table 2.
+INVERTED_RESIDUAL_SETTING: tuple[tuple[int, int, int, int], ...] = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+
+
+def make_divisible(v: float, divisor: int = 8) -> int:
+    """Round channels to a multiple of `divisor`, never more than 10% down (TF/torchvision)."""
+    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    if new_v < 0.9 * v:
+        new_v += divisor
+    return new_v
+
+
+def _constrain(x: Array) -> Array:
+    return nn.with_logical_constraint(x, ACTIVATION_AXES)
+
+
+class InvertedResidual(nn.Module):
+    """1x1 expand (ReLU6) -> 3x3 depthwise (ReLU6, stride) -> 1x1 linear projection (+ input).
+
+    The depthwise conv is a `ConvBN` with ``feature_group_count`` equal to its channels; the
+    residual add is used only when the stride is 1 and the channels are unchanged.
+    """
+
+    features: int
+    strides: int = 1
+    expand_ratio: int = 6
+    conv: Callable[..., nn.Module] = ConvBN
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "B H W C"], mode: str | None = None) -> Array:
+        in_features = x.shape[-1]
+        hidden = int(round(in_features * self.expand_ratio))
+        y = x
+        if self.expand_ratio != 1:
+            y = self.conv(hidden, (1, 1), padding="VALID", activation=nn.relu6, name="expand")(
+                y, mode
+            )
+        y = self.conv(
+            hidden, (3, 3), strides=self.strides, padding=((1, 1), (1, 1)),
+            feature_group_count=hidden, activation=nn.relu6, name="depthwise",
+        )(y, mode)  # fmt: skip
+        residual = x if self.strides == 1 and in_features == self.features else None
+        y = self.conv(self.features, (1, 1), padding="VALID", name="project")(
+            y, mode, residual=residual
+        )
+        return _constrain(y)
+
+
+@dataclasses.dataclass(frozen=True)
+class MobileNetV2Config:
+    """Architecture of a `MobileNetV2`; the default is torchvision's ``mobilenet_v2`` (1.0).
+
+    Attributes:
+      num_classes: classifier outputs; 0 returns the pooled features.
+      width_multiplier: scales every layer's channels (rounded to multiples of 8); the last
+        1x1 layer keeps at least 1280 channels, as in the paper.
+      stem_strides: stride of the first 3x3 ConvBN (2 for ImageNet; 1 for tiny images).
+    """
+
+    num_classes: int = 1000
+    width_multiplier: float = 1.0
+    stem_strides: int = 2
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (https://arxiv.org/abs/1801.04381) whose every conv is a `ConvBN`.
+
+    Differs from `ResNet` in its inverted residual blocks: a depthwise 3x3 `ConvBN`
+    (``feature_group_count`` = channels) between 1x1 expansion and linear projection layers,
+    ReLU6, and a width multiplier. All ConvBN modes apply (https://arxiv.org/abs/2305.11624):
+    ``with convbn_mode("tune"): model.apply(...)``, the ``mode`` attribute or call argument
+    (or ``train=True/False``).
+    Topology and counts follow torchvision (3,504,872 parameters at 1000 classes) except the
+    classifier dropout, which is left out (no parameters; add it in the head if needed).
+
+    Attributes:
+      num_classes, width_multiplier, stem_strides: see `MobileNetV2Config`.
+      mode: default ConvBN mode of every layer (None: the `convbn_mode` context, else "train").
+      dtype: compute dtype (None: the input's); param_dtype: parameter storage dtype.
+      implementation: kernel implementation passed to every `ConvBN` (None: automatic).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> model = MobileNetV2(num_classes=10, width_multiplier=0.25)
+      >>> x = jnp.ones((2, 32, 32, 3))
+      >>> variables = model.init(jax.random.key(0), x)
+      >>> from jaxblocks.layers.conv_bn import convbn_mode
+      >>> with convbn_mode("eval"):
+      ...     logits = model.apply(variables, x)
+      >>> logits.shape
+      (2, 10)
+    """
+
+    num_classes: int = 1000
+    width_multiplier: float = 1.0
+    stem_strides: int = 2
+    mode: str | None = None
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    implementation: str | None = None
+
+    @classmethod
+    def from_config(cls, config: MobileNetV2Config, **kwargs: Any) -> MobileNetV2:
+        """Build from a config; ``kwargs`` override config fields and module attributes."""
+        fields = {f.name for f in dataclasses.fields(MobileNetV2Config)}
+        config = dataclasses.replace(config, **{k: v for k, v in kwargs.items() if k in fields})
+        rest = {k: v for k, v in kwargs.items() if k not in fields}
+        return cls(**dataclasses.asdict(config), **rest)
+
+    @nn.compact
+    def __call__(
+        self, x: Float[Array, "B H W C"], mode: str | None = None, *, train: bool | None = None
+    ) -> Float[Array, "B classes"]:
+        """Logits ``[B, num_classes]`` (pooled features if ``num_classes == 0``).
+
+        Args:
+          x: NHWC images.
+          mode: ConvBN mode for every layer of this call (wins over context and attribute).
+          train: Flax-style alternative to ``mode`` (see `resolve_call_mode`).
+        """
+        mode = resolve_call_mode(mode, train, self.mode)
+        if x.ndim != 4:
+            raise ValueError(
+                f"MobileNetV2: x must be NHWC [batch, height, width, channels], got {x.shape}"
+            )
+        if self.width_multiplier <= 0:
+            raise ValueError(
+                f"MobileNetV2: width_multiplier must be > 0, got {self.width_multiplier!r}"
+            )
+        conv = functools.partial(
+            ConvBN,
+            mode=self.mode,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=conv_kernel_init,
+            implementation=self.implementation,
+        )
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
+        x = _constrain(x)
+        alpha = self.width_multiplier
+        x = conv(
+            make_divisible(32 * alpha), (3, 3), strides=self.stem_strides,
+            padding=((1, 1), (1, 1)), activation=nn.relu6, name="features_0",
+        )(x, mode)  # fmt: skip
+        index = 1
+        for t, c, n, s in INVERTED_RESIDUAL_SETTING:
+            for i in range(n):
+                x = InvertedResidual(
+                    features=make_divisible(c * alpha),
+                    strides=s if i == 0 else 1,
+                    expand_ratio=t,
+                    conv=conv,
+                    name=f"features_{index}",
+                )(x, mode)
+                index += 1
+        last = make_divisible(1280 * max(1.0, alpha))
+        x = conv(last, (1, 1), padding="VALID", activation=nn.relu6, name=f"features_{index}")(
+            x, mode
+        )
+        x = global_avg_pool(_constrain(x))  # [B, C]
+        if self.num_classes == 0:
+            return x
+        # torchvision initialises the classifier with N(0, 0.01).
+        return nn.Dense(
+            self.num_classes,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.normal(0.01), HEAD_KERNEL_AXES
+            ),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("classes",)),
+            name="classifier",
+        )(x)
+
+
+MOBILENET_PRESETS: dict[str, MobileNetV2Config] = {"mobilenet_v2": MobileNetV2Config()}
+
+
+def _example_image() -> Array:
+    return jnp.linspace(-1.0, 1.0, 2 * 32 * 32 * 3, dtype=jnp.float32).reshape(2, 32, 32, 3)
+
+
+@register_model("mobilenet_v2", example_input=_example_image)
+def mobilenet_v2(**kwargs: Any) -> MobileNetV2:
+    """torchvision's ``mobilenet_v2`` topology built from ConvBN; kwargs override fields."""
+    return MobileNetV2.from_config(MOBILENET_PRESETS["mobilenet_v2"], **kwargs)

@@ -1,0 +1,206 @@
+"""The registry test: every registered model, whoever added it.
+
+For each name in `list_models()`: `jax.eval_shape` of init (no allocation) and the parameter
+count. For models up to `FULL_CHECK_MAX_PARAMS`: init, apply under `jit`, finite (and not all
+zero) gradients of a scalar loss, and ``dtype=jnp.bfloat16`` followed by the outputs and the
+activations (parameters stay fp32). Models built from `ConvBN`/`LinearBN` are also switched
+between modes with `convbn_mode`: train updates the running statistics, tune gives eval's
+outputs, and deploy after `fold_for_deploy` gives eval's outputs.
+
+Compiles use XLA's backend optimization level 0: these are correctness checks on tiny inputs,
+and unoptimized code compiles about twice as fast on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxblocks.layers.conv_bn import ConvBN, LinearBN, convbn_mode, fold_for_deploy
+from jaxblocks.registry import create_model, example_input, list_models
+from tests.kernels.harness import assert_close
+
+MODELS = list_models()
+FULL_CHECK_MAX_PARAMS = 30_000_000
+# Tune folds BN into the kernel (reassociated fp32 sums), deploy stores the fold: ~1e-6 apart.
+MODE_TOL = 1e-4
+# Models whose final output is fp32 by design even with dtype=bf16 (their activations are still
+# checked to follow dtype). Keep the reason next to the name.
+FP32_OUTPUT_MODELS = {
+    "char_lm_tiny": "LM logits are computed in fp32 for a stable softmax",
+}
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+
+
+def _float_leaves(tree) -> list[jax.Array]:
+    return [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+
+
+@functools.cache
+def _abstract(name: str):
+    """(abstract variables, uses ConvBN/LinearBN) from one `eval_shape` of init."""
+    model = create_model(name)
+    uses_convbn = []
+
+    def spy(next_fun, args, kwargs, context):
+        if isinstance(context.module, ConvBN | LinearBN):
+            uses_convbn.append(True)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(spy):
+        abstract = jax.eval_shape(model.init, jax.random.key(0), example_input(name))
+    return nn.unbox(abstract), bool(uses_convbn)
+
+
+def _n_params(name: str) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(_abstract(name)[0]["params"]))
+
+
+def _is_small(name: str) -> bool:
+    try:
+        return _n_params(name) <= FULL_CHECK_MAX_PARAMS
+    except Exception:  # a broken model fails in the per-model tests, not at collection
+        return True
+
+
+def _uses_convbn(name: str) -> bool:
+    try:
+        return _abstract(name)[1]
+    except Exception:
+        return False
+
+
+SMALL_MODELS = [n for n in MODELS if _is_small(n)]
+CONVBN_MODELS = [n for n in SMALL_MODELS if _uses_convbn(n)]
+
+
+@functools.cache
+def _initialized(name: str):
+    """Real (jitted) init, shared by the tests of one model in a worker."""
+    model = create_model(name)
+    return nn.unbox(jit(model.init)(jax.random.key(0), example_input(name)))
+
+
+def _apply(model, variables, x, **kwargs):
+    """Apply with every non-param collection mutable (train-mode BN): (outputs, updates)."""
+    mutable = [c for c in variables if c != "params"]
+    if not mutable:
+        return model.apply(variables, x, **kwargs), {}
+    return model.apply(variables, x, mutable=mutable, **kwargs)
+
+
+def _scalar_loss(out) -> jax.Array:
+    return sum(jnp.mean(jnp.square(x.astype(jnp.float32))) for x in _float_leaves(out))
+
+
+def test_expected_models_are_registered():
+    for name in ("resnet18", "resnet34", "resnet50", "mobilenet_v2"):
+        assert name in MODELS
+    assert {"resnet18", "resnet50", "mobilenet_v2"} <= set(CONVBN_MODELS)
+    assert set(FP32_OUTPUT_MODELS) <= set(MODELS), "stale FP32_OUTPUT_MODELS entry"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_eval_shape_param_count(name, record_property):
+    abstract, _ = _abstract(name)
+    assert "params" in abstract
+    leaves = jax.tree.leaves(abstract)
+    assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+    n = _n_params(name)
+    record_property("n_params", n)
+    print(f"{name}: {n:,} parameters")
+    assert n > 0
+    out, _ = jax.eval_shape(
+        lambda v, x: _apply(create_model(name), v, x), abstract, example_input(name)
+    )
+    assert _float_leaves(out), f"{name}: no floating-point output"
+    batch = jax.tree.leaves(example_input(name))[0].shape[0]
+    assert all(x.shape[0] == batch for x in jax.tree.leaves(out))
+
+
+@pytest.mark.parametrize("name", SMALL_MODELS)
+def test_init_apply_jit_finite_grads(name):
+    model, x = create_model(name), example_input(name)
+    variables = _initialized(name)
+    params = variables["params"]
+    rest = {c: v for c, v in variables.items() if c != "params"}
+    assert jax.tree.structure(params) == jax.tree.structure(_abstract(name)[0]["params"])
+
+    @jit
+    def loss_and_grad(params, rest, x):
+        def loss(p):
+            out, _ = _apply(model, {"params": p, **rest}, x)
+            return _scalar_loss(out)
+
+        return jax.value_and_grad(loss)(params)
+
+    loss, grads = loss_and_grad(params, rest, x)
+    assert np.isfinite(float(loss)), f"{name}: non-finite loss {loss}"
+    g = _float_leaves(grads)
+    assert g, f"{name}: no gradients"
+    for leaf in g:
+        assert np.all(np.isfinite(np.asarray(leaf, np.float32))), f"{name}: non-finite gradient"
+    assert any(float(jnp.max(jnp.abs(leaf))) > 0 for leaf in g), f"{name}: all gradients zero"
+
+
+@pytest.mark.parametrize("name", SMALL_MODELS)
+def test_dtype_bf16_followed(name):
+    x = example_input(name)
+    model = create_model(name, dtype=jnp.bfloat16)
+    abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), x))
+    for leaf in jax.tree.leaves(abstract["params"]):
+        assert leaf.dtype == jnp.float32, f"{name}: params must stay fp32 with dtype=bf16"
+
+    def run(v):
+        mutable = ["intermediates"] + [c for c in v if c != "params"]
+        return model.apply(v, x, capture_intermediates=True, mutable=mutable)
+
+    out, state = jax.eval_shape(run, abstract)
+    want = jnp.float32 if name in FP32_OUTPUT_MODELS else jnp.bfloat16
+    for leaf in _float_leaves(out):
+        assert leaf.dtype == want, f"{name}: output dtype {leaf.dtype}, expected {want.__name__}"
+    inner = _float_leaves(state["intermediates"])
+    assert any(leaf.dtype == jnp.bfloat16 for leaf in inner), f"{name}: no bf16 activations"
+
+
+def _perturb(tree, seed: int):
+    """Non-trivial BN affine parameters (init has scale 1, bias 0) so the fold is exercised."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    new = [
+        x + 0.2 * jax.random.normal(k, x.shape, x.dtype) if x.ndim == 1 else x
+        for k, x in zip(keys, leaves, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, new)
+
+
+@pytest.mark.parametrize("name", CONVBN_MODELS)
+def test_convbn_mode_switching(name):
+    model, x = create_model(name), example_input(name)
+    variables = _initialized(name)
+    params = _perturb(variables["params"], seed=1)
+
+    @functools.partial(jit, static_argnames="mode")
+    def apply(variables, x, mode):
+        with convbn_mode(mode):
+            return _apply(model, variables, x)
+
+    out_train, updates = apply({**variables, "params": params}, x, "train")
+    stats = updates["batch_stats"]
+    moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), stats, variables["batch_stats"])
+    assert all(jax.tree.leaves(moved)), f"{name}: train mode did not update every running stat"
+
+    trained = {**variables, "params": params, "batch_stats": stats}
+    out_eval, _ = apply(trained, x, "eval")
+    out_tune, _ = apply(trained, x, "tune")
+    out_deploy, _ = apply(fold_for_deploy(trained), x, "deploy")
+    assert_close(out_tune, out_eval, tol=MODE_TOL, name=f"{name} tune vs eval")
+    assert_close(out_deploy, out_eval, tol=MODE_TOL, name=f"{name} deploy vs eval")
+    diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), out_train, out_eval)
+    assert max(jax.tree.leaves(diffs)) > 1e-3, f"{name}: train and eval outputs are equal"
