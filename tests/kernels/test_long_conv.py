@@ -138,8 +138,13 @@ def test_monarch_dft_is_the_fft():
     assert rel_rms(back.reshape(-1), x) < 1e-5
 
 
-def test_auto_dispatch_uses_xla_on_cpu():
+def test_auto_dispatch_uses_xla_on_cpu_and_gpu(monkeypatch):
     u, k, D, pre, post = specs.FFTConvCase(2, 3, 40, 40).make()
+    assert_close(fft_conv(u, k, D=D), fft_conv(u, k, D=D, implementation="xla"), tol=0)
+    # On a GPU the (untimed) Triton kernel is opt-in: automatic dispatch keeps XLA's FFT.
+    import jaxblocks.kernels.dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "current_platform", lambda: "gpu")
     assert_close(fft_conv(u, k, D=D), fft_conv(u, k, D=D, implementation="xla"), tol=0)
 
 
