@@ -148,7 +148,9 @@ def grads_chunk(
     G = G_ref[...]  # [C, K]
     GL = _load(G_ref, C - 1, 1)  # [1, K]
     eL = jnp.exp(GL - G)  # [C, K], exponent ≤ 0
-    dk_ref[...] = eL * dot_nt(v_ref[...], dh, dt)  # [C, K]: inter-chunk part
+    # Inter-chunk parts against the fp32 states, in fp32: dG = q ⊙ dq − k ⊙ dk cancels strongly
+    # for strong gates, so dq and dk must not carry the states' bf16 rounding.
+    dk_ref[...] = eL * dot_nt(v_ref[...], dh, F32)  # [C, K]
     dv_ref[...] = dot(k_ref[...].astype(F32) * eL, dh, dt)  # [C, V]
     ii = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
     jj = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
@@ -159,7 +161,7 @@ def grads_chunk(
         GI = _load(G_ref, rI, c)
         Gn = _load(G_ref, rI, 1)
         doI = _load(do_ref, rI, c)
-        dq = scale * jnp.exp(GI) * dot_nt(doI, h, dt)  # [c, K]
+        dq = scale * jnp.exp(GI) * dot_nt(doI, h, F32)  # [c, K]
         eI = jnp.exp(GI - Gn)  # exponent ≤ 0
         qg = qI * eI
         for J in range(I):

@@ -109,7 +109,7 @@ def _gla_chunked(q, k, v, g, h0, seg, *, scale, chunk_size, with_segments):
 
     # Intra-chunk part.
     A = _intra_scores(qc, kc, G, scale, c, dtype)
-    causal = jnp.tril(jnp.ones((C, C), bool))
+    causal = jnp.tril(jnp.ones((C, C), bool))[None, None, None]  # [1, 1, 1, C, C]
     A = jnp.where(causal & same, A, 0.0)
     o = jnp.einsum("...ij,...jv->...iv", A.astype(dtype), vc, preferred_element_type=jnp.float32)
 
