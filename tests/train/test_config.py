@@ -1,0 +1,93 @@
+"""Configs, overrides, clear errors for bad configs, and every shipped config in smoke mode."""
+
+import os
+
+import pytest
+
+from jaxblocks.train import cli, loop
+from jaxblocks.train import config as config_lib
+from jaxblocks.train.metrics import read_metrics
+from tests.train.helpers import tiny_config
+
+CONFIGS = os.path.join(os.path.dirname(config_lib.__file__), "..", "configs")
+
+
+def test_overrides_parse_and_type_check():
+    cfg = config_lib.base_config()
+    out = config_lib.apply_overrides(
+        cfg,
+        [
+            "optimizer.name=lamb",
+            "batch_size=512",
+            "optimizer.learning_rate=1",
+            "smoke=true",
+            "mesh.fsdp=2",
+            "data.classes=(1,2)",
+            "model.kwargs.width=8",
+        ],
+    )
+    assert out.optimizer.name == "lamb" and out.batch_size == 512
+    assert out.optimizer.learning_rate == 1.0 and isinstance(out.optimizer.learning_rate, float)
+    assert out.smoke is True and out.mesh.fsdp == 2 and out.data.classes == (1, 2)
+    assert out.model.kwargs.width == 8
+    assert cfg.batch_size == 64  # the original is untouched
+    with pytest.raises(KeyError, match="unknown config field"):
+        config_lib.apply_overrides(cfg, ["optimizer.nmae=sgd"])
+    with pytest.raises(ValueError, match="expected int"):
+        config_lib.apply_overrides(cfg, ["batch_size='big'"])
+    with pytest.raises(ValueError, match="key=value"):
+        config_lib.apply_overrides(cfg, ["batch_size"])
+
+
+def test_bad_configs_give_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown optimizer 'adamx'"):
+        config_lib.validate(tiny_config(optimizer__name="adamx"))
+    with pytest.raises(ValueError, match="unknown model 'resnet9000'"):
+        config_lib.validate(tiny_config("resnet9000"))
+    with pytest.raises(ValueError, match="not divisible by config.accum_steps"):
+        config_lib.validate(tiny_config(batch_size=30, accum_steps=4))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(PermissionError, match="cannot be created"):
+        config_lib.check_workdir(str(blocker / "run"))
+    with pytest.raises(FileNotFoundError):
+        config_lib.load_config(str(tmp_path / "nope.py"))
+
+
+def test_stages_split_into_configs():
+    cfg = config_lib.load_config(os.path.join(CONFIGS, "convbn_digits.py"), "smoke")
+    stages = config_lib.stage_configs(cfg)
+    assert [n for n, _ in stages] == ["pretrain", "transfer"]
+    assert stages[0][1].model.train_kwargs.mode == "train"
+    assert stages[1][1].model.train_kwargs.mode == "tune"
+    assert stages[1][1].data.classes == (5, 6, 7, 8, 9)
+
+
+@pytest.mark.parametrize("arg", ["smoke", "smoke,lamb", "smoke,agvm", "smoke,bn_only"])
+def test_large_batch_config_smoke(tmp_path, arg):
+    cfg = config_lib.load_config(os.path.join(CONFIGS, "large_batch.py"), arg)
+    cfg = config_lib.apply_overrides(cfg, ["progress=False", "mesh.data=4", "mesh.fsdp=2"])
+    res = loop.train(cfg, str(tmp_path))
+    # 3 steps, times ceil(64 / 32) = 2 by regime adaptation.
+    assert res.final_step == res.num_steps == 6 and 0.0 <= res.eval_metrics["accuracy"] <= 1.0
+    assert os.path.exists(tmp_path / "curves.png")
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
+    recs = read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert {r["split"] for r in recs} == {"train", "eval"}
+    assert "examples_per_s" in [r for r in recs if r["split"] == "train"][-1]
+
+
+def test_cli_char_lm_smoke_with_ring_attention(tmp_path, capsys):
+    rc = cli.main(
+        [
+            "--config",
+            os.path.join(CONFIGS, "char_lm.py") + ":smoke,ring",
+            "--workdir",
+            str(tmp_path),
+            "progress=False",
+        ]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out
+    assert os.path.isdir(tmp_path / "checkpoints" / "3")
