@@ -175,7 +175,9 @@ def relu_saving_output(z: Array) -> Array:
     """``max(z, 0)`` whose backward keeps the output ``y`` (mask ``y > 0``), not a mask of ``z``.
 
     Same values and gradients as `jax.nn.relu` (gradient 0 at 0 and at NaN). When ``y`` is the next
-    conv's input, the backward keeps it anyway, so the activation costs no extra memory.
+    conv's input, the backward keeps it anyway, so the activation costs no extra memory. ``y``
+    passes an `optimization_barrier`: otherwise XLA fuses ``max(z, 0)`` into the backward's mask
+    and keeps ``z`` (the conv output) alive instead, which is what this function avoids.
     """
     return jnp.maximum(z, 0)
 
@@ -202,7 +204,7 @@ def relu6_saving_output(z: Array) -> Array:
 
 
 def _relu6_fwd(z):
-    y = jnp.minimum(jnp.maximum(z, 0), 6)
+    y = lax.optimization_barrier(jnp.minimum(jnp.maximum(z, 0), 6))
     return y, y
 
 
