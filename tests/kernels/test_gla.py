@@ -78,14 +78,16 @@ def test_xla_matches_reference(case):
 
 def test_xla_forward_long_sequences():
     # The T = 1000 cases of the sweep, forward only (the VJP runs in the slow sweep above).
+    xla = _op("xla")
     for case in specs.XLA_CASES[-2:]:
         args = case.make()
-        assert_close(_op("xla")(*args), REF(*args), name=case.name)
+        assert_close(xla(*args), REF(*args), name=case.name)
 
 
 def test_xla_gate_strengths():
+    xla = _op("xla")
     for case in specs.GATE_CASES:  # one shape: compiled once, run for n = 0.1, 1, 10
-        check_forward_and_vjp(_op("xla"), REF, case.make(1))
+        check_forward_and_vjp(xla, REF, case.make(1))
 
 
 @pytest.mark.slow
@@ -118,28 +120,42 @@ def test_xla_extreme_gates_stay_finite():
     # Gates near -1e4, and a mix of -1e4 and tiny gates (the state is wiped, then rebuilt).
     g1 = jnp.full_like(g, -1e4) + g
     g2 = jnp.where(jax.random.bernoulli(jax.random.key(9), 0.3, g.shape), -1e4, g * 1e-3)
+    xla = _op("xla")
     for gg in (g1, g2):
-        _all_grads_finite(_op("xla"), (q, k, v, gg, h0))
-        assert_close(_op("xla")(q, k, v, gg, h0), REF(q, k, v, gg, h0), tol=5e-3)
+        _all_grads_finite(xla, (q, k, v, gg, h0))
+        assert_close(xla(q, k, v, gg, h0), REF(q, k, v, gg, h0), tol=5e-3)
 
 
 # ---------------------------------------------------------------------------------------------
 # Pallas kernels under the interpreters (small, odd shapes).
 
 
-@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
-def test_pallas_interpret_fp32(impl):
-    case = specs.INTERPRET_CASES[0] if impl == "pallas_gpu" else specs.INTERPRET_CASES[1]
+def _segment_ids(lens):
+    return jnp.asarray(np.stack([np.repeat(np.arange(len(r)), r) for r in lens]).astype(np.int32))
+
+
+def test_pallas_gpu_interpret_fp32():
     with interpret():
-        check_forward_and_vjp(_op(impl), REF, case.make(6))
+        check_forward_and_vjp(_op("pallas_gpu"), REF, specs.INTERPRET_CASES[0].make(6))
 
 
-def test_pallas_gpu_interpret_bf16_and_strong_gates():
-    q, k, v, g, h0 = specs.Case("b", 1, 40, 2, 32, 32, "bfloat16", gate_normalizer=0.1).make(7)
+def test_pallas_tpu_interpret_fp32_segments():
+    # A length-1 segment, a segment crossing the chunk boundary, a final one-token segment.
+    seg = _segment_ids([[3, 1, 50, 8, 1]])
+    ref = _op("reference", segment_ids=seg)
     with interpret():
         check_forward_and_vjp(
-            _op("pallas_gpu", chunk_size=32),
-            REF,
+            _op("pallas_tpu", segment_ids=seg), ref, specs.INTERPRET_CASES[1].make(6)
+        )
+
+
+def test_pallas_gpu_interpret_bf16_strong_gates_segments():
+    q, k, v, g, h0 = specs.Case("b", 1, 40, 2, 32, 32, "bfloat16", gate_normalizer=0.1).make(7)
+    seg = _segment_ids([[1, 20, 18, 1]])
+    with interpret():
+        check_forward_and_vjp(
+            _op("pallas_gpu", chunk_size=32, segment_ids=seg),
+            _op("reference", segment_ids=seg),
             [q, k, v, g, h0],
             dtype=jnp.bfloat16,
             tol=BF16_TOL,
@@ -150,7 +166,7 @@ def test_pallas_tpu_interpret_extreme_gates_and_custom_vjp():
     q, k, v, g, h0 = specs.Case("e", 1, 20, 2, 16, 16).make(8)
     g = jnp.where(jax.random.bernoulli(jax.random.key(3), 0.3, g.shape), -1e4, g)
     with interpret():
-        _all_grads_finite(_op("pallas_tpu", chunk_size=16), (q, k, v, g, h0))
+        # (assert_close inside also requires every gradient to be finite.)
         # dg sums terms of opposite signs (q ⊙ dq − k ⊙ dk): the fp32 chunked tolerance.
         check_custom_vjp_matches_autodiff(
             _op("pallas_tpu", chunk_size=16), REF, [q, k, v, g, h0], tol=5e-3
@@ -160,8 +176,10 @@ def test_pallas_tpu_interpret_extreme_gates_and_custom_vjp():
 @pytest.mark.parametrize(("impl", "platform"), [("pallas_gpu", "cuda"), ("pallas_tpu", "tpu")])
 @pytest.mark.parametrize("T", [2048, 1000])
 def test_pallas_lowering(impl, platform, T):
+    # T=1000 also exercises the K/V padding and the segment_ids path.
     c = specs.LOWERING_CASE
-    K = c.K if T == 2048 else 100  # T=1000 also exercises the K/V padding
+    K = c.K if T == 2048 else 100
+    seg = None if T == 2048 else (jnp.arange(T) // 300)[None].astype(jnp.int32)
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
     args = [
         sd(c.B, T, c.H, K),
@@ -172,7 +190,7 @@ def test_pallas_lowering(impl, platform, T):
     ]
 
     def loss(q, k, v, g, h0):
-        o, s = _op(impl)(q, k, v, g, h0)
+        o, s = _op(impl, segment_ids=seg)(q, k, v, g, h0)
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
 
     text = check_pallas_lowering(loss, args, platform, op=f"chunk_gla[{impl}]", min_kernels=4)
@@ -303,8 +321,9 @@ def test_bad_inputs_raise_clear_errors():
         chunk_gla(q, k, v, g, chunk_size=48)
     with pytest.raises(TypeError, match="q must be an array"):
         chunk_gla([1.0], k, v, g)
-    with pytest.raises(UnsupportedImplementationError, match="segment_ids"):
-        chunk_gla(q, k, v, g, segment_ids=jnp.zeros((2, 8), jnp.int32), implementation="pallas_gpu")
+    big = jnp.zeros((1, 4, 1, 300))
+    with pytest.raises(UnsupportedImplementationError, match="exceed 256"):
+        chunk_gla(big, big, big, big, implementation="pallas_tpu")
     with pytest.raises(UnsupportedImplementationError, match="not known"):
         chunk_gla(q, k, v, g, implementation="cuda")
     with pytest.raises(ValueError, match="initial_state must have shape"):

@@ -24,7 +24,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxblocks.kernels.gla import _chunk
-from jaxblocks.kernels.gla.pallas_gpu import MAX_HEAD_DIM, prepare
+from jaxblocks.kernels.gla.pallas_gpu import (
+    MAX_HEAD_DIM,
+    assemble_grads,
+    last_gates,
+    prepare,
+    segment_masks,
+)
 from jaxblocks.kernels.gla.xla import SUB_CHUNK, effective_chunk
 from jaxblocks.kernels.interpret import tpu_interpret
 
@@ -52,19 +58,26 @@ class BlockSizes:
 
 
 def supports(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size):
-    del k, g, scale, initial_state, chunk_size
-    if segment_ids is not None:
-        return "segment_ids / cu_seqlens are not implemented in the Pallas kernels (use 'xla')"
+    del k, g, scale, initial_state, chunk_size, segment_ids
     if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
         return f"head dims K={q.shape[-1]}, V={v.shape[-1]} exceed {MAX_HEAD_DIM}"
     return None
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernel bodies: every ref is one chunk [C, D] or one state block [Kp, BV].
+# Kernel bodies: every ref is one chunk [C, D] or one state block [Kp, BV]. With segments, four
+# more input refs (one chunk each: col, inter, to_state [C, 1]; row [1, C]) follow the inputs.
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, G_ref, gl_ref, h0_ref, o_ref, ht_ref, S_ref, *, bs, scale):
+def _split(refs, n_in, has_seg):
+    ins, rest = refs[:n_in], refs[n_in:]
+    seg = _chunk.Segs(*rest[:4]) if has_seg else None
+    return ins, seg, rest[4:] if has_seg else rest
+
+
+def _forward_kernel(*refs, bs, scale, has_seg):
+    ins, seg, (o_ref, ht_ref, S_ref) = _split(refs, 6, has_seg)
+    q_ref, k_ref, v_ref, G_ref, gl_ref, h0_ref = ins
     t = pl.program_id(3)
 
     @pl.when(t == 0)
@@ -73,25 +86,17 @@ def _forward_kernel(q_ref, k_ref, v_ref, G_ref, gl_ref, h0_ref, o_ref, ht_ref, S
 
     # One step of the inter-chunk recurrence; the state never leaves VMEM.
     S_ref[...] = _chunk.fwd_chunk(
-        q_ref,
-        k_ref,
-        v_ref,
-        G_ref,
-        o_ref,
-        0,
-        S_ref[...],
-        gl_ref[...],
-        C=bs.chunk,
-        c=bs.sub_chunk,
-        scale=scale,
-    )
+        q_ref, k_ref, v_ref, G_ref, o_ref, 0, S_ref[...], gl_ref[...],
+        C=bs.chunk, c=bs.sub_chunk, scale=scale, seg=seg,
+    )  # fmt: skip
 
     @pl.when(t == pl.num_programs(3) - 1)
     def _():
         ht_ref[...] = S_ref[...]
 
 
-def _states_kernel(k_ref, v_ref, G_ref, gl_ref, h0_ref, h_ref, ht_ref, S_ref, *, bs):
+def _states_kernel(*refs, bs, has_seg):
+    (k_ref, v_ref, G_ref, gl_ref, h0_ref), seg, (h_ref, ht_ref, S_ref) = _split(refs, 5, has_seg)
     t = pl.program_id(3)
 
     @pl.when(t == 0)
@@ -99,14 +104,18 @@ def _states_kernel(k_ref, v_ref, G_ref, gl_ref, h0_ref, h_ref, ht_ref, S_ref, *,
         S_ref[...] = h0_ref[...]
 
     h_ref[...] = S_ref[...]  # state entering chunk t, fp32
-    S_ref[...] = _chunk.state_update(k_ref, v_ref, G_ref, 0, S_ref[...], gl_ref[...], C=bs.chunk)
+    S_ref[...] = _chunk.state_update(
+        k_ref, v_ref, G_ref, 0, S_ref[...], gl_ref[...], C=bs.chunk, seg=seg
+    )
 
     @pl.when(t == pl.num_programs(3) - 1)
     def _():
         ht_ref[...] = S_ref[...]
 
 
-def _dstates_kernel(q_ref, do_ref, G_ref, gl_ref, dht_ref, dh_ref, dh0_ref, dS_ref, *, bs, scale):
+def _dstates_kernel(*refs, bs, scale, has_seg):
+    ins, seg, (dh_ref, dh0_ref, dS_ref) = _split(refs, 5, has_seg)
+    q_ref, do_ref, G_ref, gl_ref, dht_ref = ins
     t = pl.program_id(3)  # chunk NT - 1 - t (the index maps walk backwards)
 
     @pl.when(t == 0)
@@ -115,7 +124,7 @@ def _dstates_kernel(q_ref, do_ref, G_ref, gl_ref, dht_ref, dh_ref, dh0_ref, dS_r
 
     dh_ref[...] = dS_ref[...]  # gradient w.r.t. the state leaving this chunk
     dS_ref[...] = _chunk.dstate_update(
-        q_ref, do_ref, G_ref, 0, dS_ref[...], gl_ref[...], C=bs.chunk, scale=scale
+        q_ref, do_ref, G_ref, 0, dS_ref[...], gl_ref[...], C=bs.chunk, scale=scale, seg=seg
     )
 
     @pl.when(t == pl.num_programs(3) - 1)
@@ -123,45 +132,30 @@ def _dstates_kernel(q_ref, do_ref, G_ref, gl_ref, dht_ref, dh_ref, dh0_ref, dS_r
         dh0_ref[...] = dS_ref[...]
 
 
-def _grads_kernel(
-    q_ref,
-    k_ref,
-    v_ref,
-    G_ref,
-    do_ref,
-    h_ref,
-    hn_ref,
-    dh_ref,
-    dq_ref,
-    dk_ref,
-    dv_ref,
-    dgl_ref,
-    *,
-    bs,
-    scale,
-):
+def _grads_kernel(*refs, bs, scale, has_seg):
+    ins, seg, (dq_ref, dk_ref, dv_ref, dgl_ref) = _split(refs, 8, has_seg)
+    q_ref, k_ref, v_ref, G_ref, do_ref, h_ref, hn_ref, dh_ref = ins
     dgl_ref[...] = _chunk.grads_chunk(
-        q_ref,
-        k_ref,
-        v_ref,
-        G_ref,
-        do_ref,
-        h_ref[...],
-        dh_ref[...],
-        hn_ref[...],
-        dq_ref,
-        dk_ref,
-        dv_ref,
-        C=bs.chunk,
-        c=bs.sub_chunk,
-        scale=scale,
-    )
+        q_ref, k_ref, v_ref, G_ref, do_ref, h_ref[...], dh_ref[...], hn_ref[...],
+        dq_ref, dk_ref, dv_ref, C=bs.chunk, c=bs.sub_chunk, scale=scale, seg=seg,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
-# pallas_call wrappers. Inputs are head-first and padded: q, k, G [B, H, Tp, Kp], v [B, H, Tp, Vp].
+# pallas_call wrappers. Inputs are head-first and padded: q, k, G [B, H, Tp, Kp], v [B, H, Tp, Vp];
+# segments: col, inter, to_state [B, Tp, 1] and row [B, NT, 1, C] (a (1, C) block is legal
+# because C is the full last dim).
 
 _SEQ = ("parallel", "parallel", "parallel", "arbitrary")
+
+
+def _seg_specs(seg, C, index):
+    """BlockSpecs for the segment arrays; ``index(*grid) -> chunk index``."""
+    if seg is None:
+        return [], []
+    col = pl.BlockSpec((None, C, 1), lambda *g: (g[0], index(*g), 0))
+    row = pl.BlockSpec((None, None, 1, C), lambda *g: (g[0], index(*g), 0, 0))
+    return [col, row, col, col], list(seg[:4])
 
 
 def _fwd_specs(C, Kp, BV, reverse_nt=None):
@@ -171,18 +165,19 @@ def _fwd_specs(C, Kp, BV, reverse_nt=None):
     gl = pl.BlockSpec((None, None, Kp, 1), lambda b, h, j, t: (b, h, t_(t), 0))
     state = pl.BlockSpec((None, None, Kp, BV), lambda b, h, j, t: (b, h, 0, j))
     per_chunk_state = pl.BlockSpec((None, None, Kp, BV), lambda b, h, j, t: (b, h, t_(t), j))
-    return chunk_k, chunk_v, gl, state, per_chunk_state
+    return chunk_k, chunk_v, gl, state, per_chunk_state, lambda b, h, j, t: t_(t)
 
 
-def _forward(q, k, v, G, gl, h0, bs, scale):
+def _forward(q, k, v, G, gl, h0, seg, bs, scale):
     B, H, Tp, Kp = q.shape
     Vp = v.shape[-1]
     NT, BV = Tp // bs.chunk, min(bs.block_v, Vp)
-    ck, cv, glspec, st, _ = _fwd_specs(bs.chunk, Kp, BV)
+    ck, cv, glspec, st, _, idx = _fwd_specs(bs.chunk, Kp, BV)
+    seg_specs, seg_args = _seg_specs(seg, bs.chunk, idx)
     return pl.pallas_call(
-        functools.partial(_forward_kernel, bs=bs, scale=scale),
+        functools.partial(_forward_kernel, bs=bs, scale=scale, has_seg=seg is not None),
         grid=(B, H, Vp // BV, NT),
-        in_specs=[ck, ck, cv, ck, glspec, st],
+        in_specs=[ck, ck, cv, ck, glspec, st, *seg_specs],
         out_specs=[cv, st],
         out_shape=[
             jax.ShapeDtypeStruct((B, H, Tp, Vp), v.dtype),
@@ -193,18 +188,19 @@ def _forward(q, k, v, G, gl, h0, bs, scale):
         cost_estimate=_chunk.cost_estimate(B, Tp, H, Kp, Vp, C=bs.chunk, itemsize=q.dtype.itemsize),
         interpret=tpu_interpret(),
         name="gla_fwd_tpu",
-    )(q, k, v, G, gl, h0)
+    )(q, k, v, G, gl, h0, *seg_args)
 
 
-def _states(k, v, G, gl, h0, bs):
+def _states(k, v, G, gl, h0, seg, bs):
     B, H, Tp, Kp = k.shape
     Vp = v.shape[-1]
     NT, BV = Tp // bs.chunk, min(bs.block_v, Vp)
-    ck, cv, glspec, st, pst = _fwd_specs(bs.chunk, Kp, BV)
+    ck, cv, glspec, st, pst, idx = _fwd_specs(bs.chunk, Kp, BV)
+    seg_specs, seg_args = _seg_specs(seg, bs.chunk, idx)
     return pl.pallas_call(
-        functools.partial(_states_kernel, bs=bs),
+        functools.partial(_states_kernel, bs=bs, has_seg=seg is not None),
         grid=(B, H, Vp // BV, NT),
-        in_specs=[ck, cv, ck, glspec, st],
+        in_specs=[ck, cv, ck, glspec, st, *seg_specs],
         out_specs=[pst, st],
         out_shape=[
             jax.ShapeDtypeStruct((B, H, NT * Kp, Vp), jnp.float32),
@@ -214,18 +210,19 @@ def _states(k, v, G, gl, h0, bs):
         compiler_params=pltpu.CompilerParams(dimension_semantics=_SEQ),
         interpret=tpu_interpret(),
         name="gla_states_tpu",
-    )(k, v, G, gl, h0)
+    )(k, v, G, gl, h0, *seg_args)
 
 
-def _dstates(q, do, G, gl, dht, bs, scale):
+def _dstates(q, do, G, gl, dht, seg, bs, scale):
     B, H, Tp, Kp = q.shape
     Vp = do.shape[-1]
     NT, BV = Tp // bs.chunk, min(bs.block_v, Vp)
-    ck, cv, glspec, st, pst = _fwd_specs(bs.chunk, Kp, BV, reverse_nt=NT)
+    ck, cv, glspec, st, pst, idx = _fwd_specs(bs.chunk, Kp, BV, reverse_nt=NT)
+    seg_specs, seg_args = _seg_specs(seg, bs.chunk, idx)
     return pl.pallas_call(
-        functools.partial(_dstates_kernel, bs=bs, scale=scale),
+        functools.partial(_dstates_kernel, bs=bs, scale=scale, has_seg=seg is not None),
         grid=(B, H, Vp // BV, NT),
-        in_specs=[ck, cv, ck, glspec, st],
+        in_specs=[ck, cv, ck, glspec, st, *seg_specs],
         out_specs=[pst, st],
         out_shape=[
             jax.ShapeDtypeStruct((B, H, NT * Kp, Vp), jnp.float32),
@@ -235,18 +232,19 @@ def _dstates(q, do, G, gl, dht, bs, scale):
         compiler_params=pltpu.CompilerParams(dimension_semantics=_SEQ),
         interpret=tpu_interpret(),
         name="gla_dstates_tpu",
-    )(q, do, G, gl, dht)
+    )(q, do, G, gl, dht, *seg_args)
 
 
-def _grads(q, k, v, G, do, h, dh, bs, scale):
+def _grads(q, k, v, G, do, h, dh, seg, bs, scale):
     B, H, Tp, Kp = q.shape
     Vp = v.shape[-1]
     C = bs.chunk
     NT = Tp // C
     chunk = lambda d: pl.BlockSpec((None, None, C, d), lambda b, hh, t: (b, hh, t, 0))
     state = lambda off: pl.BlockSpec((None, None, Kp, Vp), lambda b, hh, t: (b, hh, t + off, 0))
+    seg_specs, seg_args = _seg_specs(seg, C, lambda b, hh, t: t)
     return pl.pallas_call(
-        functools.partial(_grads_kernel, bs=bs, scale=scale),
+        functools.partial(_grads_kernel, bs=bs, scale=scale, has_seg=seg is not None),
         grid=(B, H, NT),
         in_specs=[
             chunk(Kp),
@@ -257,13 +255,14 @@ def _grads(q, k, v, G, do, h, dh, bs, scale):
             state(0),
             state(1),
             state(0),
-        ],
+            *seg_specs,
+        ],  # fmt: skip
         out_specs=[
             chunk(Kp),
             chunk(Kp),
             chunk(Vp),
             pl.BlockSpec((None, None, Kp, 1), lambda b, hh, t: (b, hh, t, 0)),
-        ],
+        ],  # fmt: skip
         out_shape=[
             jax.ShapeDtypeStruct((B, H, Tp, Kp), jnp.float32),
             jax.ShapeDtypeStruct((B, H, Tp, Kp), jnp.float32),
@@ -276,44 +275,38 @@ def _grads(q, k, v, G, do, h, dh, bs, scale):
         ),
         interpret=tpu_interpret(),
         name="gla_grads_tpu",
-    )(q, k, v, G, do, h, h, dh)
+    )(q, k, v, G, do, h, h, dh, *seg_args)
 
 
-def _last_gates(G, C):
-    """G at the last row of every chunk as stacked [Kp, 1] columns: [B, H, NT * Kp, 1]."""
-    B, H, Tp, Kp = G.shape
-    return G[:, :, C - 1 :: C, :].reshape(B, H, (Tp // C) * Kp, 1)
+def _tpu_segments(segment_ids, Tp, C):
+    if segment_ids is None:
+        return None
+    cnt, inter, to_state, carry = segment_masks(segment_ids, Tp, C)
+    col = lambda x: x[:, :, None]  # [B, Tp, 1]
+    B = cnt.shape[0]
+    return col(cnt), cnt.reshape(B, Tp // C, 1, C), col(inter), col(to_state), carry
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _gla(q, k, v, G, h0, bs, scale):
-    return _forward(q, k, v, G, _last_gates(G, bs.chunk), h0, bs, scale)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _gla(q, k, v, G, h0, seg, bs, scale):
+    return _forward(q, k, v, G, last_gates(G, bs.chunk, seg), h0, seg, bs, scale)
 
 
-def _gla_fwd(q, k, v, G, h0, bs, scale):
-    out = _forward(q, k, v, G, _last_gates(G, bs.chunk), h0, bs, scale)
-    return out, (q, k, v, G, h0)  # states are recomputed (fp32) in the backward, not saved
+def _gla_fwd(q, k, v, G, h0, seg, bs, scale):
+    out = _forward(q, k, v, G, last_gates(G, bs.chunk, seg), h0, seg, bs, scale)
+    return out, (q, k, v, G, h0, seg)  # states are recomputed (fp32) in the backward, not saved
 
 
 def _gla_bwd(bs, scale, res, cts):
-    q, k, v, G, h0 = res
+    q, k, v, G, h0, seg = res
     do, dht = cts
     C = bs.chunk
-    gl = _last_gates(G, C)
-    h, ht = _states(k, v, G, gl, h0, bs)
+    gl = last_gates(G, C, seg)
+    h, ht = _states(k, v, G, gl, h0, seg, bs)
     h = jnp.concatenate([h, ht], axis=2)  # [B, H, (NT+1) Kp, Vp]: entering states + final
-    dh, dh0 = _dstates(q, do.astype(v.dtype), G, gl, dht, bs, scale)
-    dq, dk, dv, dgl = _grads(q, k, v, G, do.astype(v.dtype), h, dh, bs, scale)
-    B, H, Tp, Kp = q.shape
-    dG = q.astype(jnp.float32) * dq - k.astype(jnp.float32) * dk  # [B, H, Tp, Kp]
-    dG = dG.reshape(B, H, Tp // C, C, Kp).at[:, :, :, -1, :].add(dgl.reshape(B, H, Tp // C, Kp))
-    return (
-        dq.astype(q.dtype),
-        dk.astype(k.dtype),
-        dv.astype(v.dtype),
-        dG.reshape(B, H, Tp, Kp),
-        dh0,
-    )
+    dh, dh0 = _dstates(q, do.astype(v.dtype), G, gl, dht, seg, bs, scale)
+    dq, dk, dv, dgl = _grads(q, k, v, G, do.astype(v.dtype), h, dh, seg, bs, scale)
+    return assemble_grads(q, k, v, dq, dk, dv, dgl, dh0, seg, C)
 
 
 _gla.defvjp(_gla_fwd, _gla_bwd)
@@ -321,12 +314,12 @@ _gla.defvjp(_gla_fwd, _gla_bwd)
 
 def gla_pallas_tpu(q, k, v, g, *, scale, initial_state=None, segment_ids=None, chunk_size=64):
     """`chunk_gla` on the TPU kernels. Returns ``(o [B, T, H, V], final_state [B, H, K, V])``."""
-    del segment_ids  # rejected by `supports`
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = effective_chunk(T, chunk_size)
     bs = BlockSizes(chunk=C, sub_chunk=min(SUB_CHUNK, C))
     pad = lambda d: -(-d // LANES) * LANES
     qh, kh, vh, G, h0 = prepare(q, k, v, g, initial_state, C, pad)
-    o, final = _gla(qh, kh, vh, G, h0, bs, float(scale))
+    seg = _tpu_segments(segment_ids, G.shape[2], C)
+    o, final = _gla(qh, kh, vh, G, h0, seg, bs, float(scale))
     return jnp.swapaxes(o, 1, 2)[:, :T, :, :V], final[:, :, :K, :V]
