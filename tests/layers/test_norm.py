@@ -487,9 +487,7 @@ def _train_bn_only(model, variables, x, y, steps=25, lr=0.05, **mask_kw):
     bs = variables.get("batch_stats", {})
 
     def loss_fn(p, bs):
-        logits, upd = model.apply(
-            {"params": p, "batch_stats": bs}, x, train=True, mutable=["batch_stats"]
-        )
+        logits, upd = model.apply({"params": p, "batch_stats": bs}, x, train=True, mutable=True)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
 
     @jax.jit
@@ -553,3 +551,32 @@ def test_bn_only_training_changes_only_bn_params():
     mask = N.bn_only_mask(p0)
     changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), p0, p1)
     assert changed == mask  # exactly the BN scale/bias moved, everything else is bit-identical
+
+
+def test_bn_only_training_on_registry_resnet():
+    from jaxblocks.registry import create_model
+
+    x = _x((8, 8, 8, 3))
+    # the mask on the full registry ResNet-18 (abstract init, logically-partitioned params)
+    full = create_model("resnet18", num_classes=3, width=8, stem="small")
+    boxed = jax.eval_shape(full.init, jax.random.key(0), x)["params"]
+    flat = {"/".join(map(str, k)): m for k, m in _flat(N.bn_only_mask(boxed))}
+    assert flat["layer1_0/conv1/scale"] and flat["layer1_0/conv1/bias"]
+    assert not flat["layer1_0/conv1/kernel"] and not flat["fc/kernel"] and not flat["fc/bias"]
+    assert sum(flat.values()) == 2 * 20  # 20 ConvBN layers in ResNet-18 (incl. 3 downsamples)
+    # BN-only training of the same registry ResNet at one block per stage (CI-sized)
+    model = create_model("resnet18", num_classes=3, width=8, stem="small", stage_sizes=(1, 1, 1, 1))
+    y = jnp.asarray(np.arange(8) % 3)
+    x = x + 0.8 * y[:, None, None, None].astype(jnp.float32)
+    v = model.init(jax.random.key(0), x)
+    v = {**v, "params": nn.meta.unbox(v["params"])}
+    p0, p1, losses = _train_bn_only(model, v, x, y, steps=8)
+    assert losses[-1] < losses[0]
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), p0, p1)
+    assert changed == N.bn_only_mask(p0)
+    assert sum(jax.tree.leaves(changed)) == 2 * 12  # stem + 4 blocks x 2 + 3 downsamples
+
+
+def _flat(tree):
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [(tuple(getattr(k, "key", k) for k in path), leaf) for path, leaf in leaves]
