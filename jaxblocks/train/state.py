@@ -152,6 +152,8 @@ def merge_params(target: Any, source: Any, reinit: tuple[str, ...] = ()) -> tupl
         if top in reinit or s is None or tuple(s.shape) != tuple(t.shape):
             kept.append(k)
             return t
-        return jax.device_put(s, t.sharding) if hasattr(t, "sharding") else s
+        # A copy, never an alias: the train step donates the state, and the source (e.g. the
+        # previous stage's final state) must survive.
+        return jax.device_put(s, t.sharding if hasattr(t, "sharding") else None, may_alias=False)
 
     return jax.tree_util.tree_map_with_path(one, target), kept
