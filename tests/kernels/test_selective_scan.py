@@ -1,0 +1,252 @@
+"""selective_scan: every implementation vs the fp32 reference (forward, last state and the
+gradients of u, Δ, A, B, C, D, z, delta_bias), custom_vjp vs autodiff, long sequences on xla,
+lowering for cuda/tpu at realistic shapes, errors and edge cases.
+
+The interpreted Pallas kernels run short sequences (L ∈ {1, 7, 65}) with small tiles so that
+channel, state and token padding and several tiles/chunks are exercised; long L runs on xla.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxblocks.kernels import UnsupportedImplementationError, interpret, select_implementation
+from jaxblocks.kernels.selective_scan import api, pallas_gpu, pallas_tpu, selective_scan, xla
+from jaxblocks.kernels.selective_scan.specs import LOWERING_CASES, Case, make_inputs
+from tests.kernels.harness import (
+    assert_close,
+    check_custom_vjp_matches_autodiff,
+    check_forward_and_vjp,
+    check_pallas_lowering,
+)
+
+F32, BF16 = jnp.float32, jnp.bfloat16
+SLOW = pytest.mark.slow
+
+
+def _op(case, implementation=None, fn=None):
+    """The op with the case's flags, returning (out, last_state)."""
+    if fn is None:
+        fn = functools.partial(selective_scan, implementation=implementation)
+    return lambda *a: fn(*a, delta_softplus=case.softplus, return_last_state=True)
+
+
+def _ref(case):
+    return _op(case, "reference")
+
+
+def _kernel(module, **blocks):
+    def fn(*a, delta_softplus, return_last_state):
+        del return_last_state
+        sizes = module.BlockSizes(**blocks)
+        return getattr(module, f"selective_scan_{module.__name__.split('.')[-1]}")(
+            *a, delta_softplus=delta_softplus, blocks=sizes
+        )
+
+    return fn
+
+
+# --- xla vs reference, up to L = 4096 ---------------------------------------------------------
+
+XLA_CASES = [  # one long grouped case in CI (compiling the scan's gradient dominates)
+    Case(1, 8, 4, 4096, G=4),
+    pytest.param(Case(2, 6, 4, 1), marks=SLOW),
+    pytest.param(Case(3, 8, 3, 65, G=2, dtype=BF16), marks=SLOW),
+    pytest.param(Case(2, 8, 16, 1000, with_z=False, softplus=False, with_bias=False), marks=SLOW),
+    pytest.param(Case(2, 16, 16, 4096, dtype=BF16), marks=SLOW),
+]
+
+
+@pytest.mark.parametrize("case", XLA_CASES, ids=lambda c: c.name)
+def test_xla_matches_reference(case):
+    args = make_inputs(case)
+    check_forward_and_vjp(_op(case, "xla"), _ref(case), args, dtype=case.dtype)
+
+
+@SLOW
+def test_xla_chunk_sizes_agree():
+    case = Case(2, 8, 4, 50, G=2)
+    args = make_inputs(case, seed=3)
+    want = _ref(case)(*args)
+    for chunk in (1, 7, 64):
+        fn = functools.partial(xla.selective_scan_xla, chunk=chunk)
+        got = fn(*args, delta_softplus=True)
+        assert_close(got, want, tol=1e-5, name=f"chunk {chunk}")
+
+
+# --- Pallas kernels under the interpreters ----------------------------------------------------
+
+GPU_CASES = [  # (case, blocks): dim 12 over tiles of 8 pads channels; N=3 pads to 4
+    (Case(2, 6, 4, 1, with_D=False, with_z=False, with_bias=False), {}),
+    (Case(2, 12, 3, 7, G=2, dtype=BF16), {"block_d": 8, "chunk": 4}),
+    pytest.param(Case(1, 16, 16, 65), {"block_d": 8, "chunk": 16}, marks=SLOW),
+]
+
+
+@pytest.mark.parametrize("case,blocks", GPU_CASES, ids=lambda c: getattr(c, "name", ""))
+def test_pallas_gpu_interpret_matches_reference(case, blocks):
+    args = make_inputs(case, seed=1)
+    fn = jax.jit(_op(case, fn=_kernel(pallas_gpu, **blocks)))
+    with interpret():
+        check_forward_and_vjp(fn, _ref(case), args, dtype=case.dtype)
+
+
+TPU_CASES = [  # chunk 8: L=7 is one padded chunk, L=65 nine; dim 12 pads to one 128-lane tile
+    (Case(2, 12, 4, 7, G=2), {"chunk": 8}),
+    (Case(1, 8, 16, 65, dtype=BF16, with_z=False), {"chunk": 16}),
+    pytest.param(Case(2, 6, 1, 1, softplus=False), {}, marks=SLOW),
+]
+
+
+@pytest.mark.parametrize("case,blocks", TPU_CASES, ids=lambda c: getattr(c, "name", ""))
+def test_pallas_tpu_interpret_matches_reference(case, blocks):
+    args = make_inputs(case, seed=2)
+    fn = jax.jit(_op(case, fn=_kernel(pallas_tpu, **blocks)))
+    with interpret():
+        check_forward_and_vjp(fn, _ref(case), args, dtype=case.dtype)
+
+
+@pytest.mark.parametrize(
+    "implementation",
+    ["pallas_tpu", pytest.param("pallas_gpu", marks=SLOW), pytest.param("xla", marks=SLOW)],
+)
+def test_custom_vjp_matches_autodiff_of_reference(implementation):
+    case = Case(2, 8, 4, 9, G=2)
+    args = make_inputs(case, seed=4)
+    with interpret():
+        fn = jax.jit(_op(case, implementation))
+        check_custom_vjp_matches_autodiff(fn, _ref(case), args, tol=1e-4)
+
+
+# --- long sequences: strong decays and no overflow --------------------------------------------
+
+
+def test_long_sequence_strong_decay_stays_finite():
+    """Δ·A down to -40 per token: exp(-cumsum) rescaling would overflow; the chunked scan won't."""
+    case = Case(1, 8, 4, 4096, with_z=False)
+    u, dl, A, B, C, D, _, bias = make_inputs(case, seed=5)
+    A = A * 20.0
+    fn = _op(case, "xla")
+    out, last = jax.jit(fn)(u, dl, A, B, C, D, None, bias)
+    assert np.all(np.isfinite(np.asarray(out))) and np.all(np.isfinite(np.asarray(last)))
+    assert_close((out, last), _ref(case)(u, dl, A, B, C, D, None, bias), tol=1e-4)
+
+
+# --- lowering for cuda and tpu at realistic shapes --------------------------------------------
+
+
+@pytest.mark.parametrize("case", LOWERING_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_lowering(case, platform):
+    implementation = {"cuda": "pallas_gpu", "tpu": "pallas_tpu"}[platform]
+    args = make_inputs(case, abstract=True)
+
+    def loss(*a):
+        out, last = selective_scan(
+            *a, delta_softplus=True, return_last_state=True, implementation=implementation
+        )
+        return jnp.sum(out.astype(F32)) + jnp.sum(last)
+
+    text = check_pallas_lowering(loss, args, platform, op="selective_scan", min_kernels=2)
+    sfx = {"cuda": "gpu", "tpu": "tpu"}[platform]
+    assert f"selective_scan_fwd_{sfx}" in text and f"selective_scan_bwd_{sfx}" in text
+
+
+# --- API: defaults, edge cases, errors ---------------------------------------------------------
+
+
+def test_cpu_default_is_xla_and_last_state_is_optional():
+    case = Case(2, 8, 4, 5)
+    args = make_inputs(case)
+    name, _ = select_implementation("selective_scan", None, api.IMPLEMENTATIONS, *args, True)
+    assert name == "xla"
+    out = jax.eval_shape(functools.partial(selective_scan, delta_softplus=True), *args)
+    assert out.shape == (2, 8, 5) and out.dtype == F32
+    fn = functools.partial(selective_scan, return_last_state=True, implementation="reference")
+    out, last = jax.eval_shape(fn, *args)
+    assert last.shape == (2, 8, 4) and last.dtype == F32
+
+
+def test_reference_matches_explicit_loop():
+    """The reference against a plain numpy loop of Mamba's recurrence (grouped B/C)."""
+    case = Case(2, 4, 3, 6, G=2)
+    u, dl, A, B, C, D, z, bias = (np.asarray(x, np.float64) for x in make_inputs(case))
+    dt = np.log1p(np.exp(dl + bias[None, :, None]))
+    out = np.zeros_like(u)
+    for b in range(2):
+        for d in range(4):
+            g = d // 2
+            h = np.zeros(3)
+            for t in range(6):
+                h = np.exp(dt[b, d, t] * A[d]) * h + dt[b, d, t] * B[b, g, :, t] * u[b, d, t]
+                y = h @ C[b, g, :, t] + D[d] * u[b, d, t]
+                out[b, d, t] = y * z[b, d, t] / (1 + np.exp(-z[b, d, t]))
+    fn = functools.partial(selective_scan, delta_softplus=True, implementation="reference")
+    got = jax.jit(fn)(*make_inputs(case))
+    assert_close(got, out, tol=1e-5)
+
+
+def test_empty_sequence():
+    args = make_inputs(Case(2, 8, 4, 3))
+    args = tuple(None if x is None else x[..., :0] if x.ndim == 3 else x for x in args)
+    out, last = selective_scan(*args, return_last_state=True, implementation="pallas_gpu")
+    assert out.shape == (2, 8, 0)
+    np.testing.assert_array_equal(last, np.zeros((2, 8, 4)))
+
+
+@pytest.mark.parametrize("implementation", ["reference", "xla", "pallas_gpu"])
+def test_nonfinite_input_stays_in_its_row_and_channel(implementation):
+    case = Case(2, 8, 4, 9, with_z=False)
+    u, dl, A, B, C, D, z, bias = make_inputs(case)
+    u = u.at[0, 3, 4].set(jnp.nan)
+    with interpret():
+        out = selective_scan(u, dl, A, B, C, D, z, bias, True, implementation=implementation)
+    out = np.asarray(out)
+    assert np.all(np.isnan(out[0, 3, 4:]))  # the poisoned channel, from t = 4 on
+    assert np.all(np.isfinite(out[0, 3, :4]))
+    assert np.all(np.isfinite(out[1]))  # other batch row
+    assert np.all(np.isfinite(np.delete(out[0], 3, axis=0)))  # other channels
+
+
+def _good():
+    return make_inputs(Case(2, 8, 4, 5, G=2))
+
+
+def _set(i, f):
+    return lambda a: a[:i] + (f(a[i]),) + a[i + 1 :]
+
+
+@pytest.mark.parametrize(
+    "mutate,kwargs,exc,match",
+    [
+        (_set(0, lambda x: x[0]), {}, ValueError, "u must have rank 3"),
+        (_set(1, lambda x: x[:, :, :4]), {}, ValueError, r"delta must have shape \(2, 8, 5\)"),
+        (_set(2, lambda x: x[:6]), {}, ValueError, r"A must have shape \(dim=8"),
+        (_set(3, lambda x: x[:, :, :, :4]), {}, ValueError, r"B must have shape \(2, 2, 4, 5\)"),
+        (_set(3, lambda x: jnp.ones((2, 3, 4, 5))), {}, ValueError, "G > 0 dividing dim=8"),
+        (_set(4, lambda x: x[:, 0]), {}, ValueError, "C must have the shape of B"),
+        (_set(5, lambda x: x[:4]), {}, ValueError, r"D must have shape \(8,\)"),
+        (_set(6, lambda x: x[:1]), {}, ValueError, r"z must have shape \(2, 8, 5\)"),
+        (_set(7, lambda x: x[None]), {}, ValueError, r"delta_bias must have shape \(8,\)"),
+        (_set(0, lambda x: x.astype(jnp.int32)), {}, TypeError, "u must have dtype"),
+        (_set(2, lambda x: x.astype(jnp.complex64)), {}, TypeError, "A must have dtype"),
+        (_set(4, lambda x: None), {}, TypeError, "C is required"),
+        (lambda a: a, {"implementation": "cuda"}, UnsupportedImplementationError, "available"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(mutate, kwargs, exc, match):
+    args = mutate(_good())
+    with pytest.raises(exc, match=match):
+        selective_scan(*args, **kwargs)
+
+
+def test_block_sizes_validate():
+    with pytest.raises(ValueError, match="power of two"):
+        pallas_gpu.BlockSizes(block_d=24)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        pallas_tpu.BlockSizes(block_d=64)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pallas_tpu.BlockSizes(chunk=12)
