@@ -20,8 +20,14 @@ Memory in tune and deploy modes (see BENCHMARKS.md, "convbn_modes"): ReLU and Re
 ``activation`` (and the optional ``residual`` added before it) run through `relu_saving_output` /
 `relu6_saving_output`, whose backward derives the mask from the *output*. That output is the next
 layer's conv input, which the backward keeps anyway, so a ConvBN+ReLU layer stores nothing of its
-own beyond kernel-sized tensors. Train and eval modes apply the activation exactly as given, so
-they remain the plain Flax baseline.
+own beyond kernel-sized tensors; the conv's backward reads its inputs only once the cotangent
+exists (`linear_backward_late`), so XLA cannot hoist layout copies of them into the forward.
+Pass a residual branch as ``residual=`` (added before the activation) to get the same for the
+add+ReLU of a residual block. 1x1 stride-1 ungrouped convs and `LinearBN` go through
+``jaxblocks.kernels.conv_bn.api.pointwise_conv_bn`` in tune mode (Pallas kernels on GPU/TPU).
+Train and eval modes apply the activation and conv exactly as given: the plain Flax baseline.
+These are `jax.custom_vjp` functions, so tune and deploy modes support reverse-mode autodiff
+only (no ``jax.jvp``/``jacfwd``); train and eval support both.
 
 The mode is chosen by the call argument, else the innermost `convbn_mode` context, else the
 ``mode`` attribute, else ``"train"``. `convbn_mode` is a `jax.make_user_context`, so a ``jax.jit``

@@ -265,33 +265,38 @@ def _user_setup():
 def test_whole_model_switching_on_nested_user_model():
     model, x, variables = _user_setup()
     cot = jax.random.normal(jax.random.key(5), (4, 5))
+    # One jitted apply for every mode: the context is part of jit's cache key.
+    apply = jax.jit(model.apply)
 
-    def grads(mode_ctx):
-        def loss(params, x):
+    @jax.jit
+    def grads_tune_and_eval(params, x):
+        def loss(params, x, mode):
             v = {"params": params, "batch_stats": variables["batch_stats"]}
-            with convbn_mode(mode_ctx):
+            with convbn_mode(mode):
                 return jnp.sum(model.apply(v, x) * cot)
 
-        return meta.unbox(jax.grad(loss, argnums=(0, 1))(variables["params"], x))
+        g = lambda mode: jax.grad(loss, argnums=(0, 1))(params, x, mode)
+        return g("tune"), g("eval")
 
     with convbn_mode("eval"):
-        y_eval = model.apply(variables, x)
+        y_eval = apply(variables, x)
     with convbn_mode("tune"):
-        y_tune = model.apply(variables, x)
+        y_tune = apply(variables, x)
     assert_close(y_tune, y_eval, tol=1e-5)
-    assert_close(grads("tune"), grads("eval"), tol=1e-5, name="grads")
+    g_tune, g_eval = meta.unbox(grads_tune_and_eval(variables["params"], x))
+    assert_close(g_tune, g_eval, tol=1e-5, name="grads")
     # eval really uses the running statistics (differs from the train-mode attribute)
     y_train = model.apply(variables, x, mutable=["batch_stats"])[0]
     assert rel_rms(y_train, y_eval) > 1e-2
     # innermost context wins; variables are unchanged by the switch (same dict in all modes)
     with convbn_mode("train"), convbn_mode("eval"):
-        np.testing.assert_allclose(model.apply(variables, x), y_eval, atol=1e-6)
+        np.testing.assert_allclose(apply(variables, x), y_eval, atol=1e-6)
     # deploy on the whole model after fold_for_deploy; other variables are kept
     deploy_vars = fold_for_deploy(variables)
     assert "Dense_0" in deploy_vars["params"] and "batch_stats" not in deploy_vars
     assert set(deploy_vars["params"]["head"]) == {"kernel", "bias"}
     with convbn_mode("deploy"):
-        assert_close(model.apply(deploy_vars, x), y_eval, tol=1e-5)
+        assert_close(apply(deploy_vars, x), y_eval, tol=1e-5)
 
 
 def test_mode_is_part_of_the_jit_cache_key():
