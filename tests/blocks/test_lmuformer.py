@@ -12,7 +12,7 @@ from jaxblocks.blocks.lmuformer import Conv1dEmbedding, LMUFormerBlock, LMUMixer
 def test_block_recurrent_equals_parallel_and_trains(spiking):
     x = jax.random.normal(jax.random.key(0), (2, 24, 8))
     blk = LMUFormerBlock(theta=24.0, mlp_ratio=2.0, spiking=spiking)
-    v = blk.init(jax.random.key(1), x)
+    v = jax.jit(blk.init)(jax.random.key(1), x)
     yp = blk.apply(v, x)
     yr = blk.apply(v, x, mode="recurrent")
     assert yp.shape == x.shape
@@ -25,7 +25,7 @@ def test_block_recurrent_equals_parallel_and_trains(spiking):
         y, _ = blk.apply({**v, "params": p}, x, train=True, mutable=["batch_stats"])
         return jnp.sum(y**2)
 
-    g = jax.grad(loss)(v["params"])
+    g = jax.jit(jax.grad(loss))(v["params"])
     leaves = [np.asarray(a) for a in jax.tree.leaves(g)]
     assert all(np.isfinite(a).all() for a in leaves)
     # surrogate gradients reach the LMU's input projection even through the spikes
@@ -35,7 +35,7 @@ def test_block_recurrent_equals_parallel_and_trains(spiking):
 def test_mixer_is_causal():
     x = jax.random.normal(jax.random.key(0), (2, 30, 6))
     mixer = LMUMixer(theta=30.0)
-    v = mixer.init(jax.random.key(1), x)
+    v = jax.jit(mixer.init)(jax.random.key(1), x)
     y = mixer.apply(v, x)
     y2 = mixer.apply(v, x.at[:, 18:].add(2.0))
     np.testing.assert_allclose(y[:, :18], y2[:, :18], atol=1e-5)
@@ -45,12 +45,12 @@ def test_mixer_is_causal():
 def test_embedding_spiking_outputs_and_dtype():
     x = jax.random.normal(jax.random.key(0), (2, 16, 5))
     emb = Conv1dEmbedding(features=8, spiking=True)
-    v = emb.init(jax.random.key(1), x)
+    v = jax.jit(emb.init)(jax.random.key(1), x)
     y = emb.apply(v, x)
     assert y.shape == (2, 16, 8)
     assert set(np.unique(np.asarray(y))) <= {0.0, 1.0, 2.0}  # spikes + spikes
     blk = LMUFormerBlock(theta=16.0, dtype=jnp.bfloat16)
-    vb = blk.init(jax.random.key(2), y)
+    vb = jax.jit(blk.init)(jax.random.key(2), y)
     assert blk.apply(vb, y).dtype == jnp.bfloat16
     with pytest.raises(ValueError, match=r"\[B, T, C\]"):
         blk.apply(vb, y[0])

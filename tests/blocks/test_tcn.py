@@ -10,7 +10,7 @@ from jaxblocks.blocks.tcn import TCN, TCNCA, chunked_attention, tcn_receptive_fi
 
 def _input_grad(model, params, x, t):
     """|d y[:, t] / d x| summed over batch/channels: which inputs output t depends on."""
-    g = jax.grad(lambda x: jnp.sum(model.apply(params, x)[:, t]))(x)
+    g = jax.jit(jax.grad(lambda x: jnp.sum(model.apply(params, x)[:, t])))(x)
     return np.abs(np.asarray(g, np.float32)).sum(axis=(0, 2))
 
 
@@ -23,7 +23,9 @@ def test_tcn_receptive_field_and_causality(kernel_size, levels, depthwise):
     # ReLU open (the network is then linear), and |weights| ~ 0.5 instead of N(0, 0.01) keep
     # far-lag products from underflowing.
     x = jnp.abs(x)
-    params = jax.tree.map(lambda p: jnp.abs(p) * 50.0 + 0.1, tcn.init(jax.random.key(1), x))
+    params = jax.tree.map(
+        lambda p: jnp.abs(p) * 50.0 + 0.1, jax.jit(tcn.init)(jax.random.key(1), x)
+    )
     rf = tcn_receptive_field(kernel_size, levels)
     assert tcn.receptive_field == rf == 1 + 2 * (kernel_size - 1) * (2**levels - 1)
     t = T - 1
@@ -40,7 +42,7 @@ def test_tcn_receptive_field_and_causality(kernel_size, levels, depthwise):
 def test_tcn_future_inputs_do_not_change_the_past():
     x = jax.random.normal(jax.random.key(0), (2, 40, 3))
     tcn = TCN(features=(8, 8, 5), kernel_size=3)
-    params = tcn.init(jax.random.key(1), x)
+    params = jax.jit(tcn.init)(jax.random.key(1), x)
     y = tcn.apply(params, x)
     y2 = tcn.apply(params, x.at[:, 25:].set(3.0))
     assert y.shape == (2, 40, 5)
@@ -66,12 +68,12 @@ def test_chunked_attention_matches_masked_full_attention():
 def test_tcnca_causal_shapes_dtype_and_gradients():
     x = jax.random.normal(jax.random.key(0), (2, 37, 8))
     block = TCNCA(z_dim=16, chunk_size=8, tcn_levels=2)
-    params = block.init(jax.random.key(1), x)
+    params = jax.jit(block.init)(jax.random.key(1), x)
     y = block.apply(params, x)
     assert y.shape == x.shape
     y2 = block.apply(params, x.at[:, 20:].add(1.0))
     np.testing.assert_allclose(y[:, :20], y2[:, :20], atol=1e-6)
-    g = jax.grad(lambda p: jnp.sum(block.apply(p, x) ** 2))(params)
+    g = jax.jit(jax.grad(lambda p: jnp.sum(block.apply(p, x) ** 2)))(params)
     assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(g))
     yb = TCNCA(z_dim=16, chunk_size=8, tcn_levels=2, dtype=jnp.bfloat16).apply(params, x)
     assert yb.dtype == jnp.bfloat16

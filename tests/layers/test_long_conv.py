@@ -40,7 +40,7 @@ def test_forward_is_a_causal_long_convolution_with_skip_and_glu():
     B, L, H, c = 2, 40, 3, 2
     x = jax.random.normal(jax.random.key(0), (B, L, H))
     layer = LongConv(l_max=L, channels=c, lam=0.0, kernel_dropout=0.0, kernel_init_scale=0.3)
-    params = layer.init(jax.random.key(1), x)
+    params = jax.jit(layer.init)(jax.random.key(1), x)
     p = params["params"]
     # Independent oracle: numpy direct convolution, per channel.
     k = np.asarray(p["kernel"], np.float64)  # [c, H, L]
@@ -64,7 +64,7 @@ def test_causality_and_bidirectional(bidirectional):
     L = 32
     x = jax.random.normal(jax.random.key(0), (1, L, 4))
     layer = LongConv(l_max=L, bidirectional=bidirectional, kernel_init_scale=0.1, lam=0.0)
-    params = layer.init(jax.random.key(1), x)
+    params = jax.jit(layer.init)(jax.random.key(1), x)
     y = layer.apply(params, x)
     y2 = layer.apply(params, x.at[:, 20:].add(5.0))
     same_past = np.allclose(y[:, :20], y2[:, :20], atol=1e-6)
@@ -74,7 +74,7 @@ def test_causality_and_bidirectional(bidirectional):
 def test_shorter_inputs_kernel_dropout_and_dtype():
     layer = LongConv(l_max=64, smoothing=True, dtype=jnp.bfloat16, kernel_init_scale=0.1)
     x = jax.random.normal(jax.random.key(0), (2, 48, 8))
-    params = layer.init(jax.random.key(1), x)
+    params = jax.jit(layer.init)(jax.random.key(1), x)
     assert params["params"]["kernel"].shape == (2, 8, 64)
     assert params["params"]["kernel"].dtype == jnp.float32
     y = layer.apply(params, x)
@@ -82,15 +82,15 @@ def test_shorter_inputs_kernel_dropout_and_dtype():
     ya = layer.apply(params, x, train=True, rngs={"dropout": jax.random.key(2)})
     yb = layer.apply(params, x, train=True, rngs={"dropout": jax.random.key(3)})
     assert not np.allclose(np.asarray(ya, np.float32), np.asarray(yb, np.float32))
-    g = jax.grad(lambda p: jnp.sum(layer.apply(p, x).astype(jnp.float32) ** 2))(params)
+    g = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply(p, x).astype(jnp.float32) ** 2)))(params)
     assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(g))
 
 
 def test_bad_inputs():
     layer = LongConv(l_max=16)
     with pytest.raises(ValueError, match="exceeds l_max=16"):
-        layer.init(jax.random.key(0), jnp.ones((1, 17, 4)))
+        jax.jit(layer.init)(jax.random.key(0), jnp.ones((1, 17, 4)))
     with pytest.raises(ValueError, match=r"\[B, L, H\]"):
-        layer.init(jax.random.key(0), jnp.ones((17, 4)))
+        jax.jit(layer.init)(jax.random.key(0), jnp.ones((17, 4)))
     with pytest.raises(ValueError, match="channels must be >= 1"):
         LongConv(l_max=16, channels=0).init(jax.random.key(0), jnp.ones((1, 8, 4)))
