@@ -725,10 +725,11 @@ class BatchChannelNorm(nn.Module):
     output well-conditioned per sample. Use after `WSConv`.
 
     Micro-batch mode (``estimate=True``, default; the paper's ``EstBN``): the batch step *always*
-    normalizes with the running estimates μ̂, σ̂² (training too), which are updated in training
-    by EMA from the batch (no gradient) — so batch size 1–2 works. Note that, as in the
-    official ``EstBN``, the variance estimate is taken around the running mean:
-    ``σ̂² <- m σ̂² + (1−m) mean((x − μ̂)²)``. ``estimate=False`` is ordinary BN (batch
+    normalizes with the running estimates μ̂, σ̂² (training too), which in training are first
+    updated by EMA from the batch (no gradient flows through them) — so batch size 1–2 works.
+    As in the official ``EstBN``, the variance estimate is taken around the old running mean,
+    ``σ̂² <- m σ̂² + (1−m) mean((x − μ̂_old)²)``, and the *updated* estimates normalize the
+    current batch. ``estimate=False`` is ordinary BN (batch
     statistics in training), the official large-batch setting.
 
     Official code: joe-siyuan-qiao/Batch-Channel-Normalization (README ``BCNorm``/``EstBN``):
@@ -779,22 +780,22 @@ class BatchChannelNorm(nn.Module):
         mean, var = ra_mean.value, ra_var.value
         if not ura:
             axes = tuple(range(x.ndim - 1))
-            x32 = (
-                jax.lax.stop_gradient(x.astype(jnp.float32))
-                if self.estimate
-                else x.astype(jnp.float32)
-            )
+            m = self.momentum
             if self.estimate:
+                # Official EstBN order: update the estimates from this batch (no gradient,
+                # variance around the *old* running mean), then normalize with the new ones.
+                x32 = jax.lax.stop_gradient(x.astype(jnp.float32))
                 bmean = jnp.mean(x32, axis=axes)
-                # around the running mean, as the official EstBN
                 bvar = jnp.mean(jnp.square(x32 - _bc(mean, x.ndim)), axis=axes)
+                mean = m * mean + (1 - m) * bmean
+                var = m * var + (1 - m) * bvar
+                new_mean, new_var = mean, var
             else:
-                bmean, bvar = _moments(x32, axes)
-                mean, var = bmean, bvar
+                mean, var = _moments(x.astype(jnp.float32), axes)
+                new_mean = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mean)
+                new_var = m * ra_var.value + (1 - m) * jax.lax.stop_gradient(var)
             if not self.is_initializing():
-                m = self.momentum
-                ra_mean.value = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(bmean)
-                ra_var.value = m * ra_var.value + (1 - m) * jax.lax.stop_gradient(bvar)
+                ra_mean.value, ra_var.value = new_mean, new_var
         y = batch_channel_norm(x, mean, var, bn_scale, bn_bias, scale, bias, groups, self.epsilon)
         return y.astype(_out_dtype(self.dtype, x))
 

@@ -370,16 +370,31 @@ def test_batch_channel_norm_estimate_mode(dtype):
     }
     y, upd = m.apply(v, x, use_running_average=False, mutable=["batch_stats"])
     p, xn = {k: _np(a) for k, a in v["params"].items()}, _np(x)
-    assert y.dtype == dtype
-    assert_close(y, _bcn_ref(xn, r_mean, r_var, p, 4), dtype=dtype)  # running stats in training
     bm = xn.mean((0, 1, 2))
-    bv = ((xn - r_mean) ** 2).mean((0, 1, 2))  # around the running mean (official EstBN)
-    assert_close(upd["batch_stats"]["mean"], 0.7 * r_mean + 0.3 * bm, dtype=dtype)
-    assert_close(upd["batch_stats"]["var"], 0.7 * r_var + 0.3 * bv, dtype=dtype)
-    # micro-batch: a batch of one gives the same output for that sample
-    y1, _ = m.apply(v, x[:1], use_running_average=False, mutable=["batch_stats"])
-    assert_close(y1, _np(y)[:1], dtype=dtype)
-    ye = m.apply(v, x, use_running_average=True)
+    bv = ((xn - r_mean) ** 2).mean((0, 1, 2))  # around the old running mean (official EstBN)
+    new_mean, new_var = 0.7 * r_mean + 0.3 * bm, 0.7 * r_var + 0.3 * bv
+    assert y.dtype == dtype
+    # training normalizes with the just-updated estimates, not the batch statistics
+    assert_close(y, _bcn_ref(xn, new_mean, new_var, p, 4), dtype=dtype)
+    assert_close(upd["batch_stats"]["mean"], new_mean, dtype=dtype)
+    assert_close(upd["batch_stats"]["var"], new_var, dtype=dtype)
+    # no gradient flows through the estimates: the input gradient equals the one with the
+    # estimates held fixed (the eval path with the updated statistics)
+    ev = {**v, **upd}
+    gx_train = jax.grad(
+        lambda x: jnp.sum(jnp.sin(m.apply(v, x, use_running_average=False, mutable=True)[0]))
+    )(x.astype(jnp.float32))
+    gx_eval = jax.grad(lambda x: jnp.sum(jnp.sin(m.apply(ev, x, use_running_average=True))))(
+        x.astype(jnp.float32)
+    )
+    assert_close(gx_train, gx_eval, dtype=dtype)
+    # micro-batch: a batch of one works and is normalized per sample by the group step
+    y1, u1 = m.apply(v, x[:1], use_running_average=False, mutable=["batch_stats"])
+    xs = xn[:1]
+    m1 = 0.7 * r_mean + 0.3 * xs.mean((0, 1, 2))
+    v1 = 0.7 * r_var + 0.3 * ((xs - r_mean) ** 2).mean((0, 1, 2))
+    assert_close(y1, _bcn_ref(xs, m1, v1, p, 4), dtype=dtype)
+    ye = m.apply(ev, x, use_running_average=True)
     assert_close(ye, _np(y), dtype=dtype)
     _finite_grads(m, v, x)
 
