@@ -579,7 +579,8 @@ class EvoNormS0(nn.Module):
 
     The batch-independent sibling of EvoNorm-B0 (no running statistics, so train = eval and any
     batch size works): ``y = x·σ(v·x) / √(s²_{h,w,c/g}(x)+ε) · γ + β`` — a SiLU-like gate divided
-    by the group standard deviation. NHWC. Give ``groups`` or ``group_size``.
+    by the group standard deviation. NHWC. ``group_size``, when given, wins over ``groups``
+    (as in timm).
 
     Official code (tensorflow/tpu ``evonorm``): 32 groups, reduced to the largest divisor of C
     when 32 does not divide it, ε 1e-5, biased variance — we follow it (``groups`` is reduced

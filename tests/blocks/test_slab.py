@@ -58,3 +58,18 @@ def test_slab_block_explicit_step_and_ln_start():
     y_eval = blk_nb.apply(vb, x, train=False)
     y_dep = SLABBlock(num_heads=2, qkv_bias=False, deploy=True).apply(fold_slab_block(vb), x)
     assert_close(y_dep, y_eval, tol=1e-5)
+
+
+def test_slab_deit_tiny_block_shapes_and_parameter_count():
+    # SLAB-DeiT-T: C = 192, 3 heads, MLP ratio 4, 14x14 tokens (abstract init only)
+    c, n, d = 192, 196, 64
+    x = jax.ShapeDtypeStruct((2, n, c), jnp.float32)
+    blk = SLABBlock(num_heads=3)
+    v = jax.eval_shape(lambda x: blk.init(jax.random.key(0), x, train=True), x)
+    count = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(v["params"]))
+    attn = (c * 3 * c + 3 * c) + (c * c + c) + n * c + (5 * 5 * d + d)  # qkv, proj, pos, dwc
+    mlp = (c * 4 * c + 4 * c) + (4 * c * c + c)
+    norms = 2 * (2 * c + 2 * c + 1)  # each PRepBN: LN scale/bias + BN scale/bias + alpha
+    assert count == attn + mlp + norms
+    out = jax.eval_shape(lambda v, x: blk.apply(v, x, train=False), v, x)
+    assert out.shape == (2, n, c)

@@ -440,6 +440,8 @@ def test_repbn_equation_mask_and_fold(dtype):
     folded = N.fold_repbn_into_dense(ev, dv["params"])
     got = dense.apply({"params": folded}, x.astype(jnp.float32))
     assert_close(got, want, tol=1e-5)
+    with pytest.raises(ValueError, match="mask shape"):
+        m.apply(v, x, use_running_average=False, mask=mask[:, :3], mutable=["batch_stats"])
     _finite_grads(m, v, x)
 
 
