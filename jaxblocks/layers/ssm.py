@@ -1,0 +1,323 @@
+"""2-D selective-scan layers: VMamba's SS2D and Multi-Scale VMamba's MS2D, with their scan helpers.
+
+`cross_scan` flattens a ``[B, H, W, C]`` map into the four VMamba scan orders (row-major,
+column-major and both reversed) and `cross_merge` maps scan outputs back and sums them (it is
+`cross_scan`'s transpose). `ss2d_scan` runs Mamba's selective scan over K directions in one
+grouped `selective_scan` call (``B, C: [B, K, N, L]``), with VMamba's x/dt projections.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from jaxblocks.kernels.selective_scan.api import selective_scan
+
+# VMamba's scan orders, in CrossScan's order: 0 row-major, 1 column-major, 2 and 3 reversed.
+ROW, COL, ROW_REV, COL_REV = 0, 1, 2, 3
+ALL_DIRECTIONS = (ROW, COL, ROW_REV, COL_REV)
+
+
+def _flatten(x: Array, direction: int) -> Array:
+    """``[B, H, W, C]`` -> ``[B, C, H·W]`` in scan order ``direction``."""
+    B, H, W, C = x.shape
+    if direction in (COL, COL_REV):
+        x = jnp.swapaxes(x, 1, 2)  # column-major: W outer, H inner
+    seq = jnp.moveaxis(x.reshape(B, H * W, C), 1, 2)
+    return seq[..., ::-1] if direction in (ROW_REV, COL_REV) else seq
+
+
+def _unflatten(y: Array, direction: int, H: int, W: int) -> Array:
+    """``[B, C, H·W]`` in scan order ``direction`` -> ``[B, H, W, C]``."""
+    B, C, _ = y.shape
+    if direction in (ROW_REV, COL_REV):
+        y = y[..., ::-1]
+    y = jnp.moveaxis(y, 1, 2)
+    if direction in (COL, COL_REV):
+        return jnp.swapaxes(y.reshape(B, W, H, C), 1, 2)
+    return y.reshape(B, H, W, C)
+
+
+def cross_scan(
+    x: Float[Array, "B H W C"], directions: Sequence[int] = ALL_DIRECTIONS
+) -> Float[Array, "B K C L"]:
+    """VMamba's cross-scan (arXiv 2401.10166): the map as K = len(directions) sequences.
+
+    ``directions`` picks from 0 row-major, 1 column-major, 2 row-major reversed, 3 column-major
+    reversed (VMamba's CrossScan uses all four, in this order).
+    """
+    return jnp.stack([_flatten(x, d) for d in directions], axis=1)
+
+
+def cross_merge(
+    ys: Float[Array, "B K C L"], H: int, W: int, directions: Sequence[int] = ALL_DIRECTIONS
+) -> Float[Array, "B H W C"]:
+    """VMamba's cross-merge: each direction's sequence back to ``[B, H, W, C]``, summed.
+
+    It is the transpose of `cross_scan`; ``cross_merge(cross_scan(x)) = K·x``.
+    """
+    if ys.shape[1] != len(directions) or ys.shape[-1] != H * W:
+        raise ValueError(
+            f"cross_merge: ys [B, K, C, L] must have K={len(directions)} and L=H·W={H * W}, "
+            f"got shape {ys.shape}"
+        )
+    return sum(_unflatten(ys[:, k], d, H, W) for k, d in enumerate(directions))
+
+
+def ss2d_scan(
+    xs: Float[Array, "B K D L"],
+    x_proj_weight: Float[Array, "K R2N D"],
+    dt_projs_weight: Float[Array, "K D R"],
+    dt_projs_bias: Float[Array, "K D"],
+    A_logs: Float[Array, "KD N"],
+    Ds: Float[Array, " KD"],
+    *,
+    implementation: str | None = None,
+) -> Float[Array, "B K D L"]:
+    """VMamba's multi-direction selective scan: one grouped `selective_scan` over K sequences.
+
+    Per direction k: ``(dt_r, B, C) = x_proj_weight[k] · x`` (dt rank R, state N),
+    ``Δ = dt_projs_weight[k] · dt_r``, then ``selective_scan(x, Δ, -exp(A_logs), B, C, Ds,
+    delta_bias=dt_projs_bias, delta_softplus=True)`` with k's ``A``, ``D`` and bias rows.
+    """
+    B, K, D, L = xs.shape
+    R = dt_projs_weight.shape[-1]
+    N = A_logs.shape[-1]
+    x_dbl = jnp.einsum("bkdl,kcd->bkcl", xs, x_proj_weight.astype(xs.dtype))  # [B, K, R+2N, L]
+    dts, Bs, Cs = jnp.split(x_dbl, [R, R + N], axis=2)
+    dts = jnp.einsum("bkrl,kdr->bkdl", dts, dt_projs_weight.astype(xs.dtype))  # [B, K, D, L]
+    ys = selective_scan(
+        xs.reshape(B, K * D, L),
+        dts.reshape(B, K * D, L),
+        -jnp.exp(A_logs.astype(jnp.float32)),
+        Bs,
+        Cs,
+        Ds.astype(jnp.float32),
+        delta_bias=dt_projs_bias.reshape(-1).astype(jnp.float32),
+        delta_softplus=True,
+        implementation=implementation,
+    )
+    return ys.reshape(B, K, D, L)
+
+
+def _dt_bias_init(dt_min: float, dt_max: float, floor: float):
+    """Mamba's Δ bias: softplus⁻¹ of Δ drawn log-uniformly in [dt_min, dt_max]."""
+
+    def init(key, shape, dtype=jnp.float32):
+        u = jax.random.uniform(key, shape, jnp.float32)
+        dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = jnp.maximum(dt, floor)
+        return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
+    return init
+
+
+def _a_log_init(key, shape, dtype=jnp.float32):
+    """S4D-real: ``A_log[d, n] = log(n + 1)``, so ``A = -(1, 2, ..., N)`` per channel."""
+    del key
+    return jnp.broadcast_to(jnp.log(jnp.arange(1, shape[-1] + 1, dtype=jnp.float32)), shape).astype(
+        dtype
+    )
+
+
+class _ScanParams(nn.Module):
+    """The per-direction parameters of VMamba's scans (x_proj, dt_projs, A_logs, Ds)."""
+
+    K: int
+    d_inner: int
+    d_state: int
+    dt_rank: int
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_scale: float = 1.0
+    dt_init_floor: float = 1e-4
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self):
+        K, D, N, R = self.K, self.d_inner, self.d_state, self.dt_rank
+        uniform = lambda s: lambda k, shape, dt=jnp.float32: jax.random.uniform(k, shape, dt, -s, s)
+        p = lambda name, init, shape, axes: self.param(
+            name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype
+        )
+        return (
+            p("x_proj_weight", uniform(D**-0.5), (K, R + 2 * N, D), (None, None, "mlp")),
+            p("dt_projs_weight", uniform(self.dt_scale * R**-0.5), (K, D, R), (None, "mlp", None)),
+            p(
+                "dt_projs_bias",
+                _dt_bias_init(self.dt_min, self.dt_max, self.dt_init_floor),
+                (K, D),
+                (None, "mlp"),
+            ),
+            p("A_logs", _a_log_init, (K * D, N), ("mlp", None)),
+            p("Ds", nn.initializers.ones, (K * D,), ("mlp",)),
+        )
+
+
+class SqueezeExcite(nn.Module):
+    """MSVMamba's SE on ``[B, H, W, C]``: mean → Linear(C/r) → ReLU → Linear(C) → σ (no biases)."""
+
+    reduction: int = 8
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        C = x.shape[-1]
+        s = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)  # [B, C]
+        dense = lambda f, n: nn.Dense(
+            f, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=n
+        )
+        s = jax.nn.sigmoid(dense(C, "fc2")(nn.relu(dense(max(1, C // self.reduction), "fc1")(s))))
+        return x * s[:, None, None, :].astype(x.dtype)
+
+
+class _SS2DBase(nn.Module):
+    d_state: int = 16
+    ssm_ratio: float = 2.0
+    dt_rank: int | str = "auto"
+    d_conv: int = 3
+    conv_bias: bool = True
+    bias: bool = False
+    norm_eps: float = 1e-5
+    implementation: str | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def _dims(self, C):
+        d_inner = int(self.ssm_ratio * C)
+        R = math.ceil(C / 16) if self.dt_rank == "auto" else int(self.dt_rank)
+        return d_inner, R
+
+    def _dense(self, features, name, axes):
+        return nn.Dense(
+            features,
+            use_bias=self.bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), axes),
+            name=name,
+        )
+
+    def _dwconv(self, features, k, stride, name):
+        return nn.Conv(
+            features,
+            (k, k),
+            strides=stride,
+            padding=(k - 1) // 2,
+            feature_group_count=features,
+            use_bias=self.conv_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
+
+    def _norm(self, name="out_norm"):
+        return nn.LayerNorm(
+            epsilon=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
+
+    def _in(self, x):
+        C = x.shape[-1]
+        d_inner, R = self._dims(C)
+        xz = self._dense(2 * d_inner, "in_proj", ("embed", "mlp"))(x.astype(self.dtype))
+        x, z = jnp.split(xz, 2, axis=-1)
+        return x, nn.silu(z), d_inner, R
+
+
+class SS2D(_SS2DBase):
+    """VMamba's 2-D selective scan, SS2D (Liu et al., https://arxiv.org/abs/2401.10166).
+
+    Mamba's selective scan over a ``[B, H, W, C]`` map along four orders (row/column-major, each
+    both ways) with separate parameters per order, merged by summation: every token sees the
+    whole map. VMamba v2 form: in_proj ``C → 2·d_inner`` split into x, z; x → depthwise
+    ``d_conv × d_conv`` → SiLU → 4 directional scans (one grouped `selective_scan`) → merge →
+    LayerNorm → ``· SiLU(z)`` → out_proj.
+
+    Attributes:
+      d_state: N; ssm_ratio: ``d_inner = ssm_ratio · C``; dt_rank: "auto" = ``ceil(C / 16)``.
+      d_conv: depthwise kernel; conv_bias, bias (projections), norm_eps (out LayerNorm).
+      directions: the scan orders (see `cross_scan`). implementation: the scan kernel.
+      dtype: compute dtype; param_dtype: storage dtype.
+
+    Example:
+      >>> y, params = SS2D(d_state=4).init_with_output(jax.random.key(0), jnp.ones((1, 8, 8, 16)))
+    """
+
+    directions: tuple[int, ...] = ALL_DIRECTIONS
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "B H W C"]) -> Float[Array, "B H W C"]:
+        B, H, W, C = x.shape
+        x, z, d_inner, R = self._in(x)
+        x = nn.silu(self._dwconv(d_inner, self.d_conv, 1, "conv2d")(x))
+        params = _ScanParams(
+            len(self.directions), d_inner, self.d_state, R, param_dtype=self.param_dtype
+        )()
+        ys = ss2d_scan(cross_scan(x, self.directions), *params, implementation=self.implementation)
+        y = cross_merge(ys, H, W, self.directions)
+        y = self._norm()(y) * z
+        return self._dense(C, "out_proj", ("mlp", "embed"))(y)
+
+
+class MS2D(_SS2DBase):
+    """Multi-Scale 2-D selective scan, MS2D (Shi et al., https://arxiv.org/abs/2405.14174).
+
+    SS2D's four scans at a quarter of the cost: one row-major scan of the full-resolution map
+    (depthwise 3×3 → SiLU), and the other three orders (row-major reversed, column-major, column-
+    major reversed) on a half-resolution map (depthwise 7×7 stride 2 → SiLU). Each direction's
+    output is layer-normalised (shared out-norm), the three low-resolution ones are mapped back,
+    summed and bilinearly upsampled (half-pixel centres, = ``align_corners=False``) and added to
+    the full-resolution one; then squeeze-excite (reduction 8), ``· SiLU(z)`` and out_proj
+    (MSVMamba's ``multiscale_4scan_12``, ms_split [1, 3]).
+
+    Attributes: as `SS2D`, plus ``low_res_kernel`` (7), ``se_reduction`` (8, None = no SE).
+
+    Example:
+      >>> y, params = MS2D(d_state=1).init_with_output(jax.random.key(0), jnp.ones((1, 8, 8, 16)))
+    """
+
+    low_res_kernel: int = 7
+    se_reduction: int | None = 8
+    low_res_directions: tuple[int, ...] = (ROW_REV, COL, COL_REV)
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "B H W C"]) -> Float[Array, "B H W C"]:
+        B, H, W, C = x.shape
+        x, z, d_inner, R = self._in(x)
+        x0 = nn.silu(self._dwconv(d_inner, self.d_conv, 1, "conv2d")(x))
+        x1 = nn.silu(self._dwconv(d_inner, self.low_res_kernel, 2, "conv2d_b1")(x))
+        h1, w1 = x1.shape[1:3]
+        K1 = len(self.low_res_directions)
+        x_proj, dt_w, dt_b, A_logs, Ds = _ScanParams(
+            1 + K1, d_inner, self.d_state, R, param_dtype=self.param_dtype
+        )()
+        norm = self._norm()
+        scan = lambda xs, s: ss2d_scan(
+            xs,
+            x_proj[s],
+            dt_w[s],
+            dt_b[s],
+            A_logs[s.start * d_inner : s.stop * d_inner],
+            Ds[s.start * d_inner : s.stop * d_inner],
+            implementation=self.implementation,
+        )
+        # full resolution, row-major; out-norm over channels per token
+        y0 = scan(cross_scan(x0, (ROW,)), slice(0, 1))
+        y0 = norm(jnp.moveaxis(y0[:, 0], 1, 2)).reshape(B, H, W, d_inner)
+        # half resolution, the other three orders; normed per direction, mapped back, summed
+        y1 = scan(cross_scan(x1, self.low_res_directions), slice(1, 1 + K1))
+        y1 = norm(jnp.moveaxis(y1, 2, 3))  # [B, K1, L1, D]
+        y1 = cross_merge(jnp.moveaxis(y1, 3, 2), h1, w1, self.low_res_directions)
+        y1 = jax.image.resize(y1, (B, H, W, d_inner), "bilinear").astype(y0.dtype)
+        y = y0 + y1
+        if self.se_reduction:
+            y = SqueezeExcite(self.se_reduction, self.dtype, self.param_dtype, name="se")(y)
+        y = y * z
+        return self._dense(C, "out_proj", ("mlp", "embed"))(y)
