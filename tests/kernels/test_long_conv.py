@@ -101,6 +101,15 @@ def test_pallas_interpret_circular_and_ungated(impl):
         _fft_check(case, impl, causal=False, fft_size=256)
 
 
+@pytest.mark.parametrize("impl,L", [("pallas_gpu", 30000), ("pallas_tpu", 4000)])
+def test_pallas_interpret_large_fft_sizes_match_xla(impl, L):
+    """N = 65536 (256 × 256 blocks) and N = 8192 (128 × 64): xla is the oracle (checked above)."""
+    case = specs.FFTConvCase(1, 2, L, L)
+    u, k, D, pre, post = case.make()
+    with interpret():
+        check_forward_and_vjp(_fft(impl), _fft("xla"), [u, k, D, pre, post], tol=1e-5)
+
+
 @pytest.mark.parametrize("impl", PALLAS)
 def test_pallas_custom_vjp_matches_autodiff_of_reference(impl):
     u, k, D, pre, post = specs.FFTConvCase(1, 2, 50, 50).make()
