@@ -94,3 +94,18 @@ def test_bad_inputs():
         jax.jit(layer.init)(jax.random.key(0), jnp.ones((17, 4)))
     with pytest.raises(ValueError, match="channels must be >= 1"):
         LongConv(l_max=16, channels=0).init(jax.random.key(0), jnp.ones((1, 8, 4)))
+
+
+def test_pallas_kernels_inside_the_layer():
+    """The layer with the Monarch Pallas kernel (TPU interpreter) equals the XLA FFT path."""
+    from jaxblocks.kernels import interpret
+
+    x = jax.random.normal(jax.random.key(0), (1, 50, 4))
+    ref = LongConv(l_max=50, kernel_init_scale=0.1, implementation="xla")
+    params = jax.jit(ref.init)(jax.random.key(1), x)
+    loss = lambda m: jax.value_and_grad(lambda p: jnp.sum(m.apply(p, x) ** 2))
+    want = jax.jit(loss(ref))(params)
+    with interpret():
+        got = jax.jit(loss(ref.clone(implementation="pallas_tpu")))(params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
