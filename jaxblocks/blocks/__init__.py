@@ -1,1 +1,13 @@
-"""jaxblocks.blocks."""
+"""The papers' residual blocks, composed from layers. Public re-exports only."""
+
+from jaxblocks.blocks.gla import GLABlock as GLABlock
+from jaxblocks.blocks.lmuformer import Conv1dEmbedding as Conv1dEmbedding
+from jaxblocks.blocks.lmuformer import LMUFormerBlock as LMUFormerBlock
+from jaxblocks.blocks.lmuformer import LMUMixer as LMUMixer
+from jaxblocks.blocks.slab import SLABBlock as SLABBlock
+from jaxblocks.blocks.slab import fold_slab_block as fold_slab_block
+from jaxblocks.blocks.tcn import TCN as TCN
+from jaxblocks.blocks.tcn import TCNCA as TCNCA
+from jaxblocks.blocks.tcn import TemporalBlock as TemporalBlock
+from jaxblocks.blocks.tcn import chunked_attention as chunked_attention
+from jaxblocks.blocks.tcn import tcn_receptive_field as tcn_receptive_field

@@ -1,1 +1,66 @@
-"""jaxblocks.layers."""
+"""Linen layers (one file per family). Public re-exports only."""
+
+from flax.linen import LayerNorm as LayerNorm  # paper 26 (Ba et al.); Flax's own
+
+from jaxblocks.layers.attention import SimplifiedLinearAttention as SimplifiedLinearAttention
+from jaxblocks.layers.attention import simplified_linear_attention as simplified_linear_attention
+from jaxblocks.layers.conv_bn import CONVBN_MODES as CONVBN_MODES
+from jaxblocks.layers.conv_bn import ConvBN as ConvBN
+from jaxblocks.layers.conv_bn import LinearBN as LinearBN
+from jaxblocks.layers.conv_bn import convbn_mode as convbn_mode
+from jaxblocks.layers.conv_bn import fold_for_deploy as fold_for_deploy
+from jaxblocks.layers.linear_attention import GatedLinearAttention as GatedLinearAttention
+from jaxblocks.layers.linear_attention import ShortConvolution as ShortConvolution
+from jaxblocks.layers.linear_attention import causal_depthwise_conv1d as causal_depthwise_conv1d
+from jaxblocks.layers.lmu import LIF as LIF
+from jaxblocks.layers.lmu import LMU as LMU
+from jaxblocks.layers.lmu import lmu_discrete as lmu_discrete
+from jaxblocks.layers.lmu import lmu_impulse_response as lmu_impulse_response
+from jaxblocks.layers.lmu import lmu_state_space as lmu_state_space
+from jaxblocks.layers.long_conv import LongConv as LongConv
+from jaxblocks.layers.long_conv import smooth_kernel as smooth_kernel
+from jaxblocks.layers.long_conv import squash_kernel as squash_kernel
+from jaxblocks.layers.mlp import SwiGLU as SwiGLU
+from jaxblocks.layers.mlp import swiglu_hidden_size as swiglu_hidden_size
+from jaxblocks.layers.norm import BatchChannelNorm as BatchChannelNorm
+from jaxblocks.layers.norm import EvoNormB0 as EvoNormB0
+from jaxblocks.layers.norm import EvoNormS0 as EvoNormS0
+from jaxblocks.layers.norm import GhostBatchNorm as GhostBatchNorm
+from jaxblocks.layers.norm import PowerNorm as PowerNorm
+from jaxblocks.layers.norm import PRepBN as PRepBN
+from jaxblocks.layers.norm import RepBN as RepBN
+from jaxblocks.layers.norm import WSConv as WSConv
+from jaxblocks.layers.norm import batch_channel_norm as batch_channel_norm
+from jaxblocks.layers.norm import bn_only_init as bn_only_init
+from jaxblocks.layers.norm import bn_only_labels as bn_only_labels
+from jaxblocks.layers.norm import bn_only_mask as bn_only_mask
+from jaxblocks.layers.norm import bn_only_optimizer as bn_only_optimizer
+from jaxblocks.layers.norm import evonorm_b0 as evonorm_b0
+from jaxblocks.layers.norm import evonorm_s0 as evonorm_s0
+from jaxblocks.layers.norm import fold_repbn_into_dense as fold_repbn_into_dense
+from jaxblocks.layers.norm import ghost_batch_norm as ghost_batch_norm
+from jaxblocks.layers.norm import power_norm as power_norm
+from jaxblocks.layers.norm import prepbn_lambda as prepbn_lambda
+from jaxblocks.layers.norm import rep_batch_norm as rep_batch_norm
+from jaxblocks.layers.norm import repbn_affine as repbn_affine
+from jaxblocks.layers.norm import weight_standardize as weight_standardize
+from jaxblocks.layers.recurrent import GRU as GRU
+from jaxblocks.layers.recurrent import LSTM as LSTM
+from jaxblocks.layers.recurrent import SLSTM as SLSTM
+from jaxblocks.layers.recurrent import ElmanRNN as ElmanRNN
+from jaxblocks.layers.recurrent import FlashRNN as FlashRNN
+from jaxblocks.layers.recurrent import LayerNormGRU as LayerNormGRU
+from jaxblocks.layers.recurrent import LayerNormLSTM as LayerNormLSTM
+from jaxblocks.layers.recurrent import flax_gru_params as flax_gru_params
+from jaxblocks.layers.recurrent import flax_lstm_params as flax_lstm_params
+from jaxblocks.layers.ssm import MS2D as MS2D
+from jaxblocks.layers.ssm import SS2D as SS2D
+from jaxblocks.layers.ssm import SqueezeExcite as SqueezeExcite
+from jaxblocks.layers.ssm import cross_merge as cross_merge
+from jaxblocks.layers.ssm import cross_scan as cross_scan
+from jaxblocks.layers.ssm import ss2d_scan as ss2d_scan
+from jaxblocks.layers.unmix_tns import unmix_tns as unmix_tns
+from jaxblocks.layers.unmix_tns import unmix_tns_apply as unmix_tns_apply
+from jaxblocks.layers.unmix_tns import unmix_tns_init_state as unmix_tns_init_state
+from jaxblocks.layers.unmix_tns import unmix_tns_momentum as unmix_tns_momentum
+from jaxblocks.layers.unmix_tns import unmix_tns_normalize as unmix_tns_normalize
