@@ -94,6 +94,7 @@ def test_ss2d_scan_matches_direct_per_direction_computation():
     assert_close(got, want, tol=1e-5)
 
 
+@pytest.mark.slow
 def test_ss2d_layer_shapes_dtype_and_gradients():
     x = _map((2, 5, 6, 16))
     layer = SS2D(d_state=4, dtype=jnp.bfloat16, implementation="reference")
@@ -150,6 +151,7 @@ def test_ms2d_low_res_branch_is_upsampled_bilinearly():
     np.testing.assert_allclose(np.asarray(up)[0, :, :, 0], want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_ms2d_bf16_and_no_se():
     x = _map((1, 6, 6, 8), seed=6)
     layer = MS2D(d_state=2, se_reduction=None, dtype=jnp.bfloat16, implementation="reference")
