@@ -4,6 +4,7 @@ from jaxblocks.blocks.gla import GLABlock as GLABlock
 from jaxblocks.blocks.lmuformer import Conv1dEmbedding as Conv1dEmbedding
 from jaxblocks.blocks.lmuformer import LMUFormerBlock as LMUFormerBlock
 from jaxblocks.blocks.lmuformer import LMUMixer as LMUMixer
+from jaxblocks.blocks.msvmamba import MSVMambaBlock as MSVMambaBlock
 from jaxblocks.blocks.slab import SLABBlock as SLABBlock
 from jaxblocks.blocks.slab import fold_slab_block as fold_slab_block
 from jaxblocks.blocks.tcn import TCN as TCN

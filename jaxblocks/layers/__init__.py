@@ -22,6 +22,7 @@ from jaxblocks.layers.long_conv import smooth_kernel as smooth_kernel
 from jaxblocks.layers.long_conv import squash_kernel as squash_kernel
 from jaxblocks.layers.mlp import SwiGLU as SwiGLU
 from jaxblocks.layers.mlp import swiglu_hidden_size as swiglu_hidden_size
+from jaxblocks.layers.norm import POWER_NORM_BACKWARD_COLLECTION as POWER_NORM_BACKWARD_COLLECTION
 from jaxblocks.layers.norm import BatchChannelNorm as BatchChannelNorm
 from jaxblocks.layers.norm import EvoNormB0 as EvoNormB0
 from jaxblocks.layers.norm import EvoNormS0 as EvoNormS0
@@ -59,6 +60,7 @@ from jaxblocks.layers.ssm import SqueezeExcite as SqueezeExcite
 from jaxblocks.layers.ssm import cross_merge as cross_merge
 from jaxblocks.layers.ssm import cross_scan as cross_scan
 from jaxblocks.layers.ssm import ss2d_scan as ss2d_scan
+from jaxblocks.layers.unmix_tns import UNMIX_TNS_COLLECTION as UNMIX_TNS_COLLECTION
 from jaxblocks.layers.unmix_tns import unmix_tns as unmix_tns
 from jaxblocks.layers.unmix_tns import unmix_tns_apply as unmix_tns_apply
 from jaxblocks.layers.unmix_tns import unmix_tns_init_state as unmix_tns_init_state
