@@ -43,7 +43,7 @@ def test_one_head_matches_flax_cell(ours, cell, mapping):
     rnn = nn.RNN(cell(features=H), return_carry=True)
     fp = _randomize(rnn.init(jax.random.key(0), x))  # random biases too
     carry, want = rnn.apply(fp, x)
-    layer = ours(features=H, num_heads=1, implementation="reference")
+    layer = ours(features=H, num_heads=1)  # the default implementation (xla on CPU)
     params = {"params": {"forward": mapping(fp["params"]["cell"])}}
     got, last = layer.apply(params, x)
     assert_close(got, want, tol=1e-5)
@@ -51,7 +51,7 @@ def test_one_head_matches_flax_cell(ours, cell, mapping):
     assert_close(last[:, :, 0], want_last, tol=1e-5)
 
 
-@pytest.mark.parametrize("cls", [LSTM, SLSTM, GRU, ElmanRNN])
+@pytest.mark.parametrize("cls", [LSTM, SLSTM, ElmanRNN, pytest.param(GRU, marks=pytest.mark.slow)])
 def test_shapes_heads_and_final_state_carry_over(cls):
     x = _x(2)
     layer = cls(features=H, num_heads=4)
@@ -86,12 +86,12 @@ def test_bidirectional_is_forward_plus_reversed_backward():
 
 def test_implementation_passthrough_and_gradients():
     x = _x(4, (2, 3, F))
-    ref = SLSTM(features=32, num_heads=2, implementation="reference")
+    ref = ElmanRNN(features=32, num_heads=2, implementation="reference")
     params = ref.init(jax.random.key(0), x)
     params = {"params": _randomize(params["params"], seed=5)}
 
     def loss(impl, p):
-        y, _ = SLSTM(features=32, num_heads=2, implementation=impl).apply(p, x)
+        y, _ = ElmanRNN(features=32, num_heads=2, implementation=impl).apply(p, x)
         return jnp.sum(y**2)
 
     want = jax.grad(lambda p: loss("reference", p))(params)
@@ -171,7 +171,7 @@ def test_layer_norm_gru_matches_equations():
     np.testing.assert_allclose(last[0], h, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("cls", [LayerNormLSTM, LayerNormGRU])
+@pytest.mark.parametrize("cls", [LayerNormLSTM, pytest.param(LayerNormGRU, marks=pytest.mark.slow)])
 def test_layer_norm_rnn_is_invariant_to_weight_scale(cls):
     """LayerNorm makes the layer invariant to rescaling the input and recurrent weights."""
     x = _x(11)

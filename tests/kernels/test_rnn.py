@@ -1,0 +1,273 @@
+"""flashrnn: every implementation vs the fp32 reference (forward and all gradients), the hand
+derived cell backward vs autodiff, sLSTM's stabilizer, lowering for cuda/tpu, errors, edge cases.
+
+Shapes sample T ∈ {1, 3, 7, 17, 64, 257}, D ∈ {16, 32, 48, 64}, N ∈ {1, 2, 4}, B odd and even;
+long sequences run on ``xla`` only, the interpreted Pallas kernels on short ones.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxblocks.kernels import UnsupportedImplementationError, interpret, select_implementation
+from jaxblocks.kernels.rnn import CELLS, api, flashrnn, flashrnn_step, pallas_gpu, pallas_tpu
+from jaxblocks.kernels.rnn.cells import pointwise, pointwise_bwd
+from jaxblocks.kernels.rnn.specs import LOWERING_CASES, Case, make_inputs
+from tests.kernels.harness import (
+    assert_close,
+    check_custom_vjp_matches_autodiff,
+    check_forward_and_vjp,
+    check_pallas_lowering,
+)
+
+F32, BF16 = jnp.float32, jnp.bfloat16
+
+
+def _impl(function, implementation):
+    return lambda *a: flashrnn(*a, function=function, implementation=implementation)
+
+
+def _ref(function):
+    return _impl(function, "reference")
+
+
+# --- the cell backward used by the kernels equals autodiff of the cell ----------------------
+
+
+@pytest.mark.parametrize("function", list(CELLS))
+def test_pointwise_bwd_matches_autodiff(function):
+    cell = CELLS[function]
+    ks = jax.random.split(jax.random.key(3), 5)
+    shape = (6, 8)
+    wx = list(2 * jax.random.normal(ks[0], (cell.G, *shape)))
+    ry = list(2 * jax.random.normal(ks[1], (cell.Gr, *shape)))
+    b = list(jax.random.normal(ks[2], (cell.Gb, *shape)))
+    st = jax.random.normal(ks[3], (cell.S, *shape))
+    if function == "slstm":  # half the rows start fresh (n = 0), half stabilised (n ≥ 1)
+        st = st.at[2].set(jnp.where(jnp.arange(6)[:, None] < 3, 0.0, 1 + jnp.abs(st[2])))
+    st = list(st)
+    ct = list(jax.random.normal(ks[4], (cell.S, *shape)))
+    _, vjp = jax.vjp(lambda *a: pointwise(function, *a), wx, ry, b, st)
+    want = vjp(tuple(ct))
+    got = pointwise_bwd(function, wx, ry, b, st, ct)
+    for name, g, w in zip(("wx", "ry", "b", "states"), got, want, strict=True):
+        assert_close(list(g), list(w), tol=1e-5, name=f"{function} d{name}")
+
+
+# --- xla vs reference: long sequences, both dtypes --------------------------------------------
+
+SLOW = pytest.mark.slow
+
+XLA_CASES = [  # one case per cell in CI, the rest of the sample marked slow
+    Case("lstm", 3, 257, 1, 48, F32),
+    Case("slstm", 2, 64, 4, 16, BF16),
+    Case("elman", 2, 1, 1, 64, BF16),
+    pytest.param(Case("gru", 4, 3, 4, 32, F32), marks=SLOW),  # gru's xla forward: layer tests
+    pytest.param(Case("lstm", 2, 64, 4, 32, BF16), marks=SLOW),
+    pytest.param(Case("slstm", 3, 3, 1, 48, F32), marks=SLOW),
+    pytest.param(Case("gru", 2, 257, 1, 16, BF16), marks=SLOW),
+    pytest.param(Case("elman", 3, 64, 4, 48, F32), marks=SLOW),
+]
+
+
+@pytest.mark.parametrize("case", XLA_CASES, ids=lambda c: c.name)
+def test_xla_matches_reference(case):
+    args = make_inputs(case)
+    check_forward_and_vjp(_impl(case.function, "xla"), _ref(case.function), args, dtype=case.dtype)
+
+
+# --- Pallas kernels under the interpreters ----------------------------------------------------
+
+GPU_CASES = [  # D=48 and B=3 exercise the wrapper's padding to power-of-two tiles
+    Case("lstm", 3, 9, 2, 48, F32),
+    Case("slstm", 2, 3, 1, 16, BF16),
+    Case("gru", 2, 3, 4, 16, BF16),
+    Case("elman", 1, 1, 1, 64, F32),
+    pytest.param(Case("lstm", 2, 3, 1, 16, BF16), marks=SLOW),
+    pytest.param(Case("slstm", 5, 7, 2, 32, F32), marks=SLOW),
+    pytest.param(Case("gru", 1, 1, 1, 64, F32), marks=SLOW),
+    pytest.param(Case("elman", 4, 17, 1, 16, BF16), marks=SLOW),
+    pytest.param(Case("lstm", 3, 17, 2, 48, BF16), marks=SLOW),
+]
+
+
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.name)
+def test_pallas_gpu_interpret_matches_reference(case):
+    args = make_inputs(case, seed=1)
+    with interpret():
+        check_forward_and_vjp(
+            _impl(case.function, "pallas_gpu"), _ref(case.function), args, dtype=case.dtype
+        )
+
+
+TPU_CASES = [  # (case, BlockSizes): several time blocks with T padding, several batch tiles
+    (Case("lstm", 2, 7, 2, 16, BF16), pallas_tpu.BlockSizes(block_t=4)),
+    (Case("slstm", 3, 3, 1, 48, F32), pallas_tpu.BlockSizes()),
+    pytest.param(Case("gru", 2, 5, 1, 32, F32), pallas_tpu.BlockSizes(block_t=2), marks=SLOW),
+    (Case("elman", 10, 3, 2, 16, BF16), pallas_tpu.BlockSizes(block_t=2, block_b=8)),
+]
+
+
+@pytest.mark.parametrize("case,blocks", TPU_CASES, ids=lambda c: getattr(c, "name", ""))
+def test_pallas_tpu_interpret_matches_reference(case, blocks):
+    args = make_inputs(case, seed=2)
+    fn = functools.partial(pallas_tpu.flashrnn_pallas_tpu, function=case.function, blocks=blocks)
+    with interpret():
+        check_forward_and_vjp(fn, _ref(case.function), args, dtype=case.dtype)
+
+
+@pytest.mark.parametrize(
+    "function,implementation",
+    [
+        ("slstm", "pallas_gpu"),
+        pytest.param("lstm", "pallas_gpu", marks=SLOW),
+        pytest.param("gru", "pallas_tpu", marks=SLOW),
+    ],
+)
+def test_custom_vjp_matches_autodiff_of_reference(function, implementation):
+    args = make_inputs(Case(function, 2, 3, 2, 16, F32), seed=4)
+    with interpret():
+        check_custom_vjp_matches_autodiff(
+            _impl(function, implementation), _ref(function), args, tol=1e-4
+        )
+
+
+# --- sLSTM stabilizer ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "implementation", ["reference", "pallas_gpu", pytest.param("xla", marks=SLOW)]
+)
+def test_slstm_stabilizer_large_inputs(implementation):
+    """Gate inputs of ±100 would overflow exp() in fp32 without the m stabilizer."""
+    case = Case("slstm", 2, 5 if implementation == "pallas_gpu" else 17, 2, 16, F32)
+    wx, r, b, _ = make_inputs(case, seed=5, input_scale=100.0)
+
+    def loss(wx, r, b):
+        sa, last = flashrnn(wx, r, b, function="slstm", implementation=implementation)
+        return jnp.sum(sa[0] ** 2) + jnp.sum(last[3])
+
+    with interpret():
+        (sa, last), (g_wx, g_r, g_b) = (
+            flashrnn(wx, r, b, function="slstm", implementation=implementation),
+            jax.grad(loss, argnums=(0, 1, 2))(wx, r, b),
+        )
+    for x in (sa, last, g_wx, g_r, g_b):
+        assert np.all(np.isfinite(np.asarray(x)))
+    # |c| ≤ n holds by induction from a zero state, so |y| = σ(o)|c|/n ≤ 1.
+    assert float(jnp.max(jnp.abs(sa[0]))) <= 1.0 + 1e-5
+    assert float(jnp.max(sa[3])) > 50.0  # the stabilizer did take large values
+    if implementation != "reference":
+        want = flashrnn(wx, r, b, function="slstm", implementation="reference")
+        assert_close((sa, last), want, tol=1e-4)
+
+
+# --- lowering for cuda and tpu at the benchmark shape -----------------------------------------
+
+
+@pytest.mark.parametrize("case", LOWERING_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_lowering(case, platform):
+    implementation = {"cuda": "pallas_gpu", "tpu": "pallas_tpu"}[platform]
+    args = [jnp.zeros(x.shape, x.dtype) for x in jax.eval_shape(lambda: make_inputs(case))]
+
+    def loss(*a):
+        sa, last = flashrnn(*a, function=case.function, implementation=implementation)
+        return jnp.sum(sa.astype(F32)) + jnp.sum(last.astype(F32))
+
+    text = check_pallas_lowering(loss, args, platform, op="flashrnn", min_kernels=2)
+    assert f"flashrnn_{case.function}_fwd" in text and f"flashrnn_{case.function}_bwd" in text
+
+
+# --- API: defaults, step function, edge cases, errors -----------------------------------------
+
+
+def test_cpu_default_is_xla_and_states_default_to_zeros():
+    case = Case("lstm", 2, 5, 2, 16, F32)
+    wx, r, b, s = make_inputs(case)
+    name, _ = select_implementation("flashrnn", None, api.IMPLEMENTATIONS, wx, r, b, s, "lstm")
+    assert name == "xla"
+    got = flashrnn(wx, r, b, function="lstm")
+    want = flashrnn(wx, r, b, jnp.zeros_like(s), function="lstm", implementation="reference")
+    assert_close(got, want, tol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "function",
+    ["slstm", "gru", pytest.param("lstm", marks=SLOW), pytest.param("elman", marks=SLOW)],
+)
+def test_step_function_matches_sequence(function):
+    wx, r, b, s = make_inputs(Case(function, 3, 4, 2, 16, F32), seed=6)
+    step = jax.jit(functools.partial(flashrnn_step, function=function))
+    outs = []
+    for t in range(wx.shape[1]):
+        s = step(wx[:, t], r, b, s)
+        outs.append(s)
+    sa, last = flashrnn(*make_inputs(Case(function, 3, 4, 2, 16, F32), seed=6), function=function)
+    assert_close((jnp.stack(outs, axis=2), s), (sa, last), tol=1e-5)
+
+
+def test_empty_sequence_returns_initial_states():
+    wx, r, b, s = make_inputs(Case("slstm", 2, 3, 1, 16, F32))
+    sa, last = flashrnn(wx[:, :0], r, b, s, function="slstm", implementation="pallas_tpu")
+    assert sa.shape == (4, 2, 0, 1, 16)
+    np.testing.assert_array_equal(last, s)
+
+
+def test_nonfinite_input_stays_in_its_batch_row_and_head():
+    wx, r, b, s = make_inputs(Case("gru", 2, 6, 2, 16, F32))
+    wx = wx.at[0, 2, 0, 1, 3].set(jnp.nan)
+    for implementation in ("reference", "xla"):
+        sa, _ = flashrnn(wx, r, b, s, function="gru", implementation=implementation)
+        assert np.isnan(float(sa[0, 0, 2, 1, 3]))  # the poisoned element at t=2,
+        assert np.all(np.isnan(np.asarray(sa[0, 0, 3:, 1])))  # its whole head from t=3 on
+        assert np.all(np.isfinite(np.asarray(sa[0, 0, :2])))
+        assert np.all(np.isfinite(np.asarray(sa[0, 1])))  # other batch row
+        assert np.all(np.isfinite(np.asarray(sa[0, 0, :, 0])))  # other head
+
+
+def _good():
+    return make_inputs(Case("lstm", 2, 3, 2, 16, F32))
+
+
+@pytest.mark.parametrize(
+    "mutate,kwargs,exc,match",
+    [
+        (lambda a: a, {"function": "lru"}, ValueError, "function must be one of"),
+        (lambda a: (a[0][0],) + a[1:], {}, ValueError, "Wx must have rank 5"),
+        (lambda a: (a[0][:, :, :3],) + a[1:], {}, ValueError, "G=4 gate inputs"),
+        (
+            lambda a: (a[0], a[1][:, :, :8]) + a[2:],
+            {},
+            ValueError,
+            r"R must have shape \(4, 2, 16, 16\)",
+        ),
+        (lambda a: a[:2] + (a[2][:3],) + a[3:], {}, ValueError, r"b must have shape \(4, 2, 16\)"),
+        (lambda a: a[:3] + (a[3][:1],), {}, ValueError, r"states must have shape \(2, 2, 2, 16\)"),
+        (lambda a: (a[0].astype(jnp.int32),) + a[1:], {}, TypeError, "Wx must have dtype"),
+        (lambda a: a, {"implementation": "cudnn"}, UnsupportedImplementationError, "available"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(mutate, kwargs, exc, match):
+    args = mutate(_good())
+    with pytest.raises(exc, match=match):
+        flashrnn(*args, **{"function": "lstm", **kwargs})
+
+
+def test_gru_shapes_and_step_errors():
+    wx, r, b, s = make_inputs(Case("gru", 2, 3, 2, 16, F32))
+    assert wx.shape[2] == 3 and r.shape[0] == 3 and b.shape[0] == 4
+    with pytest.raises(ValueError, match=r"R must have shape \(3, 2, 16, 16\)"):
+        flashrnn(wx, jnp.zeros((4, 2, 16, 16)), b, function="gru")
+    with pytest.raises(ValueError, match="Wx must have rank 4"):
+        flashrnn_step(wx, r, b, s, function="gru")
+
+
+def test_block_sizes_validate():
+    with pytest.raises(ValueError, match="power of two"):
+        pallas_gpu.BlockSizes(block_b=24)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pallas_tpu.BlockSizes(block_b=12)
