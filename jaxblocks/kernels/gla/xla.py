@@ -53,30 +53,37 @@ TILE = 4  # rows of the fp32 tiles inside a diagonal sub-block
 def _blocked_scores(q, k, G, c: int, dtype, inner):
     """Causal scores [..., C, C] of a block split into sub-blocks of ``c`` rows.
 
-    Off-diagonal sub-block pairs (J < I) are rescaled against ``G`` at the first row of the row
-    sub-block and multiplied in ``dtype`` (fp32 accumulation); diagonal sub-blocks are computed
-    by ``inner(q, k, G) -> [..., n, c, c]`` in fp32.
+    Row sub-block I against all earlier rows (J < I) at once: both operands are rescaled against
+    ``G`` at the first row of I, ``q·exp(G_i − G_n)`` and ``k·exp(G_n − G_j)`` (exponents ≤ 0),
+    and multiplied in ``dtype`` with fp32 accumulation; only the lower triangle of sub-block
+    pairs is formed. Diagonal sub-blocks come from ``inner(q, k, G) -> [..., n, c, c]`` (fp32).
     """
     *lead, C, K = q.shape
     n = C // c
-    qs = q.reshape(*lead, n, c, K).astype(jnp.float32)
-    ks = k.reshape(*lead, n, c, K).astype(jnp.float32)
-    Gs = G.reshape(*lead, n, c, K)
-    Gn = Gs[..., :, :1, :]  # [..., n, 1, K]: G at the first row of each row sub-block
-    qg = (qs * jnp.exp(Gs - Gn)).astype(dtype)  # [..., n(I), c, K], exponent ≤ 0
-    I = jnp.arange(n)[:, None, None, None]
-    J = jnp.arange(n)[None, :, None, None]
-    kg = ks[..., None, :, :, :] * _where_exp(
-        (J < I), Gn[..., :, None, :, :] - Gs[..., None, :, :, :]
-    )  # [..., n(I), n(J), c, K], exponent ≤ 0 where kept
-    A_off = jnp.einsum(
-        "...Iik,...IJjk->...IiJj", qg, kg.astype(dtype), preferred_element_type=jnp.float32
-    )  # [..., n, c, n, c]
-    A_off = jnp.where((J < I)[..., 0, 0][:, None, :, None], A_off, 0.0)
-    A_diag = inner(qs, ks, Gs)  # [..., n, c, c] fp32
-    eye = jnp.eye(n, dtype=bool)[:, None, :, None]
-    A = jnp.where(eye, A_diag[..., :, :, None, :], A_off)  # [..., n, c, n, c]
-    return A.reshape(*lead, C, C)
+    q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
+    split = lambda x: x.reshape(*lead, n, c, K)
+    diag = inner(split(q32), split(k32), split(G))  # [..., n, c, c]
+    rows = []
+    for I in range(n):  # row sub-blocks
+        r = I * c
+        Gn = G[..., r : r + 1, :]  # [..., 1, K]: the row sub-block's reference gate
+        parts = []
+        if I > 0:
+            qg = q32[..., r : r + c, :] * jnp.exp(G[..., r : r + c, :] - Gn)  # [..., c, K]
+            kg = k32[..., :r, :] * jnp.exp(Gn - G[..., :r, :])  # [..., r, K]
+            parts.append(
+                jnp.einsum(
+                    "...ik,...jk->...ij",
+                    qg.astype(dtype),
+                    kg.astype(dtype),
+                    preferred_element_type=jnp.float32,
+                )
+            )  # [..., c, r]
+        parts.append(diag[..., I, :, :])  # [..., c, c]
+        if I < n - 1:
+            parts.append(jnp.zeros((*lead, c, C - r - c), jnp.float32))  # above the diagonal
+        rows.append(jnp.concatenate(parts, axis=-1))
+    return jnp.concatenate(rows, axis=-2)
 
 
 def _exact_scores(q, k, G):
