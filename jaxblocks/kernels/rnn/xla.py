@@ -7,6 +7,8 @@ Differences from the reference that make it fast (all exact up to rounding):
 * the Gr head-wise matrices are concatenated to ``[N, D, Gr·D]`` so each step is a single batched
   matmul ``einsum('bnd,nde->bne')`` with fp32 accumulation, in R's dtype (bf16 stays bf16 on the
   MXU / tensor cores, as in FlashRNN);
+* inside the loop the states are head-major ``[N, B, D]``, so the batched matmul has its batch
+  (head) dimension leading and XLA inserts no transposes per step;
 * the scan is unrolled (``unroll`` steps per loop iteration) so XLA fuses the pointwise cell of
   consecutive steps and amortises the loop overhead;
 * the per-step outputs are stored in the input dtype.
@@ -32,7 +34,11 @@ def _dot_dtype(R):
 
 
 def flashrnn_xla(Wx, R, b, states, function: str, unroll: int = DEFAULT_UNROLL):
-    """`flashrnn` with hoisted bias, fused head-wise matmul and an unrolled scan."""
+    """`flashrnn` with hoisted bias, fused head-wise matmul and an unrolled scan.
+
+    Inside the loop everything is head-major (``[N, B, D]``) so the per-step batched matmul has
+    its batch dimension leading and needs no transposes.
+    """
     cell = CELLS[function]
     f32 = jnp.float32
     B, T, G, N, D = Wx.shape
@@ -40,36 +46,38 @@ def flashrnn_xla(Wx, R, b, states, function: str, unroll: int = DEFAULT_UNROLL):
     if function == "gru":
         # input gates (r, z, n) take biases b[1:4]; b_g stays in the loop (it is gated by r).
         xb = Wx.astype(f32) + b32[1:][None, None]
-        bias_in = [b32[0][None], 0.0, 0.0, 0.0]
+        bias_in = [b32[0][:, None], 0.0, 0.0, 0.0]  # [N, 1, D]
     else:
         xb = Wx.astype(f32) + b32[None, None]
         bias_in = [0.0] * cell.Gb
-    xb = jnp.moveaxis(xb, 1, 0)  # [T, B, G, N, D]
-    r_cat = jnp.moveaxis(R, 0, 2).reshape(N, D, cell.Gr * D)  # [N, D, Gr*D]
+    xb = jnp.transpose(xb, (1, 2, 3, 0, 4))  # [T, G, N, B, D]
+    r_cat = jnp.transpose(R, (1, 2, 0, 3)).reshape(N, D, cell.Gr * D)  # [N, D, Gr*D]
     dot_dtype = _dot_dtype(R)
+    r_cat = r_cat.astype(dot_dtype)
     precision = jax.lax.Precision.HIGHEST if dot_dtype == f32 else None
 
-    def step(s, x_t):  # s: tuple of S [B, N, D] fp32, x_t: [B, G, N, D]
-        ry = jnp.einsum(
-            "bnd,nde->bne",
+    def step(s, x_t):  # s: tuple of S [N, B, D] fp32, x_t: [G, N, B, D]
+        ry = jnp.einsum(  # [N, B, D] @ [N, D, Gr*D] -> [N, B, Gr*D]
+            "nbd,nde->nbe",
             s[0].astype(dot_dtype),
-            r_cat.astype(dot_dtype),
+            r_cat,
             preferred_element_type=f32,
             precision=precision,
-        ).reshape(B, N, cell.Gr, D)
+        )
         new = pointwise(
             function,
-            [x_t[:, g] for g in range(G)],
-            [ry[:, :, g] for g in range(cell.Gr)],
+            [x_t[g] for g in range(G)],
+            [ry[..., g * D : (g + 1) * D] for g in range(cell.Gr)],
             bias_in,
             s,
         )
         return new, jnp.stack(new).astype(Wx.dtype)
 
-    s0 = tuple(states[k].astype(f32) for k in range(cell.S))
+    s0 = tuple(jnp.swapaxes(states[k], 0, 1).astype(f32) for k in range(cell.S))  # [N, B, D]
     last, all_t = jax.lax.scan(step, s0, xb, unroll=max(1, min(unroll, T)))
-    states_all = jnp.moveaxis(all_t, 0, 2)  # [T, S, B, N, D] -> [S, B, T, N, D]
-    return states_all, jnp.stack(last).astype(Wx.dtype)
+    states_all = jnp.transpose(all_t, (1, 3, 0, 2, 4))  # [T, S, N, B, D] -> [S, B, T, N, D]
+    last = jnp.swapaxes(jnp.stack(last), 1, 2).astype(Wx.dtype)  # [S, B, N, D]
+    return states_all, last
 
 
 def flashrnn_step(wx_t, R, b, states, function: str):

@@ -1,0 +1,136 @@
+"""flashrnn: tokens/s of every cell and implementation, next to Flax's and cuDNN's LSTM.
+
+Cases (`jaxblocks.kernels.rnn.specs`): B=16, T=512, N=4, D=64 and N=1, D=256 for each cell
+(``--quick``: T=64, N=4, D=64). Timed: the recurrence forward (`flashrnn` on precomputed ``Wx``)
+and forward+backward (``value_and_grad`` of a sum), per implementation that runs on this
+platform: ``reference`` and ``xla`` everywhere, ``pallas_gpu`` on GPU, ``pallas_tpu`` on TPU.
+Baselines for the LSTM cases: ``flax.linen.RNN(OptimizedLSTMCell)`` with hidden size N·D (a
+full recurrent matrix, so N× the recurrent FLOPs at N=4, and it includes the per-step input
+projection) and, on GPU, cuDNN's LSTM (`jax.experimental.rnn.lstm`, also full R). Inputs are
+fp32 on CPU and bf16 on accelerators. ``tokens/s`` = B·T / median time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from benchmarks.common import Measurement, measure, table
+from jaxblocks.kernels.rnn import flashrnn
+from jaxblocks.kernels.rnn.specs import BENCHMARK_CASES, QUICK_CASES, Case, flops, make_inputs
+
+
+def _impls() -> list[str]:
+    platform = jax.default_backend()
+    extra = {"gpu": ["pallas_gpu"], "cuda": ["pallas_gpu"], "tpu": ["pallas_tpu"]}
+    return ["reference", "xla"] + extra.get(platform, [])
+
+
+def _ours(case: Case, implementation: str, backward: bool):
+    def fwd(wx, r, b, s):
+        return flashrnn(wx, r, b, s, function=case.function, implementation=implementation)
+
+    if not backward:
+        return fwd
+
+    def loss(wx, r, b, s):
+        sa, last = fwd(wx, r, b, s)
+        return jnp.sum(sa.astype(jnp.float32)) + jnp.sum(last.astype(jnp.float32))
+
+    return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
+
+
+def _flax_lstm(case: Case, backward: bool):
+    H = case.N * case.D
+    rnn = nn.RNN(nn.OptimizedLSTMCell(features=H, dtype=case.dtype))
+    x = jnp.ones((case.B, case.T, H), case.dtype)
+    params = rnn.init(jax.random.key(0), x)
+
+    def fwd(params, x):
+        return rnn.apply(params, x)
+
+    if not backward:
+        return fwd, (params, x)
+
+    def loss(params, x):
+        return jnp.sum(fwd(params, x).astype(jnp.float32))
+
+    return jax.value_and_grad(loss, argnums=(0, 1)), (params, x)
+
+
+def _cudnn_lstm(case: Case, backward: bool):
+    from jax.experimental import rnn as jrnn
+
+    H = case.N * case.D
+    w = jrnn.init_lstm_weight(jax.random.key(0), H, H, 1, False).astype(case.dtype)
+    x = jnp.ones((case.B, case.T, H), case.dtype)
+    h0 = jnp.zeros((1, case.B, H), case.dtype)
+    lengths = jnp.full((case.B,), case.T, jnp.int32)
+
+    def fwd(x, h0, w):
+        return jrnn.lstm(x, h0, h0, w, lengths, H, H, 1, 0.0, False)[0]
+
+    if not backward:
+        return fwd, (x, h0, w)
+
+    def loss(x, h0, w):
+        return jnp.sum(fwd(x, h0, w).astype(jnp.float32))
+
+    return jax.value_and_grad(loss, argnums=(0, 1, 2)), (x, h0, w)
+
+
+def _with_tokens(m: Measurement, case: Case) -> Measurement:
+    m.extra["tokens/s"] = f"{case.tokens / m.median_s:,.0f}"
+    return m
+
+
+def run(quick: bool = False) -> str:
+    on_cpu = jax.default_backend() == "cpu"
+    dtype = jnp.float32 if on_cpu else jnp.bfloat16
+    cases = [
+        dataclasses.replace(c, dtype=dtype) for c in (QUICK_CASES if quick else BENCHMARK_CASES)
+    ]
+    iters, warmup = (3, 1) if quick else (10, 2)
+    sections = []
+    for backward in (False, True):
+        rows = []
+        for case in cases:
+            args = make_inputs(case)
+            label = case.name
+            for impl in _impls():
+                m = measure(
+                    label,
+                    impl,
+                    _ours(case, impl, backward),
+                    args,
+                    iters=iters,
+                    warmup=warmup,
+                    flops=flops(case, backward),
+                )
+                rows.append(_with_tokens(m, case))
+            if case.function == "lstm":
+                fn, fargs = _flax_lstm(case, backward)
+                m = measure(
+                    label,
+                    "flax RNN(OptimizedLSTMCell), full R",
+                    fn,
+                    fargs,
+                    iters=iters,
+                    warmup=warmup,
+                )
+                rows.append(_with_tokens(m, case))
+                if not on_cpu and jax.default_backend() in ("gpu", "cuda"):
+                    fn, fargs = _cudnn_lstm(case, backward)
+                    m = measure(label, "cuDNN LSTM, full R", fn, fargs, iters=iters, warmup=warmup)
+                    rows.append(_with_tokens(m, case))
+        title = "forward + backward" if backward else "forward"
+        sections.append(f"### {title}\n\n" + table(rows, baseline="reference"))
+    note = (
+        "GFLOP column: the kernels' cost formula (`specs.flops`) for flashrnn rows, XLA's count "
+        "for Flax/cuDNN rows. Flax/cuDNN use a full (N·D)² recurrent matrix and include the "
+        "input projection; flashrnn rows time the head-wise recurrence on precomputed Wx."
+    )
+    return "\n\n".join(sections) + "\n\n" + note
