@@ -105,6 +105,8 @@ def _forward(x, w, scale, bias, mean, var, conv_bias, epsilon, activation):
     wf = fold_weight(w, s, x.dtype)
     pre = jnp.dot(x, wf, preferred_element_type=jnp.float32) + shift[None, :]  # [M, C_out] fp32
     y = activate(pre, activation).astype(x.dtype)
+    # XLA:CPU otherwise fuses the activation into consumers and keeps `pre` alive for them.
+    y = jax.lax.optimization_barrier(y)
     kind = residual_kind(activation)
     res = None if kind is None else (y if kind == "out" else pre.astype(x.dtype))
     return y, (x, w, wf, s, r, cbm, res)
@@ -123,6 +125,9 @@ def _fwd(x, w, scale, bias, mean, var, conv_bias, epsilon, activation):
 
 
 def _bwd(epsilon, activation, residuals, dy):
+    # Tie the residuals to the incoming gradient so transposed copies of x are made here, in
+    # the backward, and freed at once (not made in the forward and held for the whole step).
+    residuals, dy = jax.lax.optimization_barrier((residuals, dy))
     (x, w, wf, s, r, cbm, res), (scale0, bias0, mean0, var0, cb0) = residuals
     dz = dy.astype(jnp.float32)
     if res is not None:
