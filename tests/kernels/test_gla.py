@@ -173,6 +173,25 @@ def test_pallas_tpu_interpret_extreme_gates_and_custom_vjp():
         )
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+def test_pallas_interpret_larger_shapes_and_cu_seqlens(impl):
+    # Three chunks, K=100 / V=64 (padded inside), strong gates, then packed sequences.
+    case = specs.Case("mid", 2, 130, 2, 100, 64, gate_normalizer=0.1)
+    with interpret():
+        check_forward_and_vjp(_op(impl), REF, case.make(20))
+        cu = jnp.asarray([0, 1, 40, 41, 100], jnp.int32)
+        q, k, v, g, _ = specs.Case("cu", 1, 100, 2, 16, 32).make(21, initial_state=False)
+        h0 = jax.random.normal(jax.random.key(22), (4, 2, 16, 32))
+        run = lambda name: jax.jit(
+            lambda q, k, v, g, h0: chunk_gla(
+                q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu,
+                implementation=name,
+            )
+        )  # fmt: skip
+        check_forward_and_vjp(run(impl), run("reference"), [q, k, v, g, h0])
+
+
 @pytest.mark.parametrize(("impl", "platform"), [("pallas_gpu", "cuda"), ("pallas_tpu", "tpu")])
 @pytest.mark.parametrize("T", [2048, 1000])
 def test_pallas_lowering(impl, platform, T):
