@@ -252,7 +252,7 @@ def test_segments_xla_gradients_match_reference():
     )
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla"])
+@pytest.mark.parametrize("impl", [pytest.param("reference", marks=pytest.mark.slow), "xla"])
 def test_cu_seqlens_per_sequence_states(impl):
     lens = [15, 0, 1, 50, 4]  # includes an empty sequence and a one-token sequence
     cu = jnp.asarray(np.concatenate([[0], np.cumsum(lens)]), jnp.int32)
@@ -284,7 +284,7 @@ def test_cu_seqlens_per_sequence_states(impl):
         check_forward_and_vjp(fn, ref, [q, k, v, g, h0])
 
 
-@pytest.mark.parametrize("impl", ["xla", "reference"])
+@pytest.mark.parametrize("impl", ["xla", pytest.param("reference", marks=pytest.mark.slow)])
 def test_decoding_continues_chunked_prefill(impl):
     q, k, v, g, h0 = specs.Case("dec", 2, 77, 2, 32, 16).make(14)
     o_full, s_full = _op("xla")(q, k, v, g, h0)
