@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
-import os
 import types
 from pathlib import Path
 
@@ -214,14 +213,13 @@ def test_notebook_runs(path, monkeypatch):
     monkeypatch.chdir(path.parent)
     namespace: dict = {"__name__": "__main__"}
     config_before = dict(jax.config.values)
-    for i, src in _code_cells(_load(path)):
+    for j, (i, src) in enumerate(_code_cells(_load(path))):
+        where = f"{path.name}: cell {i} (code cell {j}; both counted from 0)"
         try:
-            code = compile(src, f"<{path.name} cell {i}>", "exec")
-            exec(code, namespace)
+            exec(compile(src, f"<{path.name} cell {i}>", "exec"), namespace)
         except Exception as e:
             raise AssertionError(
-                f"{path.name}: code cell {i} failed with {type(e).__name__}: {e}\n"
-                f"--- cell {i} ---\n{src}"
+                f"{where} failed with {type(e).__name__}: {e}\n--- cell {i} ---\n{src}"
             ) from e
     changed = {
         k: (v, jax.config.values.get(k))
@@ -229,4 +227,3 @@ def test_notebook_runs(path, monkeypatch):
         if jax.config.values.get(k) != v
     }
     assert not changed, f"{path.name} changed global JAX configuration: {changed}"
-    assert os.getcwd() == str(path.parent)
