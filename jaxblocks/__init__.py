@@ -3,6 +3,20 @@
 Public API re-exports only; see README.md for the map of what exists.
 """
 
+from jaxblocks import blocks as blocks
+from jaxblocks import kernels as kernels
+from jaxblocks import layers as layers
+from jaxblocks.kernels.conv_bn import pointwise_conv_bn as pointwise_conv_bn
+from jaxblocks.kernels.gla import chunk_gla as chunk_gla
+from jaxblocks.kernels.gla import fused_recurrent_gla as fused_recurrent_gla
+from jaxblocks.kernels.long_conv import causal_conv1d as causal_conv1d
+from jaxblocks.kernels.long_conv import fft_conv as fft_conv
+from jaxblocks.kernels.rnn import flashrnn as flashrnn
+from jaxblocks.kernels.selective_scan import selective_scan as selective_scan
+from jaxblocks.layers import ConvBN as ConvBN
+from jaxblocks.layers import LinearBN as LinearBN
+from jaxblocks.layers import convbn_mode as convbn_mode
+from jaxblocks.layers import fold_for_deploy as fold_for_deploy
 from jaxblocks.registry import create_model as create_model
 from jaxblocks.registry import list_models as list_models
 from jaxblocks.registry import register_model as register_model

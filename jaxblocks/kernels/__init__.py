@@ -1,5 +1,8 @@
 """Kernel toolkit and the hot ops.
 
+The ops: `conv_bn.pointwise_conv_bn`, `gla.chunk_gla`, `gla.fused_recurrent_gla`, `rnn.flashrnn`,
+`selective_scan.selective_scan`, `long_conv.fft_conv`, `long_conv.causal_conv1d`.
+
 Every op lives in `jaxblocks/kernels/<op>/` with the same files (api.py, reference.py, xla.py,
 pallas_gpu.py, pallas_tpu.py, specs.py, README.md). This package holds what they share:
 
@@ -21,3 +24,4 @@ from jaxblocks.kernels.interpret import gpu_interpret as gpu_interpret
 from jaxblocks.kernels.interpret import interpret as interpret
 from jaxblocks.kernels.interpret import interpret_enabled as interpret_enabled
 from jaxblocks.kernels.interpret import tpu_interpret as tpu_interpret
+from jaxblocks.kernels.lowering import check_lowering as check_lowering
