@@ -21,6 +21,7 @@ from jaxblocks.models.resnet import (
     HEAD_KERNEL_AXES,
     conv_kernel_init,
     global_avg_pool,
+    module_kwargs,
     resolve_call_mode,
 )
 from jaxblocks.registry import register_model
@@ -137,10 +138,7 @@ class MobileNetV2(nn.Module):
     @classmethod
     def from_config(cls, config: MobileNetV2Config, **kwargs: Any) -> MobileNetV2:
         """Build from a config; ``kwargs`` override config fields and module attributes."""
-        fields = {f.name for f in dataclasses.fields(MobileNetV2Config)}
-        config = dataclasses.replace(config, **{k: v for k, v in kwargs.items() if k in fields})
-        rest = {k: v for k, v in kwargs.items() if k not in fields}
-        return cls(**dataclasses.asdict(config), **rest)
+        return cls(**module_kwargs(config, kwargs))
 
     @nn.compact
     def __call__(

@@ -39,6 +39,17 @@ def _constrain(x: Array) -> Array:
     return nn.with_logical_constraint(x, ACTIVATION_AXES)
 
 
+def module_kwargs(config: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A frozen config dataclass plus overrides -> a model's constructor kwargs.
+
+    ``kwargs`` naming config fields override them; the rest are passed on as module attributes.
+    """
+    fields = {f.name for f in dataclasses.fields(config)}
+    config = dataclasses.replace(config, **{k: v for k, v in kwargs.items() if k in fields})
+    rest = {k: v for k, v in kwargs.items() if k not in fields}
+    return {**dataclasses.asdict(config), **rest}
+
+
 def resolve_call_mode(mode: str | None, train: bool | None, default: str | None) -> str | None:
     """The ConvBN mode a model passes to its layers' calls (None: let each layer resolve it).
 
@@ -204,10 +215,7 @@ class ResNet(nn.Module):
     @classmethod
     def from_config(cls, config: ResNetConfig, **kwargs: Any) -> ResNet:
         """Build from a `ResNetConfig`; ``kwargs`` override config fields and module attributes."""
-        fields = {f.name for f in dataclasses.fields(ResNetConfig)}
-        config = dataclasses.replace(config, **{k: v for k, v in kwargs.items() if k in fields})
-        rest = {k: v for k, v in kwargs.items() if k not in fields}
-        return cls(**dataclasses.asdict(config), **rest)
+        return cls(**module_kwargs(config, kwargs))
 
     @nn.compact
     def __call__(
