@@ -110,8 +110,9 @@ def _intra_scores(q, k, G, scale: float, c: int, dtype):
     return scale * _blocked_scores(q, k, G, c, dtype, _diagonal_scores)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "chunk_size", "with_segments"))
-def _gla_chunked(q, k, v, g, h0, seg, *, scale, chunk_size, with_segments):
+def _gla_chunked(q, k, v, g, h0, seg, scale, chunk_size, with_segments):
+    """All chunks at once (batched intra-chunk work, then a `lax.scan` over the chunk states):
+    the form that is differentiated (its autodiff backward is faster on CPU than the scan's)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = effective_chunk(T, chunk_size)
@@ -171,6 +172,115 @@ def _gla_chunked(q, k, v, g, h0, seg, *, scale, chunk_size, with_segments):
     return o.astype(v.dtype), final
 
 
+GROUP = 4  # chunks per step of `_gla_scan`'s loop (keeps a step's working set in cache)
+
+
+def _gla_scan(q, k, v, g, h0, seg, scale, chunk_size, with_segments):
+    """The forward by a `lax.scan` over groups of ``GROUP`` chunks: each step forms the
+    intra-chunk scores, the chunk states and the outputs of its chunks while they are in cache
+    and carries the state; the inputs are only moved as whole ``[GROUP·C, H, D]`` slabs.
+    Same math (and the same score functions) as `_gla_chunked`."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = effective_chunk(T, chunk_size)
+    c = min(SUB_CHUNK, C)
+    NT = -(-T // C)
+    Gs = min(GROUP, NT)  # chunks per scan step
+    NG = -(-NT // Gs)
+    Tp = NG * Gs * C
+    dtype = jnp.promote_types(q.dtype, v.dtype)
+
+    def grouped(x):  # [B, T, H, D] -> [NG, B, Gs * C, H, D] (moves whole slabs), padded
+        if Tp != T:
+            x = jnp.pad(x, ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
+        return jnp.swapaxes(x.reshape(B, NG, Gs * C, H, x.shape[-1]), 0, 1)
+
+    def local(x):  # [B, Gs * C, H, D] -> [Gs, B, H, C, D], inside a step (in cache)
+        return jnp.transpose(x.reshape(B, Gs, C, H, x.shape[-1]), (1, 0, 3, 2, 4))
+
+    if with_segments:
+        # Running segment count (reset count) per position; padding continues the last segment.
+        cnt = jnp.cumsum(segment_starts(seg).astype(jnp.int32), axis=1)
+        cnt = jnp.pad(cnt, ((0, 0), (0, Tp - T)), mode="edge").reshape(B, NG * Gs, C)
+        prev = jnp.concatenate([jnp.zeros_like(cnt[:, :1, :1]), cnt[:, :-1, -1:]], axis=1)
+        cnt = jnp.transpose(cnt, (1, 0, 2)).reshape(NG, Gs, B, 1, C)
+        prev = jnp.transpose(prev, (1, 0, 2)).reshape(NG, Gs, B, 1, 1)
+        segs = (cnt, prev)
+    else:
+        segs = None
+    qc, kc, vc, gc = grouped(q), grouped(k), grouped(v), grouped(g)
+    causal = jnp.tril(jnp.ones((C, C), bool))[None, None, None]  # [1, 1, 1, C, C]
+
+    def step(S, xs):
+        qs, ks, vs, gs = (local(x) for x in xs[:4])  # [Gs, B, H, C, D]
+        sg = xs[4]
+        G = jnp.cumsum(gs.astype(jnp.float32), axis=-2)  # chunk-local gate cumsum, fp32
+        Glast = G[..., -1:, :]  # [Gs, B, H, 1, K]
+        if sg is None:
+            same = sees_state = carry = to_state = True
+        else:
+            cnt, prev = sg  # [Gs, B, 1, C], [Gs, B, 1, 1]
+            same = cnt[..., :, None] == cnt[..., None, :]  # [Gs, B, 1, C, C]
+            sees_state = (cnt == prev)[..., None]  # row i continues the incoming state
+            carry = (cnt[..., -1:] == prev)[..., None]  # no reset in the chunk
+            to_state = (cnt == cnt[..., -1:])[..., None]  # row j reaches the chunk's end
+        # Intra-chunk part.
+        A = jnp.where(causal & same, _intra_scores(qs, ks, G, scale, c, dtype), 0.0)
+        o = jnp.einsum(
+            "...ij,...jv->...iv", A.astype(dtype), vs, preferred_element_type=jnp.float32
+        )
+        # Per-chunk state updates, then the recurrence over the chunks of the group.
+        kdec = jnp.where(to_state, ks.astype(jnp.float32) * jnp.exp(Glast - G), 0.0)
+        U = jnp.einsum(
+            "...jk,...jv->...kv", kdec.astype(dtype), vs, preferred_element_type=jnp.float32
+        )  # [Gs, B, H, K, V]
+        decay = jnp.where(carry, jnp.exp(Glast), 0.0)[..., 0, :, None]  # [Gs, B, H, K, 1]
+        hs = []
+        for i in range(Gs):
+            hs.append(S)  # state entering chunk i
+            S = decay[i] * S + U[i]
+        h = jnp.stack(hs)  # [Gs, B, H, K, V]
+        qdec = jnp.where(sees_state, qs.astype(jnp.float32) * jnp.exp(G), 0.0)
+        o = o + scale * jnp.einsum(
+            "...ik,...kv->...iv",
+            qdec.astype(dtype),
+            h.astype(dtype),
+            preferred_element_type=jnp.float32,
+        )
+        o = jnp.transpose(o.astype(v.dtype), (1, 0, 3, 2, 4))  # [B, Gs, C, H, V]
+        return S, o.reshape(B, Gs * C, H, V)
+
+    final, o = jax.lax.scan(step, h0, (qc, kc, vc, gc, segs))  # o: [NG, B, Gs * C, H, V]
+    o = jnp.swapaxes(o, 0, 1).reshape(B, Tp, H, V)
+    if Tp != T:
+        o = o[:, :T]
+    return o, final
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _gla(q, k, v, g, h0, seg, scale, chunk_size, with_segments):
+    """Forward by `_gla_scan` (fastest on CPU); the VJP is autodiff of `_gla_chunked`."""
+    return _gla_scan(q, k, v, g, h0, seg, scale, chunk_size, with_segments)
+
+
+def _gla_fwd(q, k, v, g, h0, seg, scale, chunk_size, with_segments):
+    f = lambda q, k, v, g, h0: _gla_chunked(q, k, v, g, h0, seg, scale, chunk_size, with_segments)
+    out, pullback = jax.vjp(f, q, k, v, g, h0)
+    return out, pullback
+
+
+def _gla_bwd(scale, chunk_size, with_segments, pullback, cts):
+    return (*pullback(cts), None)
+
+
+_gla.defvjp(_gla_fwd, _gla_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "chunk_size", "with_segments"))
+def _gla_jit(q, k, v, g, h0, seg, *, scale, chunk_size, with_segments):
+    return _gla(q, k, v, g, h0, seg, scale, chunk_size, with_segments)
+
+
 def gla_xla(q, k, v, g, *, scale, initial_state=None, segment_ids=None, chunk_size=64):
     """Chunked GLA (see module doc). Returns ``(o [B, T, H, V], final_state [B, H, K, V] fp32)``."""
     B, T, H, K = q.shape
@@ -181,7 +291,7 @@ def gla_xla(q, k, v, g, *, scale, initial_state=None, segment_ids=None, chunk_si
         else initial_state.astype(jnp.float32)
     )
     seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids
-    return _gla_chunked(
+    return _gla_jit(
         q,
         k,
         v,
