@@ -2,11 +2,18 @@
 
 CPU (what runs here): B2 H4 K=V=64 fp32 over T; forward and forward+backward; ratios to ``xla``;
 ``xla`` vs the token-loop ``reference`` at T=4096 and the T from which ``xla`` beats dense causal
-attention (`jax.nn.dot_product_attention`). GPU: fla's standard shapes (bf16) with the compiled
+attention (`jax.nn.dot_product_attention`). Gates are ``logsigmoid(x)`` (strong: the ``xla``
+forward takes its sub-chunked branch) plus a T=4096 case with the GLA paper's ``logsigmoid(x)/16``
+(its factored branch). The CPU section ends with the machine's measured matmul rate and the bound
+it puts on ``reference time / xla time``. GPU: fla's standard shapes (bf16) with the compiled
 ``pallas_gpu`` kernels next to ``xla`` and cuDNN flash attention; only run on a GPU.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -71,13 +78,50 @@ def _summary(rows: list[Measurement], what: str) -> str:
     return f"**{what}** — " + "; ".join(lines)
 
 
+def _matmul_rate(shape: tuple[int, int, int], iters: int = 20) -> float:
+    """Measured fp32 FLOP/s of a batched ``[n, m, m] @ [n, m, m]`` matmul (median of iters)."""
+    n, m, _ = shape
+    x = jax.random.normal(jax.random.key(0), shape)
+    f = jax.jit(lambda a: jnp.einsum("bij,bjk->bik", a, a)).lower(x).compile()
+    jax.block_until_ready(f(x))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(x))
+        times.append(time.perf_counter() - t0)
+    return 2 * n * m**3 / statistics.median(times)
+
+
+def _ceiling(rows: list[Measurement]) -> str:
+    """The bound the machine puts on ``reference time / xla time`` at T = 4096."""
+    case = next(c for c in specs.CPU_BENCH if c.T == 4096)
+    ref = _by(rows, "reference").get(case.name)
+    if ref is None:
+        return ""
+    big, small = _matmul_rate((1, 1024, 1024)), _matmul_rate((512, 64, 64))
+    floor = case.flops() / small  # every FLOP of the chunked form at the 64×64 matmul rate
+    return (
+        f"**Machine ceiling** — fp32 matmul measured here: {big / 1e9:.0f} GFLOP/s (1024²), "
+        f"{small / 1e9:.0f} GFLOP/s (512 × 64² batched, the chunked form's shape). The chunked "
+        f"forward's {case.flops() / 1e9:.2f} GFLOP at that rate alone take {floor * 1e3:.2f} ms, "
+        f"so with nothing else costing time `reference time / xla time` at {case.name} could reach "
+        f"at most {ref / floor:.1f}× (reference {ref * 1e3:.2f} ms in this run)."
+    )
+
+
 def run(quick: bool) -> str:
     parts = []
     if jax.default_backend() == "cpu":
         cases = [c for c in specs.CPU_BENCH if not quick or c.T in (512, 1024, 2048, 4096)]
+        t4096 = next(c for c in specs.CPU_BENCH if c.T == 4096)
+        cases.append(dataclasses.replace(t4096, name=t4096.name + " g/16", gate_normalizer=16.0))
         impls = {"xla": _gla("xla"), "reference": _gla("reference"), "dense attention": _dense()}
         # The token loop is only timed where the issue asks for the ratio (T = 4096) in quick runs.
-        skip = lambda impl, case: quick and impl == "reference" and case.T != 4096
+        # Dense attention does not depend on the gates (timed once per T).
+        skip = lambda impl, case: (
+            (quick and impl == "reference" and case.T != 4096)
+            or (impl == "dense attention" and case.gate_normalizer != 1.0)
+        )
         fwd, bwd = _run(cases, impls, warmup=1, iters=3 if quick else 5, skip=skip)
         parts += [
             "### Forward (B2 H4 K=V=64, fp32)",
@@ -86,6 +130,7 @@ def run(quick: bool) -> str:
             "### Forward + backward",
             table(bwd, "xla"),
             _summary(bwd, "forward+backward"),
+            _ceiling(fwd),
         ]
     else:
         impls = {

@@ -9,6 +9,7 @@ import pytest
 
 from jaxblocks.kernels import UnsupportedImplementationError, interpret
 from jaxblocks.kernels.gla import chunk_gla, fused_recurrent_gla, specs
+from jaxblocks.kernels.gla import xla as xla_gla
 from jaxblocks.kernels.gla.reference import gla_reference
 from tests.kernels.harness import (
     assert_close,
@@ -124,6 +125,34 @@ def test_xla_extreme_gates_stay_finite():
     for gg in (g1, g2):
         _all_grads_finite(xla, (q, k, v, gg, h0))
         assert_close(xla(q, k, v, gg, h0), REF(q, k, v, gg, h0), tol=5e-3)
+
+
+def test_xla_forward_mixes_factored_and_sub_chunked_steps():
+    # The xla forward factors a step's intra-chunk scores at the chunk start when every |G| of the
+    # step is ≤ FACTOR_BOUND, else it takes the sub-chunked form. T = 1100 gives three steps of
+    # GROUP chunks (the last one padded): mild gates except a strong stretch in the second step,
+    # and in the third step a channel whose chunk cumsum reaches just under the bound, with large
+    # q and k (the factored operands then span e^{±40}).
+    B, T, H, K, V = 2, 1100, 2, 16, 24
+    q, k, v, g, h0 = specs.Case("mix", B, T, H, K, V).make(21)
+    g = g / 50.0  # mild: |G| ≤ 64 / 50 · max|g|
+    g = g.at[:, 700:760].set(-3.0)  # strong: G reaches -180 within a chunk of the second step
+    W = xla_gla.GROUP * 64
+    t0 = 2 * W  # the first (whole) chunk of the third step
+    g = g.at[:, t0 : t0 + 64, :, 0].set(-(xla_gla.FACTOR_BOUND - 0.5) / 64)
+    q, k = q.at[:, t0 : t0 + 64].multiply(1e3), k.at[:, t0 : t0 + 64].multiply(1e3)
+    # The premise: per step, the largest |chunk-local cumsum| is under the bound except in step 2.
+    gp = np.pad(np.asarray(g, np.float64), ((0, 0), (0, 3 * W - T), (0, 0), (0, 0)))
+    G = np.cumsum(gp.reshape(B, 3, W // 64, 64, H, K), axis=3)
+    step_max = np.abs(G).max(axis=(0, 2, 3, 4, 5))
+    assert step_max[0] <= xla_gla.FACTOR_BOUND < step_max[1]
+    assert xla_gla.FACTOR_BOUND - 1 < step_max[2] <= xla_gla.FACTOR_BOUND
+    o, final = _op("xla")(q, k, v, g, h0)
+    o64, final64 = _np_gla(q, k, v, g, K**-0.5, h0)
+    for s in range(3):  # per step (the 1e3-scaled chunk would dominate a global RMS)
+        assert_close(o[:, s * W : (s + 1) * W], o64[:, s * W : (s + 1) * W], name=f"o step {s}")
+    assert_close(final, final64, name="final_state")
+    assert_close((o, final), REF(q, k, v, g, h0))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ chunks); the intra-chunk scores ``A`` are built per sub-chunk pair:
 
 Every exponent that is evaluated is ≤ 0 for gates ≤ 0 (masked entries are set to 0 before the
 ``exp``, so neither the value nor its derivative can overflow), hence the result is finite for any
-gate value. The backward pass is JAX autodiff of this function. See README.md for the math.
+gate value. The plain forward (`_gla_loop`) runs chunk groups in a loop and factors the scores of
+a group at the chunk start when its gate cumsums are bounded (``|G| ≤ FACTOR_BOUND``); the backward
+is JAX autodiff of the all-chunks form (`_gla_chunked`). See README.md for the math.
 """
 
 from __future__ import annotations
@@ -172,67 +174,90 @@ def _gla_chunked(q, k, v, g, h0, seg, scale, chunk_size, with_segments):
     return o.astype(v.dtype), final
 
 
-GROUP = 4  # chunks per step of `_gla_scan`'s loop (keeps a step's working set in cache)
+GROUP = 8  # chunks per step of `_gla_loop` (a step's working set stays in cache)
+FACTOR_BOUND = 40.0  # |G| up to which a step's intra-chunk scores are factored (see _gla_loop)
 
 
-def _gla_scan(q, k, v, g, h0, seg, scale, chunk_size, with_segments):
-    """The forward by a `lax.scan` over groups of ``GROUP`` chunks: each step forms the
-    intra-chunk scores, the chunk states and the outputs of its chunks while they are in cache
-    and carries the state; the inputs are only moved as whole ``[GROUP·C, H, D]`` slabs.
-    Same math (and the same score functions) as `_gla_chunked`."""
+def _gla_loop(q, k, v, g, h0, seg, scale, chunk_size, with_segments):
+    """The forward as a `lax.fori_loop` over groups of ``GROUP`` chunks: each step slices its
+    ``[B, GROUP·C, H, D]`` slab of the inputs, forms the scores, chunk states and outputs of its
+    chunks while they are in cache, carries the state and writes its outputs in place. Nothing of
+    size T is materialised besides the output (XLA:CPU pays a page fault per 4 KiB of every
+    fresh large buffer, which made the all-chunks form spend most of its time allocating).
+
+    Intra-chunk scores: a step whose chunk-local gate cumsums all satisfy ``|G| ≤ FACTOR_BOUND``
+    factors them at the chunk start, ``A = scale (q ⊙ e^{G}) (k ⊙ e^{−G})ᵀ`` (one matmul; every
+    factor within ``e^{±40}``, so finite and as accurate as the sub-chunked form); any other step
+    (strong gates, non-finite values) takes the sub-chunked form of `_intra_scores`, whose
+    exponents are all ≤ 0. The choice is a `lax.cond` per step. Same math as `_gla_chunked`."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = effective_chunk(T, chunk_size)
     c = min(SUB_CHUNK, C)
     NT = -(-T // C)
-    Gs = min(GROUP, NT)  # chunks per scan step
+    Gs = min(GROUP, NT)  # chunks per step
     NG = -(-NT // Gs)
-    Tp = NG * Gs * C
+    W = Gs * C
+    Tp = NG * W
     dtype = jnp.promote_types(q.dtype, v.dtype)
-
-    def grouped(x):  # [B, T, H, D] -> [NG, B, Gs * C, H, D] (moves whole slabs), padded
-        if Tp != T:
-            x = jnp.pad(x, ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
-        return jnp.swapaxes(x.reshape(B, NG, Gs * C, H, x.shape[-1]), 0, 1)
-
-    def local(x):  # [B, Gs * C, H, D] -> [Gs, B, H, C, D], inside a step (in cache)
-        return jnp.transpose(x.reshape(B, Gs, C, H, x.shape[-1]), (1, 0, 3, 2, 4))
-
+    if Tp != T:
+        pad = lambda x: jnp.pad(x, ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
+        q, k, v, g = pad(q), pad(k), pad(v), pad(g)
     if with_segments:
         # Running segment count (reset count) per position; padding continues the last segment.
         cnt = jnp.cumsum(segment_starts(seg).astype(jnp.int32), axis=1)
-        cnt = jnp.pad(cnt, ((0, 0), (0, Tp - T)), mode="edge").reshape(B, NG * Gs, C)
-        prev = jnp.concatenate([jnp.zeros_like(cnt[:, :1, :1]), cnt[:, :-1, -1:]], axis=1)
-        cnt = jnp.transpose(cnt, (1, 0, 2)).reshape(NG, Gs, B, 1, C)
-        prev = jnp.transpose(prev, (1, 0, 2)).reshape(NG, Gs, B, 1, 1)
-        segs = (cnt, prev)
-    else:
-        segs = None
-    qc, kc, vc, gc = grouped(q), grouped(k), grouped(v), grouped(g)
+        cnt = jnp.pad(cnt, ((0, 0), (0, Tp - T)), mode="edge")  # [B, Tp]
+        prev = jnp.concatenate([jnp.zeros_like(cnt[:, :1]), cnt[:, C - 1 : -1 : C]], axis=1)
     causal = jnp.tril(jnp.ones((C, C), bool))[None, None, None]  # [1, 1, 1, C, C]
 
-    def step(S, xs):
-        qs, ks, vs, gs = (local(x) for x in xs[:4])  # [Gs, B, H, C, D]
-        sg = xs[4]
+    def local(x):  # [B, W, H, D] -> [Gs, B, H, C, D]
+        return jnp.transpose(x.reshape(B, Gs, C, H, x.shape[-1]), (1, 0, 3, 2, 4))
+
+    def body(n, carry):
+        S, out = carry
+        start = n * W
+        qs, ks, vs, gs = (
+            local(jax.lax.dynamic_slice_in_dim(x, start, W, axis=1)) for x in (q, k, v, g)
+        )
         G = jnp.cumsum(gs.astype(jnp.float32), axis=-2)  # chunk-local gate cumsum, fp32
         Glast = G[..., -1:, :]  # [Gs, B, H, 1, K]
-        if sg is None:
-            same = sees_state = carry = to_state = True
+        if with_segments:
+            cn = jax.lax.dynamic_slice_in_dim(cnt, start, W, axis=1)
+            cn = jnp.transpose(cn.reshape(B, Gs, C), (1, 0, 2))[:, :, None]  # [Gs, B, 1, C]
+            pv = jax.lax.dynamic_slice_in_dim(prev, n * Gs, Gs, axis=1)
+            pv = jnp.transpose(pv)[:, :, None, None]  # [Gs, B, 1, 1]
+            same = cn[..., :, None] == cn[..., None, :]  # [Gs, B, 1, C, C]
+            sees_state = (cn == pv)[..., None]  # row i continues the incoming state
+            carry = (cn[..., -1:] == pv)[..., None]  # no reset in the chunk
+            to_state = (cn == cn[..., -1:])[..., None]  # row j reaches the chunk's end
         else:
-            cnt, prev = sg  # [Gs, B, 1, C], [Gs, B, 1, 1]
-            same = cnt[..., :, None] == cnt[..., None, :]  # [Gs, B, 1, C, C]
-            sees_state = (cnt == prev)[..., None]  # row i continues the incoming state
-            carry = (cnt[..., -1:] == prev)[..., None]  # no reset in the chunk
-            to_state = (cnt == cnt[..., -1:])[..., None]  # row j reaches the chunk's end
-        # Intra-chunk part.
-        A = jnp.where(causal & same, _intra_scores(qs, ks, G, scale, c, dtype), 0.0)
+            same = sees_state = carry = to_state = True
+        qe = qs.astype(jnp.float32) * jnp.exp(G)
+
+        def factored():
+            ke = ks.astype(jnp.float32) * jnp.exp(-G)
+            return scale * jnp.einsum(
+                "...ik,...jk->...ij",
+                qe.astype(dtype),
+                ke.astype(dtype),
+                preferred_element_type=jnp.float32,
+            )
+
+        def sub_chunked():
+            return _intra_scores(qs, ks, G, scale, c, dtype)
+
+        A = jax.lax.cond(jnp.max(jnp.abs(G)) <= FACTOR_BOUND, factored, sub_chunked)
+        A = jnp.where(causal & same, A, 0.0)
         o = jnp.einsum(
             "...ij,...jv->...iv", A.astype(dtype), vs, preferred_element_type=jnp.float32
         )
         # Per-chunk state updates, then the recurrence over the chunks of the group.
         kdec = jnp.where(to_state, ks.astype(jnp.float32) * jnp.exp(Glast - G), 0.0)
         U = jnp.einsum(
-            "...jk,...jv->...kv", kdec.astype(dtype), vs, preferred_element_type=jnp.float32
+            "...jk,...jv->...kv",
+            kdec.astype(dtype),
+            vs,
+            preferred_element_type=jnp.float32,
         )  # [Gs, B, H, K, V]
         decay = jnp.where(carry, jnp.exp(Glast), 0.0)[..., 0, :, None]  # [Gs, B, H, K, 1]
         hs = []
@@ -240,27 +265,25 @@ def _gla_scan(q, k, v, g, h0, seg, scale, chunk_size, with_segments):
             hs.append(S)  # state entering chunk i
             S = decay[i] * S + U[i]
         h = jnp.stack(hs)  # [Gs, B, H, K, V]
-        qdec = jnp.where(sees_state, qs.astype(jnp.float32) * jnp.exp(G), 0.0)
+        qdec = jnp.where(sees_state, qe, 0.0)
         o = o + scale * jnp.einsum(
             "...ik,...kv->...iv",
             qdec.astype(dtype),
             h.astype(dtype),
             preferred_element_type=jnp.float32,
         )
-        o = jnp.transpose(o.astype(v.dtype), (1, 0, 3, 2, 4))  # [B, Gs, C, H, V]
-        return S, o.reshape(B, Gs * C, H, V)
+        o = jnp.transpose(o.astype(v.dtype), (1, 0, 3, 2, 4)).reshape(B, W, H, V)
+        return S, jax.lax.dynamic_update_slice_in_dim(out, o, start, axis=1)
 
-    final, o = jax.lax.scan(step, h0, (qc, kc, vc, gc, segs))  # o: [NG, B, Gs * C, H, V]
-    o = jnp.swapaxes(o, 0, 1).reshape(B, Tp, H, V)
-    if Tp != T:
-        o = o[:, :T]
-    return o, final
+    out = jnp.zeros((B, Tp, H, V), v.dtype)
+    final, out = jax.lax.fori_loop(0, NG, body, (h0, out))
+    return (out if Tp == T else out[:, :T]), final
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
 def _gla(q, k, v, g, h0, seg, scale, chunk_size, with_segments):
-    """Forward by `_gla_scan` (fastest on CPU); the VJP is autodiff of `_gla_chunked`."""
-    return _gla_scan(q, k, v, g, h0, seg, scale, chunk_size, with_segments)
+    """Forward by `_gla_loop` (fastest on CPU); the VJP is autodiff of `_gla_chunked`."""
+    return _gla_loop(q, k, v, g, h0, seg, scale, chunk_size, with_segments)
 
 
 def _gla_fwd(q, k, v, g, h0, seg, scale, chunk_size, with_segments):
