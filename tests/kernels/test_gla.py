@@ -127,7 +127,7 @@ def test_xla_extreme_gates_stay_finite():
         assert_close(xla(q, k, v, gg, h0), REF(q, k, v, gg, h0), tol=5e-3)
 
 
-def test_xla_forward_mixes_factored_and_sub_chunked_steps():
+def test_xla_mixes_factored_and_sub_chunked_steps():
     # The xla forward factors a step's intra-chunk scores at the chunk start when every |G| of the
     # step is ≤ FACTOR_BOUND, else it takes the sub-chunked form. T = 1100 gives three steps of
     # GROUP chunks (the last one padded): mild gates except a strong stretch in the second step,
@@ -140,6 +140,8 @@ def test_xla_forward_mixes_factored_and_sub_chunked_steps():
     W = xla_gla.GROUP * 64
     t0 = 2 * W  # the first (whole) chunk of the third step
     g = g.at[:, t0 : t0 + 64, :, 0].set(-(xla_gla.FACTOR_BOUND - 0.5) / 64)
+    # Gradients through both branches (the steps are rematerialised in the backward).
+    check_forward_and_vjp(_op("xla"), REF, [q, k, v, g, h0])
     q, k = q.at[:, t0 : t0 + 64].multiply(1e3), k.at[:, t0 : t0 + 64].multiply(1e3)
     # The premise: per step, the largest |chunk-local cumsum| is under the bound except in step 2.
     gp = np.pad(np.asarray(g, np.float64), ((0, 0), (0, 3 * W - T), (0, 0), (0, 0)))

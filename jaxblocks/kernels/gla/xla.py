@@ -15,9 +15,9 @@ chunks); the intra-chunk scores ``A`` are built per sub-chunk pair:
 
 Every exponent that is evaluated is ≤ 0 for gates ≤ 0 (masked entries are set to 0 before the
 ``exp``, so neither the value nor its derivative can overflow), hence the result is finite for any
-gate value. The plain forward (`_gla_loop`) runs chunk groups in a loop and factors the scores of
-a group at the chunk start when its gate cumsums are bounded (``|G| ≤ FACTOR_BOUND``); the backward
-is JAX autodiff of the all-chunks form (`_gla_chunked`). See README.md for the math.
+gate value. `_gla_loop` runs groups of chunks in a loop and factors the scores of a group at the
+chunk start when its gate cumsums are bounded (``|G| ≤ FACTOR_BOUND``); the backward is JAX
+autodiff of the same steps, rematerialised. See README.md for the math.
 """
 
 from __future__ import annotations
@@ -112,84 +112,26 @@ def _intra_scores(q, k, G, scale: float, c: int, dtype):
     return scale * _blocked_scores(q, k, G, c, dtype, _diagonal_scores)
 
 
-def _gla_chunked(q, k, v, g, h0, seg, scale, chunk_size, with_segments):
-    """All chunks at once (batched intra-chunk work, then a `lax.scan` over the chunk states):
-    the form that is differentiated (its autodiff backward is faster on CPU than the scan's)."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    C = effective_chunk(T, chunk_size)
-    c = min(SUB_CHUNK, C)
-    Tp = -(-T // C) * C
-    NT = Tp // C
-    dtype = jnp.promote_types(q.dtype, v.dtype)
-
-    def head_first(x):  # [B, T, H, D] -> [B, H, NT, C, D], zero-padded in time
-        x = jnp.pad(x, ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
-        return jnp.swapaxes(x, 1, 2).reshape(B, H, NT, C, x.shape[-1])
-
-    qc, kc, vc = head_first(q), head_first(k), head_first(v)
-    G = chunk_gates(head_first(g).reshape(B, H, Tp, K), C).reshape(B, H, NT, C, K)
-    Glast = G[..., -1:, :]  # [B, H, NT, 1, K]
-
-    if with_segments:
-        # Running segment count (reset count) per position; padding continues the last segment.
-        cnt = jnp.cumsum(segment_starts(seg).astype(jnp.int32), axis=1)
-        cnt = jnp.pad(cnt, ((0, 0), (0, Tp - T)), mode="edge").reshape(B, 1, NT, C)
-        prev = jnp.concatenate([jnp.zeros_like(cnt[:, :, :1, :1]), cnt[:, :, :-1, -1:]], axis=2)
-        same = cnt[..., :, None] == cnt[..., None, :]  # [B, 1, NT, C, C]
-        sees_state = (cnt == prev)[..., None]  # [B, 1, NT, C, 1] row i continues the state
-        carry = (cnt[..., -1:] == prev)[..., None]  # [B, 1, NT, 1, 1] no reset in the chunk
-        to_state = (cnt == cnt[..., -1:])[..., None]  # [B, 1, NT, C, 1] row j reaches the end
-    else:
-        same = sees_state = carry = to_state = True
-
-    # Intra-chunk part.
-    A = _intra_scores(qc, kc, G, scale, c, dtype)
-    causal = jnp.tril(jnp.ones((C, C), bool))[None, None, None]  # [1, 1, 1, C, C]
-    A = jnp.where(causal & same, A, 0.0)
-    o = jnp.einsum("...ij,...jv->...iv", A.astype(dtype), vc, preferred_element_type=jnp.float32)
-
-    # Inter-chunk part: per-chunk state updates, then the recurrence over chunks.
-    kdec = jnp.where(to_state, kc.astype(jnp.float32) * jnp.exp(Glast - G), 0.0)
-    U = jnp.einsum(
-        "...jk,...jv->...kv", kdec.astype(dtype), vc, preferred_element_type=jnp.float32
-    )  # [B, H, NT, K, V]
-    decay = jnp.where(carry, jnp.exp(Glast), 0.0)[..., 0, :, None]  # [B, H, NT, K, 1]
-
-    def step(S, xs):
-        d, u = xs
-        return d * S + u, S
-
-    move = lambda x: jnp.moveaxis(x, 2, 0)
-    final, h = jax.lax.scan(step, h0, (move(decay), move(U)))
-    h = jnp.moveaxis(h, 0, 2)  # [B, H, NT, K, V]: state entering each chunk
-    qdec = jnp.where(sees_state, qc.astype(jnp.float32) * jnp.exp(G), 0.0)
-    o = o + scale * jnp.einsum(
-        "...ik,...kv->...iv",
-        qdec.astype(dtype),
-        h.astype(dtype),
-        preferred_element_type=jnp.float32,
-    )
-    o = jnp.swapaxes(o.reshape(B, H, Tp, V), 1, 2)[:, :T]
-    return o.astype(v.dtype), final
-
-
 GROUP = 8  # chunks per step of `_gla_loop` (a step's working set stays in cache)
 FACTOR_BOUND = 40.0  # |G| up to which a step's intra-chunk scores are factored (see _gla_loop)
 
 
-def _gla_loop(q, k, v, g, h0, seg, scale, chunk_size, with_segments):
+def _gla_loop(q, k, v, g, h0, seg, scale, chunk_size, with_segments, differentiable=False):
     """The forward as a `lax.fori_loop` over groups of ``GROUP`` chunks: each step slices its
     ``[B, GROUP·C, H, D]`` slab of the inputs, forms the scores, chunk states and outputs of its
     chunks while they are in cache, carries the state and writes its outputs in place. Nothing of
     size T is materialised besides the output (XLA:CPU pays a page fault per 4 KiB of every
-    fresh large buffer, which made the all-chunks form spend most of its time allocating).
+    fresh large buffer, which cost the earlier all-chunks and regrouped forms much of their time).
 
     Intra-chunk scores: a step whose chunk-local gate cumsums all satisfy ``|G| ≤ FACTOR_BOUND``
     factors them at the chunk start, ``A = scale (q ⊙ e^{G}) (k ⊙ e^{−G})ᵀ`` (one matmul; every
     factor within ``e^{±40}``, so finite and as accurate as the sub-chunked form); any other step
     (strong gates, non-finite values) takes the sub-chunked form of `_intra_scores`, whose
-    exponents are all ≤ 0. The choice is a `lax.cond` per step. Same math as `_gla_chunked`."""
+    exponents are all ≤ 0. The choice is a `lax.cond` per step.
+
+    ``differentiable=True`` runs the same steps as a `lax.scan` over the stacked slabs with the step
+    under `jax.checkpoint`: its autodiff keeps only the state entering each group and recomputes
+    the step in the backward (the VJP of the `fori_loop` form would have to keep everything)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = effective_chunk(T, chunk_size)
@@ -213,18 +155,15 @@ def _gla_loop(q, k, v, g, h0, seg, scale, chunk_size, with_segments):
     def local(x):  # [B, W, H, D] -> [Gs, B, H, C, D]
         return jnp.transpose(x.reshape(B, Gs, C, H, x.shape[-1]), (1, 0, 3, 2, 4))
 
-    def body(n, carry):
-        S, out = carry
-        start = n * W
-        qs, ks, vs, gs = (
-            local(jax.lax.dynamic_slice_in_dim(x, start, W, axis=1)) for x in (q, k, v, g)
-        )
+    def step(S, slabs):
+        """One group: slabs ``q, k, v, g [B, W, H, D]`` (and segment counts ``[B, W]``,
+        ``[B, Gs]``) -> (state after the group, outputs ``[B, W, H, V]``)."""
+        qs, ks, vs, gs = (local(x) for x in slabs[:4])
         G = jnp.cumsum(gs.astype(jnp.float32), axis=-2)  # chunk-local gate cumsum, fp32
         Glast = G[..., -1:, :]  # [Gs, B, H, 1, K]
         if with_segments:
-            cn = jax.lax.dynamic_slice_in_dim(cnt, start, W, axis=1)
+            cn, pv = slabs[4:]
             cn = jnp.transpose(cn.reshape(B, Gs, C), (1, 0, 2))[:, :, None]  # [Gs, B, 1, C]
-            pv = jax.lax.dynamic_slice_in_dim(prev, n * Gs, Gs, axis=1)
             pv = jnp.transpose(pv)[:, :, None, None]  # [Gs, B, 1, 1]
             same = cn[..., :, None] == cn[..., None, :]  # [Gs, B, 1, C, C]
             sees_state = (cn == pv)[..., None]  # row i continues the incoming state
@@ -272,22 +211,46 @@ def _gla_loop(q, k, v, g, h0, seg, scale, chunk_size, with_segments):
             h.astype(dtype),
             preferred_element_type=jnp.float32,
         )
-        o = jnp.transpose(o.astype(v.dtype), (1, 0, 3, 2, 4)).reshape(B, W, H, V)
-        return S, jax.lax.dynamic_update_slice_in_dim(out, o, start, axis=1)
+        return S, jnp.transpose(o.astype(v.dtype), (1, 0, 3, 2, 4)).reshape(B, W, H, V)
 
-    out = jnp.zeros((B, Tp, H, V), v.dtype)
-    final, out = jax.lax.fori_loop(0, NG, body, (h0, out))
+    inputs = (q, k, v, g) + ((cnt, prev) if with_segments else ())
+    widths = (W, W, W, W, W, Gs)[: len(inputs)]  # of a group's slab, along axis 1
+    if differentiable:
+        # Slabs stacked as scan inputs; the step is rematerialised in the backward, so only the
+        # state entering each group is kept (fla's "recompute the states" in reverse).
+        def slabs(x, width):  # [B, NG·width, ...] -> [NG, B, width, ...]
+            return jnp.swapaxes(x.reshape(B, NG, width, *x.shape[2:]), 0, 1)
+
+        xs = tuple(slabs(x, w) for x, w in zip(inputs, widths, strict=True))
+        final, out = jax.lax.scan(jax.checkpoint(step), h0, xs)
+        out = jnp.swapaxes(out, 0, 1).reshape(B, Tp, H, V)
+    else:
+
+        def body(n, carry):
+            S, out = carry
+            sl = tuple(
+                jax.lax.dynamic_slice_in_dim(x, n * w, w, axis=1)
+                for x, w in zip(inputs, widths, strict=True)
+            )
+            S, o = step(S, sl)
+            return S, jax.lax.dynamic_update_slice_in_dim(out, o, n * W, axis=1)
+
+        out = jnp.zeros((B, Tp, H, V), v.dtype)
+        final, out = jax.lax.fori_loop(0, NG, body, (h0, out))
     return (out if Tp == T else out[:, :T]), final
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
 def _gla(q, k, v, g, h0, seg, scale, chunk_size, with_segments):
-    """Forward by `_gla_loop` (fastest on CPU); the VJP is autodiff of `_gla_chunked`."""
+    """Forward by the `fori_loop` form of `_gla_loop`; the VJP is autodiff of its `scan` form
+    (steps rematerialised), so `jvp` is not available on this path."""
     return _gla_loop(q, k, v, g, h0, seg, scale, chunk_size, with_segments)
 
 
 def _gla_fwd(q, k, v, g, h0, seg, scale, chunk_size, with_segments):
-    f = lambda q, k, v, g, h0: _gla_chunked(q, k, v, g, h0, seg, scale, chunk_size, with_segments)
+    def f(q, k, v, g, h0):
+        return _gla_loop(q, k, v, g, h0, seg, scale, chunk_size, with_segments, differentiable=True)
+
     out, pullback = jax.vjp(f, q, k, v, g, h0)
     return out, pullback
 
