@@ -97,6 +97,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.agvm.interval = 5
     c.agvm.start_step = 0
     c.agvm.momentum = 0.97
+    # Gradients in the cosine: auto (adam for adamw/lamb, none for sgd/lars) | none | adam
+    c.agvm.precondition = "auto"
 
     # ConAdv (Liu et al. 2022): adversarial inputs for the next batch from the stale params.
     c.conadv = ml_collections.ConfigDict()

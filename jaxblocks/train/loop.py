@@ -120,6 +120,9 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Trainer:
             momentum=cfg.agvm.momentum,
             interval=cfg.agvm.interval,
             start_step=cfg.agvm.start_step,
+            precondition=agvm_lib.resolve_precondition(cfg),
+            b2=cfg.optimizer.get("b2", 0.999),
+            eps=cfg.optimizer.get("eps", 1e-8),
         )
     params_transform = None
     if cfg.optimizer.freeze == "bn_only":
