@@ -321,13 +321,14 @@ def _check_variables(module: nn.Module, mode: str, bias_name: str, use_bias: boo
             "with them, or the un-folded variables"
         )
     want = ["kernel", "scale", "bias"] + ([bias_name] if use_bias else [])
+    want += ["scale_aux", "bias_aux"] if module.aux_bn else []
     for name in want:
         if not has("params", name):
             raise ValueError(
                 f"{where}: mode={mode!r} needs params[{name!r}], it is missing "
                 f"(expected params {{{', '.join(want)}}})"
             )
-    for name in ("mean", "var"):
+    for name in ("mean", "var") + (("mean_aux", "var_aux") if module.aux_bn else ()):
         if not has("batch_stats", name):
             raise ValueError(
                 f"{where}: mode={mode!r} needs batch_stats[{name!r}], it is missing; pass the "
@@ -353,11 +354,24 @@ def _apply_modes(
     use_bias: bool,
     linear: Callable[[Array, Array], Array],
     pointwise: bool,
+    use_aux: bool = False,
 ) -> Array:
     """Everything but the linear map itself, which ``linear(x, kernel)`` supplies."""
     features = kernel_shape[-1]
     dtype = module.dtype if module.dtype is not None else x.dtype
     out_axes = (kernel_axes[-1],)
+    if not isinstance(use_aux, bool):
+        raise TypeError(f"{_path(module)}: use_aux must be a bool, got {use_aux!r}")
+    if use_aux and not module.aux_bn:
+        raise ValueError(
+            f"{_path(module)}: use_aux=True needs the auxiliary BatchNorm; build the layer (or "
+            "the model) with aux_bn=True"
+        )
+    if use_aux and mode == "deploy":
+        raise ValueError(
+            f"{_path(module)}: use_aux=True is not available in mode='deploy' (fold_for_deploy "
+            "folds the main BatchNorm only; the auxiliary one is a training-time device)"
+        )
     _check_variables(module, mode, bias_name, use_bias)
     param = lambda name, init, shape, axes: module.param(
         name, nn.with_logical_partitioning(init, axes), shape, module.param_dtype
@@ -385,6 +399,15 @@ def _apply_modes(
     bias = param("bias", module.bias_init, (features,), out_axes)
     ra_mean = module.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
     ra_var = module.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+    if module.aux_bn:  # both sets always exist, so the variable tree does not depend on use_aux
+        aux = (
+            param("scale_aux", module.scale_init, (features,), out_axes),
+            param("bias_aux", module.bias_init, (features,), out_axes),
+            module.variable("batch_stats", "mean_aux", jnp.zeros, (features,), jnp.float32),
+            module.variable("batch_stats", "var_aux", jnp.ones, (features,), jnp.float32),
+        )
+        if use_aux:
+            scale, bias, ra_mean, ra_var = aux
 
     if mode == "tune":
         known, act_name = _kernel_activation(act)
@@ -490,10 +513,14 @@ class ConvBN(nn.Module):
       param_dtype: parameter storage dtype.
       kernel_init, scale_init, bias_init: initializers (``bias_init`` also for ``conv_bias``).
       implementation: passed to ``pointwise_conv_bn`` (1x1, stride-1, ungrouped, tune mode).
+      aux_bn: also keep an auxiliary BatchNorm (``scale_aux``, ``bias_aux``, ``mean_aux``,
+        ``var_aux``; AdvProp / ConAdv): calls with ``use_aux=True`` normalise adversarial inputs
+        with it, in every mode but deploy, and train-mode calls update only the statistics of
+        the BN they use. `fold_for_deploy` folds the main BN and drops the auxiliary one.
 
     Variables: params ``kernel`` (spatial..., C/groups, features), optional ``conv_bias``,
-    ``scale``, ``bias``; batch_stats ``mean``, ``var`` (biased). Deploy: params ``kernel``,
-    ``bias``.
+    ``scale``, ``bias`` (and ``scale_aux``, ``bias_aux``); batch_stats ``mean``, ``var``
+    (biased; and ``mean_aux``, ``var_aux``). Deploy: params ``kernel``, ``bias``.
 
     Example::
 
@@ -520,6 +547,7 @@ class ConvBN(nn.Module):
     scale_init: Initializer = nn.initializers.ones
     bias_init: Initializer = nn.initializers.zeros
     implementation: str | None = None
+    aux_bn: bool = False
 
     @nn.compact
     def __call__(
@@ -528,8 +556,10 @@ class ConvBN(nn.Module):
         mode: str | None = None,
         *,
         residual: Float[Array, "B *S2 F"] | None = None,
+        use_aux: bool = False,
     ) -> Float[Array, "B *S2 F"]:
-        """Apply the layer; ``residual`` (output-shaped) is added before the activation."""
+        """Apply the layer; ``residual`` (output-shaped) is added before the activation;
+        ``use_aux`` normalises with the auxiliary BatchNorm (needs ``aux_bn=True``)."""
         where = _path(self)
         mode = _resolve_mode(self, mode)
         if isinstance(self.kernel_size, int):
@@ -591,6 +621,7 @@ class ConvBN(nn.Module):
             use_bias=self.use_conv_bias,
             linear=conv,
             pointwise=pointwise and unpadded,
+            use_aux=use_aux,
         )
 
 
@@ -601,7 +632,8 @@ class LinearBN(nn.Module):
     applied to a Dense layer (as PyTorch's fold pass does for Linear+BatchNorm1d): the statistics
     are per output feature over all leading axes of ``x``.
 
-    Attributes: as `ConvBN`, without the conv geometry; ``use_dense_bias`` adds ``dense_bias``.
+    Attributes: as `ConvBN` (``aux_bn`` included), without the conv geometry; ``use_dense_bias``
+    adds ``dense_bias``.
 
     Example::
 
@@ -622,6 +654,7 @@ class LinearBN(nn.Module):
     scale_init: Initializer = nn.initializers.ones
     bias_init: Initializer = nn.initializers.zeros
     implementation: str | None = None
+    aux_bn: bool = False
 
     @nn.compact
     def __call__(
@@ -630,8 +663,10 @@ class LinearBN(nn.Module):
         mode: str | None = None,
         *,
         residual: Float[Array, "*B F"] | None = None,
+        use_aux: bool = False,
     ) -> Float[Array, "*B F"]:
-        """Apply the layer; ``residual`` (output-shaped) is added before the activation."""
+        """Apply the layer; ``residual`` (output-shaped) is added before the activation;
+        ``use_aux`` normalises with the auxiliary BatchNorm (needs ``aux_bn=True``)."""
         where = _path(self)
         mode = _resolve_mode(self, mode)
         if not hasattr(x, "ndim") or x.ndim < 2:
@@ -664,6 +699,7 @@ class LinearBN(nn.Module):
             use_bias=self.use_dense_bias,
             linear=dense,
             pointwise=True,
+            use_aux=use_aux,
         )
 
 
@@ -679,7 +715,7 @@ def _is_convbn(params: Any, stats: Any) -> bool:
     keys = set(params)
     return (
         {"kernel", "scale", "bias"} <= keys
-        and keys <= {"kernel", "scale", "bias", *_CONV_BIAS_NAMES}
+        and keys <= {"kernel", "scale", "bias", "scale_aux", "bias_aux", *_CONV_BIAS_NAMES}
         and not any(isinstance(v, Mapping) for v in params.values())
         and {"mean", "var"} <= set(stats)
     )
@@ -692,8 +728,9 @@ def fold_for_deploy(
 
     Every ConvBN / LinearBN subtree (params ``kernel, scale, bias[, conv_bias|dense_bias]`` with
     batch_stats ``mean, var`` at the same path) becomes params ``kernel, bias`` with the BN folded
-    in (fp32, stored in the kernel's dtype), and its batch_stats are dropped; every other variable
-    is kept as is. The model applied in ``deploy`` mode to the result matches ``eval`` mode.
+    in (fp32, stored in the kernel's dtype), and its batch_stats are dropped (an auxiliary BN,
+    ``aux_bn=True``, is dropped too: deploy uses the main one); every other variable is kept.
+    The model applied in ``deploy`` mode to the result matches ``eval`` mode.
 
     The layers do not store their epsilon: ``epsilon`` (default 1e-5, the layers' default) must
     match the one the layers were built with.

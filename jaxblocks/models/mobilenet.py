@@ -63,21 +63,23 @@ class InvertedResidual(nn.Module):
     conv: Callable[..., nn.Module] = ConvBN
 
     @nn.compact
-    def __call__(self, x: Float[Array, "B H W C"], mode: str | None = None) -> Array:
+    def __call__(
+        self, x: Float[Array, "B H W C"], mode: str | None = None, use_aux: bool = False
+    ) -> Array:
         in_features = x.shape[-1]
         hidden = int(round(in_features * self.expand_ratio))
         y = x
         if self.expand_ratio != 1:
             y = self.conv(hidden, (1, 1), padding="VALID", activation=nn.relu6, name="expand")(
-                y, mode
+                y, mode, use_aux=use_aux
             )
         y = self.conv(
             hidden, (3, 3), strides=self.strides, padding=((1, 1), (1, 1)),
             feature_group_count=hidden, activation=nn.relu6, name="depthwise",
-        )(y, mode)  # fmt: skip
+        )(y, mode, use_aux=use_aux)  # fmt: skip
         residual = x if self.strides == 1 and in_features == self.features else None
         y = self.conv(self.features, (1, 1), padding="VALID", name="project")(
-            y, mode, residual=residual
+            y, mode, residual=residual, use_aux=use_aux
         )
         return _constrain(y)
 
@@ -114,6 +116,8 @@ class MobileNetV2(nn.Module):
       mode: default ConvBN mode of every layer (None: the `convbn_mode` context, else "train").
       dtype: compute dtype (None: the input's); param_dtype: parameter storage dtype.
       implementation: kernel implementation passed to every `ConvBN` (None: automatic).
+      aux_bn: give every `ConvBN` an auxiliary BatchNorm, selected per call with
+        ``use_aux=True`` (ConAdv's adversarial inputs; `fold_for_deploy` drops it).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -134,6 +138,7 @@ class MobileNetV2(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     implementation: str | None = None
+    aux_bn: bool = False
 
     @classmethod
     def from_config(cls, config: MobileNetV2Config, **kwargs: Any) -> MobileNetV2:
@@ -142,7 +147,12 @@ class MobileNetV2(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Float[Array, "B H W C"], mode: str | None = None, *, train: bool | None = None
+        self,
+        x: Float[Array, "B H W C"],
+        mode: str | None = None,
+        *,
+        train: bool | None = None,
+        use_aux: bool = False,
     ) -> Float[Array, "B classes"]:
         """Logits ``[B, num_classes]`` (pooled features if ``num_classes == 0``).
 
@@ -150,6 +160,7 @@ class MobileNetV2(nn.Module):
           x: NHWC images.
           mode: ConvBN mode for every layer of this call (wins over context and attribute).
           train: Flax-style alternative to ``mode`` (see `resolve_call_mode`).
+          use_aux: normalise with every layer's auxiliary BatchNorm (needs ``aux_bn=True``).
         """
         mode = resolve_call_mode(mode, train, self.mode)
         if x.ndim != 4:
@@ -167,6 +178,7 @@ class MobileNetV2(nn.Module):
             param_dtype=self.param_dtype,
             kernel_init=conv_kernel_init,
             implementation=self.implementation,
+            aux_bn=self.aux_bn,
         )
         if self.dtype is not None:
             x = x.astype(self.dtype)
@@ -175,7 +187,7 @@ class MobileNetV2(nn.Module):
         x = conv(
             make_divisible(32 * alpha), (3, 3), strides=self.stem_strides,
             padding=((1, 1), (1, 1)), activation=nn.relu6, name="features_0",
-        )(x, mode)  # fmt: skip
+        )(x, mode, use_aux=use_aux)  # fmt: skip
         index = 1
         for t, c, n, s in INVERTED_RESIDUAL_SETTING:
             for i in range(n):
@@ -185,11 +197,11 @@ class MobileNetV2(nn.Module):
                     expand_ratio=t,
                     conv=conv,
                     name=f"features_{index}",
-                )(x, mode)
+                )(x, mode, use_aux)
                 index += 1
         last = make_divisible(1280 * max(1.0, alpha))
         x = conv(last, (1, 1), padding="VALID", activation=nn.relu6, name=f"features_{index}")(
-            x, mode
+            x, mode, use_aux=use_aux
         )
         x = global_avg_pool(_constrain(x))  # [B, C]
         if self.num_classes == 0:

@@ -82,23 +82,25 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     @nn.compact
-    def __call__(self, x: Float[Array, "B H W C"], mode: str | None = None) -> Array:
+    def __call__(
+        self, x: Float[Array, "B H W C"], mode: str | None = None, use_aux: bool = False
+    ) -> Array:
         out_features = self.features * self.expansion
         last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
         y = self.conv(
             self.features, (3, 3), strides=self.strides, padding=_same_pad(3),
             activation=nn.relu, name="conv1",
-        )(x, mode)  # fmt: skip
+        )(x, mode, use_aux=use_aux)  # fmt: skip
         shortcut = x
         if self.strides != 1 or x.shape[-1] != out_features:
             shortcut = self.conv(
                 out_features, (1, 1), strides=self.strides, padding="VALID", name="downsample"
-            )(x, mode)
+            )(x, mode, use_aux=use_aux)
         # The layer adds the shortcut before its ReLU, so tune mode keeps one tensor for both.
         y = self.conv(
             out_features, (3, 3), padding=_same_pad(3), activation=nn.relu,
             scale_init=last_scale, name="conv2",
-        )(y, mode, residual=shortcut)  # fmt: skip
+        )(y, mode, residual=shortcut, use_aux=use_aux)  # fmt: skip
         return _constrain(y)
 
 
@@ -113,25 +115,27 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     @nn.compact
-    def __call__(self, x: Float[Array, "B H W C"], mode: str | None = None) -> Array:
+    def __call__(
+        self, x: Float[Array, "B H W C"], mode: str | None = None, use_aux: bool = False
+    ) -> Array:
         out_features = self.features * self.expansion
         last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
         y = self.conv(self.features, (1, 1), padding="VALID", activation=nn.relu, name="conv1")(
-            x, mode
+            x, mode, use_aux=use_aux
         )
         y = self.conv(
             self.features, (3, 3), strides=self.strides, padding=_same_pad(3),
             activation=nn.relu, name="conv2",
-        )(y, mode)  # fmt: skip
+        )(y, mode, use_aux=use_aux)  # fmt: skip
         shortcut = x
         if self.strides != 1 or x.shape[-1] != out_features:
             shortcut = self.conv(
                 out_features, (1, 1), strides=self.strides, padding="VALID", name="downsample"
-            )(x, mode)
+            )(x, mode, use_aux=use_aux)
         y = self.conv(
             out_features, (1, 1), padding="VALID", activation=nn.relu, scale_init=last_scale,
             name="conv3",
-        )(y, mode, residual=shortcut)  # fmt: skip
+        )(y, mode, residual=shortcut, use_aux=use_aux)  # fmt: skip
         return _constrain(y)
 
 
@@ -189,6 +193,8 @@ class ResNet(nn.Module):
       dtype: compute dtype (None: the input's); BN statistics and folds stay fp32 in `ConvBN`.
       param_dtype: parameter storage dtype.
       implementation: kernel implementation passed to every `ConvBN` (None: automatic).
+      aux_bn: give every `ConvBN` an auxiliary BatchNorm, selected per call with
+        ``use_aux=True`` (ConAdv's adversarial inputs; `fold_for_deploy` drops it).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -211,6 +217,7 @@ class ResNet(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     implementation: str | None = None
+    aux_bn: bool = False
 
     @classmethod
     def from_config(cls, config: ResNetConfig, **kwargs: Any) -> ResNet:
@@ -219,7 +226,12 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Float[Array, "B H W C"], mode: str | None = None, *, train: bool | None = None
+        self,
+        x: Float[Array, "B H W C"],
+        mode: str | None = None,
+        *,
+        train: bool | None = None,
+        use_aux: bool = False,
     ) -> Float[Array, "B classes"]:
         """Logits ``[B, num_classes]`` (pooled features if ``num_classes == 0``).
 
@@ -227,6 +239,8 @@ class ResNet(nn.Module):
           x: NHWC images.
           mode: ConvBN mode for every layer of this call (wins over context and attribute).
           train: Flax-style alternative to ``mode`` (see `resolve_call_mode`).
+          use_aux: normalise with every layer's auxiliary BatchNorm (adversarial inputs in
+            ConAdv / AdvProp); needs ``aux_bn=True``.
         """
         mode = resolve_call_mode(mode, train, self.mode)
         if x.ndim != 4:
@@ -244,18 +258,19 @@ class ResNet(nn.Module):
             param_dtype=self.param_dtype,
             kernel_init=conv_kernel_init,
             implementation=self.implementation,
+            aux_bn=self.aux_bn,
         )
         if self.dtype is not None:
             x = x.astype(self.dtype)
         x = _constrain(x)
         if self.stem == "imagenet":
             x = conv(self.width, (7, 7), strides=2, padding=_same_pad(7), activation=nn.relu,
-                     name="conv1")(x, mode)  # fmt: skip
+                     name="conv1")(x, mode, use_aux=use_aux)  # fmt: skip
             # Flax pads max-pool windows with -inf, as PyTorch does.
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         else:
             x = conv(self.width, (3, 3), padding=_same_pad(3), activation=nn.relu, name="conv1")(
-                x, mode
+                x, mode, use_aux=use_aux
             )
         x = _constrain(x)
         block_cls = _BLOCK_CLASSES[self.block]
@@ -267,7 +282,7 @@ class ResNet(nn.Module):
                     zero_init_residual=self.zero_init_residual,
                     conv=conv,
                     name=f"layer{i + 1}_{j}",
-                )(x, mode)
+                )(x, mode, use_aux)
         x = global_avg_pool(x)  # [B, C]
         if self.num_classes == 0:
             return x
