@@ -5,8 +5,9 @@ Label Temporal Correlation", ICLR 2024 (https://openreview.net/forum?id=xyxU99Nu
 
 Three pieces: the math as a pure function (`unmix_tns_normalize`), the state initialised from a
 trained model's BatchNorm running statistics (`unmix_tns_init_state`), and a converter that runs
-any trained Flax model with every `flax.linen.BatchNorm` replaced by UnMix-TNS without touching
-the model's code (`unmix_tns_apply`, built on `flax.linen.intercept_methods`).
+any trained Flax model with every `flax.linen.BatchNorm` — and the BN inside every `ConvBN` /
+`LinearBN` — replaced by UnMix-TNS without touching the model's code (`unmix_tns_apply`, built on
+`flax.linen.intercept_methods`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import meta
 
+from jaxblocks.layers.conv_bn import ConvBN, LinearBN
 from jaxblocks.typing import Array, Float
 
 __all__ = [
@@ -151,6 +154,9 @@ def unmix_tns(
     """Within this context every bound `flax.linen.BatchNorm` that has UnMix-TNS state (the
     ``"unmix_tns"`` collection) normalizes with UnMix-TNS instead, whatever its
     ``use_running_average``; the components are updated when the collection is mutable.
+    `ConvBN` / `LinearBN` layers with state do the same with their BN, whatever their mode
+    (conv or dense, then UnMix-TNS with the layer's ``scale``/``bias``, then ``residual`` and
+    the activation); they need un-folded variables and the main BN (``use_aux=False``).
 
     ``bn_momentum`` (Flax decay) defaults to each BatchNorm's own ``momentum``.
     """
@@ -158,11 +164,13 @@ def unmix_tns(
     def interceptor(next_fun, args, kwargs, context):
         mod = context.module
         if not (
-            isinstance(mod, nn.BatchNorm)
+            isinstance(mod, (nn.BatchNorm, ConvBN, LinearBN))
             and context.method_name == "__call__"
             and mod.has_variable(UNMIX_TNS_COLLECTION, "means")
         ):
             return next_fun(*args, **kwargs)
+        if not isinstance(mod, nn.BatchNorm):
+            return _convbn_unmix(mod, args, kwargs, temperature, batch_size_max, bn_momentum)
         if mod.axis not in (-1, args[0].ndim - 1):
             raise ValueError("unmix_tns: only channels-last BatchNorm (axis=-1) is supported")
         x = args[0]
@@ -192,6 +200,49 @@ def unmix_tns(
         yield
 
 
+def _convbn_unmix(mod, args, kwargs, temperature, batch_size_max, bn_momentum):
+    """A `ConvBN` / `LinearBN` call with its BN replaced by UnMix-TNS (see `unmix_tns`)."""
+    where = f"unmix_tns: {type(mod).__name__} at {'/'.join(mod.scope.path)!r}"
+    if kwargs.get("use_aux", False):
+        raise ValueError(f"{where}: use_aux=True is not supported (UnMix-TNS replaces the main BN)")
+    if not mod.has_variable("params", "scale"):
+        raise ValueError(
+            f"{where}: needs un-folded variables (params scale/bias); deploy (folded) variables "
+            "have no BatchNorm left to replace"
+        )
+    x = args[0]
+    params = meta.unbox(mod.variables["params"])
+    # The layer's linear map alone: the same module as a deploy-mode layer whose bias is the
+    # conv/dense bias (zero without one).
+    linear = mod.clone(parent=None, activation=None, aux_bn=False, mode=None)
+    bias = params.get("conv_bias", params.get("dense_bias"))
+    if bias is None:
+        bias = jnp.zeros((params["kernel"].shape[-1],), params["kernel"].dtype)
+    y = linear.apply({"params": {"kernel": params["kernel"], "bias": bias}}, x, "deploy")
+    means = mod.get_variable(UNMIX_TNS_COLLECTION, "means")
+    vars_ = mod.get_variable(UNMIX_TNS_COLLECTION, "vars")
+    decay = mod.momentum if bn_momentum is None else bn_momentum
+    y, new_means, new_vars = unmix_tns_normalize(
+        y,
+        params["scale"],
+        params["bias"],
+        means,
+        vars_,
+        temperature=temperature,
+        momentum=unmix_tns_momentum(x.shape[0], batch_size_max, decay),
+        epsilon=mod.epsilon,
+    )
+    if mod.is_mutable_collection(UNMIX_TNS_COLLECTION):
+        mod.put_variable(UNMIX_TNS_COLLECTION, "means", new_means)
+        mod.put_variable(UNMIX_TNS_COLLECTION, "vars", new_vars)
+    dtype = mod.dtype if mod.dtype is not None else x.dtype
+    y = y.astype(dtype)
+    residual = kwargs.get("residual")
+    if residual is not None:
+        y = y + residual.astype(dtype)
+    return mod.activation(y) if mod.activation is not None else y
+
+
 def unmix_tns_apply(
     model: nn.Module,
     variables: Any,
@@ -213,7 +264,8 @@ def unmix_tns_apply(
     statistics (cosine-similarity softmax, τ = 0.07), and updates the components online, so a
     label-correlated batch cannot drag the statistics to one class.
 
-    This wraps any Flax model whose norms are `flax.linen.BatchNorm` (no change to its code):
+    This wraps any Flax model whose norms are `flax.linen.BatchNorm` or live in `ConvBN` /
+    `LinearBN` layers (e.g. the registry ResNets and MobileNetV2; no change to its code):
     ``variables`` are the trained variables, ``state`` the ``"unmix_tns"`` collection, ``args``/
     ``kwargs`` go to ``model.apply`` (e.g. ``train=False``). Jit it with ``model`` static.
 

@@ -9,6 +9,7 @@ import optax
 import pytest
 from sklearn.datasets import load_digits
 
+from jaxblocks.layers.conv_bn import ConvBN, fold_for_deploy
 from jaxblocks.layers.unmix_tns import (
     UNMIX_TNS_COLLECTION,
     unmix_tns_apply,
@@ -16,7 +17,8 @@ from jaxblocks.layers.unmix_tns import (
     unmix_tns_momentum,
     unmix_tns_normalize,
 )
-from tests.kernels.harness import assert_close
+from jaxblocks.models.resnet import ResNet
+from tests.kernels.harness import assert_close, rel_rms
 
 
 def _np(a):
@@ -204,3 +206,95 @@ def test_label_sorted_stream_tbn_degrades_unmix_recovers():
     assert acc_source > 0.85 and acc_tbn_iid > 0.85, msg  # the model works, TBN works on i.i.d.
     assert acc_tbn_sorted < 0.7, msg  # label-sorted batches break test-time BN
     assert acc_unmix_sorted > 0.8 and acc_unmix_sorted > acc_tbn_sorted + 0.25, msg
+
+
+def _randomize_bn(v):
+    """Trained-looking BN variables: random scale/bias and running mean/var."""
+    keys = iter(jax.random.split(jax.random.key(7), 16))
+    p, bs = dict(v["params"]), dict(v["batch_stats"])
+    for name in ("BatchNorm_0", "BatchNorm_1"):
+        c = p[name]["scale"].shape
+        p[name] = {
+            "scale": jax.random.uniform(next(keys), c, minval=0.5, maxval=2.0),
+            "bias": jax.random.normal(next(keys), c),
+        }
+        bs[name] = {
+            "mean": jax.random.normal(next(keys), c),
+            "var": jax.random.uniform(next(keys), c, minval=0.3, maxval=3.0),
+        }
+    return {"params": p, "batch_stats": bs}
+
+
+class _ConvBNNet(nn.Module):
+    """`_Net` written with ConvBN layers (conv bias kept, as nn.Conv's default)."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        mode = "train" if train else "eval"
+        x = ConvBN(16, (3, 3), use_conv_bias=True, activation=nn.relu, name="c0")(x, mode)
+        x = ConvBN(32, (3, 3), strides=2, use_conv_bias=True, activation=nn.relu, name="c1")(
+            x, mode
+        )
+        return nn.Dense(10, name="Dense_0")(x.mean((1, 2)))
+
+
+def test_convbn_layers_take_unmix_tns_like_conv_plus_batchnorm():
+    # The same weights as nn.Conv + nn.BatchNorm and as ConvBN: identical outputs and updates.
+    x = jax.random.normal(jax.random.key(0), (5, 8, 8, 1))
+    v = _randomize_bn(_Net().init(jax.random.key(1), x, train=False))
+    p, bs = v["params"], v["batch_stats"]
+    cv = {
+        "params": {
+            "c0": {**p["Conv_0"], "conv_bias": p["Conv_0"]["bias"], **p["BatchNorm_0"]},
+            "c1": {**p["Conv_1"], "conv_bias": p["Conv_1"]["bias"], **p["BatchNorm_1"]},
+            "Dense_0": p["Dense_0"],
+        },
+        "batch_stats": {"c0": bs["BatchNorm_0"], "c1": bs["BatchNorm_1"]},
+    }
+    assert_close(_ConvBNNet().apply(cv, x, train=False), _Net().apply(v, x, train=False), tol=1e-5)
+    st = unmix_tns_init_state(bs, 16, key=jax.random.key(2))
+    cst = {"c0": st["BatchNorm_0"], "c1": st["BatchNorm_1"]}
+    want, want_st = unmix_tns_apply(_Net(), v, st, x, train=False)
+    got, got_st = unmix_tns_apply(_ConvBNNet(), cv, cst, x, train=False)
+    assert_close(got, want, tol=1e-5)
+    for a, b in (("c0", "BatchNorm_0"), ("c1", "BatchNorm_1")):
+        assert_close(got_st[a], want_st[b], tol=1e-5)
+        assert not np.allclose(got_st[a]["means"], cst[a]["means"])  # the components moved
+    # UnMix-TNS really replaced the running statistics (eval mode would differ).
+    assert rel_rms(got, _ConvBNNet().apply(cv, x, train=False)) > 1e-2
+
+
+def test_convbn_unmix_tns_residual_activation_and_errors():
+    x = jax.random.normal(jax.random.key(0), (4, 6, 6, 3))
+    r = jax.random.normal(jax.random.key(1), (4, 6, 6, 5))
+    plain = ConvBN(5, (3, 3))
+    v = plain.init(jax.random.key(2), x)
+    st = unmix_tns_init_state(v["batch_stats"], 4, key=jax.random.key(3))
+    y, _ = unmix_tns_apply(plain, v, st, x)
+    y_res, _ = unmix_tns_apply(plain, v, st, x, residual=r)
+    y_act, _ = unmix_tns_apply(plain.clone(activation=nn.relu), v, st, x, residual=r)
+    assert_close(y_res, y + r, tol=1e-6)  # residual added after the normalization …
+    assert_close(y_act, nn.relu(y + r), tol=1e-6)  # … and before the activation
+    with pytest.raises(ValueError, match=r"use_aux=True is not supported"):
+        aux = ConvBN(5, (3, 3), aux_bn=True)
+        va = aux.init(jax.random.key(2), x)
+        unmix_tns_apply(
+            aux, va, unmix_tns_init_state(va["batch_stats"], 2, key=jax.random.key(0)), x,
+            use_aux=True,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=r"un-folded variables"):
+        unmix_tns_apply(plain, fold_for_deploy(v), st, x, "deploy")
+
+
+def test_unmix_tns_covers_every_convbn_of_a_registry_resnet():
+    model = ResNet(stage_sizes=(1, 1), block="basic", num_classes=4, width=4, stem="small")
+    x = jax.random.normal(jax.random.key(0), (6, 8, 8, 3))
+    v = model.init(jax.random.key(1), x)
+    st = unmix_tns_init_state(v["batch_stats"], 8, key=jax.random.key(2))
+    out, new = jax.jit(lambda s, x: unmix_tns_apply(model, v, s, x, train=False))(st, x)
+    assert out.shape == (6, 4) and np.all(np.isfinite(out))
+    old_leaves, new_leaves = jax.tree.leaves(st), jax.tree.leaves(new)
+    # 6 ConvBNs: the stem, two in layer1_0, two and the downsample shortcut in layer2_0.
+    assert len(new_leaves) == len(old_leaves) == 2 * 6
+    for a, b in zip(old_leaves, new_leaves, strict=True):
+        assert not np.allclose(a, b)
