@@ -127,31 +127,47 @@ def test_xla_extreme_gates_stay_finite():
         assert_close(xla(q, k, v, gg, h0), REF(q, k, v, gg, h0), tol=5e-3)
 
 
-def test_xla_mixes_factored_and_sub_chunked_steps():
-    # The xla forward factors a step's intra-chunk scores at the chunk start when every |G| of the
-    # step is ≤ FACTOR_BOUND, else it takes the sub-chunked form. T = 1100 gives three steps of
-    # GROUP chunks (the last one padded): mild gates except a strong stretch in the second step,
-    # and in the third step a channel whose chunk cumsum reaches just under the bound, with large
-    # q and k (the factored operands then span e^{±40}).
-    B, T, H, K, V = 2, 1100, 2, 16, 24
+def _xla_branches(g, W, C=64, c=16):
+    """The intra-chunk form `_gla_loop` picks for each step (0 chunk-factored, 1 sub-chunk-
+    factored, 2 sub-chunked), recomputed in float64 numpy from the gates."""
+    B, T, H, K = g.shape
+    steps = -(-T // W)
+    gp = np.pad(np.asarray(g, np.float64), ((0, 0), (0, steps * W - T), (0, 0), (0, 0)))
+    G = np.cumsum(gp.reshape(B, steps, W // C, C, H, K), axis=3)
+    Gs = G.reshape(B, steps, W // C, C // c, c, H, K)
+    chunk = np.abs(G).max(axis=(0, 2, 3, 4, 5))
+    within = np.abs(Gs - Gs[:, :, :, :, :1]).max(axis=(0, 2, 3, 4, 5, 6))
+    bound = xla_gla.FACTOR_BOUND
+    forms = [
+        0 if a <= bound else 1 if b <= bound else 2 for a, b in zip(chunk, within, strict=True)
+    ]
+    return forms, chunk
+
+
+def test_xla_mixes_its_three_intra_chunk_forms():
+    # The xla forward picks, per step of GROUP chunks, the chunk-factored, the sub-chunk-factored
+    # or the sub-chunked form of the intra-chunk scores (see `_gla_loop`). T = 1600 gives four
+    # steps (the last one padded): mild gates; a strong stretch (G falls by 3 per token) in the
+    # second step; in the third a channel whose chunk cumsum ends just under the bound, with large
+    # q and k (the factored operands then span e^{±40}); in the fourth a chunk falling by 1 per
+    # token (|G| = 64 over the chunk, 15 inside a sub-chunk).
+    B, T, H, K, V = 2, 1600, 2, 16, 24
     q, k, v, g, h0 = specs.Case("mix", B, T, H, K, V).make(21)
     g = g / 50.0  # mild: |G| ≤ 64 / 50 · max|g|
-    g = g.at[:, 700:760].set(-3.0)  # strong: G reaches -180 within a chunk of the second step
+    g = g.at[:, 700:760].set(-3.0)
     W = xla_gla.GROUP * 64
     t0 = 2 * W  # the first (whole) chunk of the third step
     g = g.at[:, t0 : t0 + 64, :, 0].set(-(xla_gla.FACTOR_BOUND - 0.5) / 64)
-    # Gradients through both branches (the steps are rematerialised in the backward).
+    g = g.at[:, 3 * W : 3 * W + 64].set(-1.0)
+    branches, chunk_max = _xla_branches(g, W)
+    assert branches == [0, 2, 0, 1]  # the premise: every form is taken
+    assert xla_gla.FACTOR_BOUND - 1 < chunk_max[2]  # step 2 sits just under the bound
+    # Gradients through every form (the steps are rematerialised in the backward).
     check_forward_and_vjp(_op("xla"), REF, [q, k, v, g, h0])
     q, k = q.at[:, t0 : t0 + 64].multiply(1e3), k.at[:, t0 : t0 + 64].multiply(1e3)
-    # The premise: per step, the largest |chunk-local cumsum| is under the bound except in step 2.
-    gp = np.pad(np.asarray(g, np.float64), ((0, 0), (0, 3 * W - T), (0, 0), (0, 0)))
-    G = np.cumsum(gp.reshape(B, 3, W // 64, 64, H, K), axis=3)
-    step_max = np.abs(G).max(axis=(0, 2, 3, 4, 5))
-    assert step_max[0] <= xla_gla.FACTOR_BOUND < step_max[1]
-    assert xla_gla.FACTOR_BOUND - 1 < step_max[2] <= xla_gla.FACTOR_BOUND
     o, final = _op("xla")(q, k, v, g, h0)
     o64, final64 = _np_gla(q, k, v, g, K**-0.5, h0)
-    for s in range(3):  # per step (the 1e3-scaled chunk would dominate a global RMS)
+    for s in range(4):  # per step (the 1e3-scaled chunk would dominate a global RMS)
         assert_close(o[:, s * W : (s + 1) * W], o64[:, s * W : (s + 1) * W], name=f"o step {s}")
     assert_close(final, final64, name="final_state")
     assert_close((o, final), REF(q, k, v, g, h0))

@@ -88,6 +88,28 @@ def _blocked_scores(q, k, G, c: int, dtype, inner):
     return jnp.concatenate(rows, axis=-2)
 
 
+def _sub_chunk_factored_scores(q, k, G, c: int):
+    """Causal scores [..., C, C] (fp32) per row sub-chunk I against rows ``[0, (I+1)c)`` at once,
+    both operands rescaled against ``G_n`` at the first row of I: ``q·exp(G_i − G_n)`` and
+    ``k·exp(G_n − G_j)``. The exponents are ≤ 0 for the earlier sub-chunks and bounded by the
+    caller's guard (``|G_j − G_n| ≤ FACTOR_BOUND`` within a sub-chunk) on the diagonal one;
+    entries above the diagonal are finite and masked by the caller."""
+    *lead, C, K = q.shape
+    n = C // c
+    q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
+    rows = []
+    for I in range(n):
+        r = I * c
+        Gn = G[..., r : r + 1, :]
+        qg = q32[..., r : r + c, :] * jnp.exp(G[..., r : r + c, :] - Gn)  # [..., c, K]
+        kg = k32[..., : r + c, :] * jnp.exp(Gn - G[..., : r + c, :])  # [..., r + c, K]
+        parts = [jnp.einsum("...ik,...jk->...ij", qg, kg)]  # [..., c, r + c]
+        if I < n - 1:
+            parts.append(jnp.zeros((*lead, c, C - r - c), jnp.float32))
+        rows.append(jnp.concatenate(parts, axis=-1))
+    return jnp.concatenate(rows, axis=-2)
+
+
 def _exact_scores(q, k, G):
     """Exact Σ_k q_ik k_jk exp(G_ik − G_jk) for j ≤ i, fp32: [..., n, w, w] from [..., n, w, K]."""
     w = q.shape[-2]
@@ -113,7 +135,7 @@ def _intra_scores(q, k, G, scale: float, c: int, dtype):
 
 
 GROUP = 8  # chunks per step of `_gla_loop` (a step's working set stays in cache)
-FACTOR_BOUND = 40.0  # |G| up to which a step's intra-chunk scores are factored (see _gla_loop)
+FACTOR_BOUND = 40.0  # |exponent| up to which a step's scores are factored (see _gla_loop)
 
 
 def _gla_loop(q, k, v, g, h0, seg, scale, chunk_size, with_segments, differentiable=False):
@@ -123,11 +145,15 @@ def _gla_loop(q, k, v, g, h0, seg, scale, chunk_size, with_segments, differentia
     size T is materialised besides the output (XLA:CPU pays a page fault per 4 KiB of every
     fresh large buffer, which cost the earlier all-chunks and regrouped forms much of their time).
 
-    Intra-chunk scores: a step whose chunk-local gate cumsums all satisfy ``|G| ≤ FACTOR_BOUND``
-    factors them at the chunk start, ``A = scale (q ⊙ e^{G}) (k ⊙ e^{−G})ᵀ`` (one matmul; every
-    factor within ``e^{±40}``, so finite and as accurate as the sub-chunked form); any other step
-    (strong gates, non-finite values) takes the sub-chunked form of `_intra_scores`, whose
-    exponents are all ≤ 0. The choice is a `lax.cond` per step.
+    Intra-chunk scores, one of three forms per step (a `lax.switch`; all fp32 where a product
+    includes the diagonal, so as accurate as the exact form):
+
+    0. every chunk-local gate cumsum has ``|G| ≤ FACTOR_BOUND``: factored at the chunk start,
+       ``A = scale (q ⊙ e^{G}) (k ⊙ e^{−G})ᵀ``, one matmul, every factor within ``e^{±40}``;
+    1. else, if the decay inside every sub-chunk is ``≤ FACTOR_BOUND``: each row sub-chunk
+       against all rows up to its end, rescaled at its first row (`_sub_chunk_factored_scores`);
+    2. else (strong gates, non-finite values): the sub-chunked form of `_intra_scores`, whose
+       evaluated exponents are all ≤ 0.
 
     ``differentiable=True`` runs the same steps as a `lax.scan` over the stacked slabs with the step
     under `jax.checkpoint`: its autodiff keeps only the state entering each group and recomputes
@@ -173,19 +199,22 @@ def _gla_loop(q, k, v, g, h0, seg, scale, chunk_size, with_segments, differentia
             same = sees_state = carry = to_state = True
         qe = qs.astype(jnp.float32) * jnp.exp(G)
 
-        def factored():
+        def chunk_factored():  # fp32, like every product that includes the diagonal
             ke = ks.astype(jnp.float32) * jnp.exp(-G)
-            return scale * jnp.einsum(
-                "...ik,...jk->...ij",
-                qe.astype(dtype),
-                ke.astype(dtype),
-                preferred_element_type=jnp.float32,
-            )
+            return scale * jnp.einsum("...ik,...jk->...ij", qe, ke)
+
+        def sub_chunk_factored():
+            return scale * _sub_chunk_factored_scores(qs, ks, G, c)
 
         def sub_chunked():
             return _intra_scores(qs, ks, G, scale, c, dtype)
 
-        A = jax.lax.cond(jnp.max(jnp.abs(G)) <= FACTOR_BOUND, factored, sub_chunked)
+        Gsub = G.reshape(*G.shape[:-2], C // c, c, K)
+        within = jnp.max(jnp.abs(Gsub - Gsub[..., :1, :]))  # decay inside a sub-chunk
+        branch = jnp.where(
+            jnp.max(jnp.abs(G)) <= FACTOR_BOUND, 0, jnp.where(within <= FACTOR_BOUND, 1, 2)
+        )
+        A = jax.lax.switch(branch, (chunk_factored, sub_chunk_factored, sub_chunked))
         A = jnp.where(causal & same, A, 0.0)
         o = jnp.einsum(
             "...ij,...jv->...iv", A.astype(dtype), vs, preferred_element_type=jnp.float32
