@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import jax
 import numpy as np
 
@@ -47,3 +50,16 @@ def run_steps(cfg, num_steps: int, devices=None) -> tuple[list[float], object]:
 
 def to_numpy(tree):
     return jax.tree.map(lambda a: np.asarray(jax.device_get(a)), tree)
+
+
+@contextlib.contextmanager
+def conadv_started(cfg) -> Iterator[tuple[object, dict, object, dict]]:
+    """Build a ConAdv trainer, init its state and fill ``x_adv`` for batch 0; yields
+    ``(trainer, steps, state, batch0)`` inside the trainer's mesh context."""
+    tr = loop.build(cfg)
+    with tr.mesh_context():
+        state, sh, _ = tr.create_state()
+        steps = loop.compile_steps(tr, sh)
+        b0 = loop._global_batch(tr, 0)
+        state = steps["adv_init"](state, {"x": b0["x"], "y": b0["y"]})
+        yield tr, steps, state, b0

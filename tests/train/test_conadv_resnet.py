@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxblocks.train import loop
-from tests.train.helpers import tiny_config, to_numpy
+from tests.train.helpers import conadv_started, tiny_config, to_numpy
 
 RESNET_KW = {"stage_sizes": (1, 1), "width": 4, "stem": "small", "num_classes": 10}
 
@@ -17,12 +17,7 @@ def test_conadv_trains_a_registry_resnet_through_its_auxiliary_batchnorms():
     cfg.model.kwargs = dict(RESNET_KW, aux_bn=True)
     cfg.conadv.enabled = True
     cfg.conadv.epsilon = 0.05
-    tr = loop.build(cfg)
-    with tr.mesh_context():
-        state, sh, _ = tr.create_state()
-        steps = loop.compile_steps(tr, sh)
-        b0 = loop._global_batch(tr, 0)
-        state = steps["adv_init"](state, {"x": b0["x"], "y": b0["y"]})
+    with conadv_started(cfg) as (tr, steps, state, _):
         before = to_numpy(state)
         losses = []
         for s in range(3):
@@ -48,10 +43,5 @@ def test_conadv_with_a_resnet_without_aux_bn_fails_clearly():
     cfg = tiny_config("resnet18", mesh={"data": 8})
     cfg.model.kwargs = dict(RESNET_KW)
     cfg.conadv.enabled = True
-    tr = loop.build(cfg)
-    with tr.mesh_context():
-        state, sh, _ = tr.create_state()
-        steps = loop.compile_steps(tr, sh)
-        b0 = loop._global_batch(tr, 0)
-        with pytest.raises(ValueError, match=r"aux_bn=True"):
-            steps["adv_init"](state, {"x": b0["x"], "y": b0["y"]})
+    with pytest.raises(ValueError, match=r"aux_bn=True"), conadv_started(cfg):
+        pass

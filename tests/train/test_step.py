@@ -6,7 +6,7 @@ import numpy as np
 
 from jaxblocks.train import loop
 from jaxblocks.train import step as step_lib
-from tests.train.helpers import run_steps, tiny_config, to_numpy
+from tests.train.helpers import conadv_started, run_steps, tiny_config, to_numpy
 
 
 def test_gradient_accumulation_equals_big_batch():
@@ -38,12 +38,7 @@ def test_conadv_step_uses_stale_params_and_aux_batchnorm():
     cfg.model.kwargs = {"channels": (4, 8), "aux_bn": True}
     cfg.conadv.enabled = True
     cfg.conadv.epsilon = 0.05
-    tr = loop.build(cfg)
-    with tr.mesh_context():
-        state, sh, _ = tr.create_state()
-        steps = loop.compile_steps(tr, sh)
-        b0 = loop._global_batch(tr, 0)
-        state = steps["adv_init"](state, {"x": b0["x"], "y": b0["y"]})
+    with conadv_started(cfg) as (tr, steps, state, b0):
         before = to_numpy(state)
         new, m = steps["conadv"](state, b0)
         new = to_numpy(new)
