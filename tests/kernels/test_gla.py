@@ -173,6 +173,27 @@ def test_xla_mixes_its_three_intra_chunk_forms():
     assert_close((o, final), REF(q, k, v, g, h0))
 
 
+def test_xla_forward_mode_matches_reference():
+    # The xla path is plain JAX autodiff (no custom_vjp), so jvp works; in each intra-chunk form.
+    q, k, v, g, h0 = specs.Case("jvp", 2, 70, 2, 16, 24).make(22)
+    tangents = [jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate((q, k, v, g))]
+    tangents.append(jax.random.normal(jax.random.key(9), h0.shape))
+
+    def op(impl):
+        def f(q, k, v, g, h0):
+            return chunk_gla(
+                q, k, v, g, initial_state=h0, output_final_state=True, implementation=impl
+            )
+
+        return jax.jit(lambda p, t: jax.jvp(f, p, t))
+
+    xla, ref = op("xla"), op("reference")
+    for gg, form in ((g / 16, 0), (g, 1), (jnp.minimum(g, -3.0), 2)):
+        assert _xla_branches(gg, 64 * xla_gla.GROUP)[0] == [form]
+        primals = (q, k, v, gg, h0)
+        assert_close(xla(primals, tuple(tangents)), ref(primals, tuple(tangents)))
+
+
 # ---------------------------------------------------------------------------------------------
 # Pallas kernels under the interpreters (small, odd shapes).
 

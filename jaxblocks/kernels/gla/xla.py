@@ -138,7 +138,7 @@ GROUP = 8  # chunks per step of `_gla_loop` (a step's working set stays in cache
 FACTOR_BOUND = 40.0  # |exponent| up to which a step's scores are factored (see _gla_loop)
 
 
-def _gla_loop(q, k, v, g, h0, seg, scale, chunk_size, with_segments, differentiable=False):
+def _gla_loop(q, k, v, g, h0, seg, scale, chunk_size, with_segments):
     """The forward as a `lax.fori_loop` over groups of ``GROUP`` chunks: each step slices its
     ``[B, GROUP·C, H, D]`` slab of the inputs, forms the scores, chunk states and outputs of its
     chunks while they are in cache, carries the state and writes its outputs in place. Nothing of
@@ -155,9 +155,8 @@ def _gla_loop(q, k, v, g, h0, seg, scale, chunk_size, with_segments, differentia
     2. else (strong gates, non-finite values): the sub-chunked form of `_intra_scores`, whose
        evaluated exponents are all ≤ 0.
 
-    ``differentiable=True`` runs the same steps as a `lax.scan` over the stacked slabs with the step
-    under `jax.checkpoint`: its autodiff keeps only the state entering each group and recomputes
-    the step in the backward (the VJP of the `fori_loop` form would have to keep everything)."""
+    Differentiated by JAX (reverse and forward mode): the step is under `jax.checkpoint`, so the
+    VJP keeps only the state entering each group and recomputes the step in reverse."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = effective_chunk(T, chunk_size)
@@ -244,56 +243,27 @@ def _gla_loop(q, k, v, g, h0, seg, scale, chunk_size, with_segments, differentia
 
     inputs = (q, k, v, g) + ((cnt, prev) if with_segments else ())
     widths = (W, W, W, W, W, Gs)[: len(inputs)]  # of a group's slab, along axis 1
-    if differentiable:
-        # Slabs stacked as scan inputs; the step is rematerialised in the backward, so only the
-        # state entering each group is kept (fla's "recompute the states" in reverse).
-        def slabs(x, width):  # [B, NG·width, ...] -> [NG, B, width, ...]
-            return jnp.swapaxes(x.reshape(B, NG, width, *x.shape[2:]), 0, 1)
+    # Under autodiff the step is rematerialised, so only the state entering each group is kept
+    # and the step is recomputed in the backward (fla's recomputed states).
+    step = jax.checkpoint(step)
 
-        xs = tuple(slabs(x, w) for x, w in zip(inputs, widths, strict=True))
-        final, out = jax.lax.scan(jax.checkpoint(step), h0, xs)
-        out = jnp.swapaxes(out, 0, 1).reshape(B, Tp, H, V)
-    else:
+    def body(n, carry):
+        S, out = carry
+        sl = tuple(
+            jax.lax.dynamic_slice_in_dim(x, n * w, w, axis=1)
+            for x, w in zip(inputs, widths, strict=True)
+        )
+        S, o = step(S, sl)
+        return S, jax.lax.dynamic_update_slice_in_dim(out, o, n * W, axis=1)
 
-        def body(n, carry):
-            S, out = carry
-            sl = tuple(
-                jax.lax.dynamic_slice_in_dim(x, n * w, w, axis=1)
-                for x, w in zip(inputs, widths, strict=True)
-            )
-            S, o = step(S, sl)
-            return S, jax.lax.dynamic_update_slice_in_dim(out, o, n * W, axis=1)
-
-        out = jnp.zeros((B, Tp, H, V), v.dtype)
-        final, out = jax.lax.fori_loop(0, NG, body, (h0, out))
+    out = jnp.zeros((B, Tp, H, V), v.dtype)
+    final, out = jax.lax.fori_loop(0, NG, body, (h0, out))
     return (out if Tp == T else out[:, :T]), final
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _gla(q, k, v, g, h0, seg, scale, chunk_size, with_segments):
-    """Forward by the `fori_loop` form of `_gla_loop`; the VJP is autodiff of its `scan` form
-    (steps rematerialised), so `jvp` is not available on this path."""
-    return _gla_loop(q, k, v, g, h0, seg, scale, chunk_size, with_segments)
-
-
-def _gla_fwd(q, k, v, g, h0, seg, scale, chunk_size, with_segments):
-    def f(q, k, v, g, h0):
-        return _gla_loop(q, k, v, g, h0, seg, scale, chunk_size, with_segments, differentiable=True)
-
-    out, pullback = jax.vjp(f, q, k, v, g, h0)
-    return out, pullback
-
-
-def _gla_bwd(scale, chunk_size, with_segments, pullback, cts):
-    return (*pullback(cts), None)
-
-
-_gla.defvjp(_gla_fwd, _gla_bwd)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "chunk_size", "with_segments"))
 def _gla_jit(q, k, v, g, h0, seg, *, scale, chunk_size, with_segments):
-    return _gla(q, k, v, g, h0, seg, scale, chunk_size, with_segments)
+    return _gla_loop(q, k, v, g, h0, seg, scale, chunk_size, with_segments)
 
 
 def gla_xla(q, k, v, g, *, scale, initial_state=None, segment_ids=None, chunk_size=64):
