@@ -174,30 +174,33 @@ def unmix_tns(
         if mod.axis not in (-1, args[0].ndim - 1):
             raise ValueError("unmix_tns: only channels-last BatchNorm (axis=-1) is supported")
         x = args[0]
-        means = mod.get_variable(UNMIX_TNS_COLLECTION, "means")
-        vars_ = mod.get_variable(UNMIX_TNS_COLLECTION, "vars")
         scale = mod.get_variable("params", "scale") if mod.use_scale else None
         bias = mod.get_variable("params", "bias") if mod.use_bias else None
-        decay = mod.momentum if bn_momentum is None else bn_momentum
-        lam = unmix_tns_momentum(x.shape[0], batch_size_max, decay)
-        y, new_means, new_vars = unmix_tns_normalize(
-            x,
-            scale,
-            bias,
-            means,
-            vars_,
-            temperature=temperature,
-            momentum=lam,
-            epsilon=mod.epsilon,
-        )
-        if mod.is_mutable_collection(UNMIX_TNS_COLLECTION):
-            mod.put_variable(UNMIX_TNS_COLLECTION, "means", new_means)
-            mod.put_variable(UNMIX_TNS_COLLECTION, "vars", new_vars)
-        dtype = mod.dtype if mod.dtype is not None else x.dtype
-        return y.astype(dtype)
+        y = _normalize_layer(mod, x, scale, bias, temperature, batch_size_max, bn_momentum)
+        return y.astype(mod.dtype if mod.dtype is not None else x.dtype)
 
     with nn.intercept_methods(interceptor):
         yield
+
+
+def _normalize_layer(mod, y, scale, bias, temperature, batch_size_max, bn_momentum):
+    """UnMix-TNS of ``y`` with the layer's components (updated when the collection is mutable);
+    fp32 result. ``mod`` is the bound BatchNorm / ConvBN / LinearBN holding the state."""
+    decay = mod.momentum if bn_momentum is None else bn_momentum
+    y, new_means, new_vars = unmix_tns_normalize(
+        y,
+        scale,
+        bias,
+        mod.get_variable(UNMIX_TNS_COLLECTION, "means"),
+        mod.get_variable(UNMIX_TNS_COLLECTION, "vars"),
+        temperature=temperature,
+        momentum=unmix_tns_momentum(y.shape[0], batch_size_max, decay),
+        epsilon=mod.epsilon,
+    )
+    if mod.is_mutable_collection(UNMIX_TNS_COLLECTION):
+        mod.put_variable(UNMIX_TNS_COLLECTION, "means", new_means)
+        mod.put_variable(UNMIX_TNS_COLLECTION, "vars", new_vars)
+    return y
 
 
 def _convbn_unmix(mod, args, kwargs, temperature, batch_size_max, bn_momentum):
@@ -219,22 +222,9 @@ def _convbn_unmix(mod, args, kwargs, temperature, batch_size_max, bn_momentum):
     if bias is None:
         bias = jnp.zeros((params["kernel"].shape[-1],), params["kernel"].dtype)
     y = linear.apply({"params": {"kernel": params["kernel"], "bias": bias}}, x, "deploy")
-    means = mod.get_variable(UNMIX_TNS_COLLECTION, "means")
-    vars_ = mod.get_variable(UNMIX_TNS_COLLECTION, "vars")
-    decay = mod.momentum if bn_momentum is None else bn_momentum
-    y, new_means, new_vars = unmix_tns_normalize(
-        y,
-        params["scale"],
-        params["bias"],
-        means,
-        vars_,
-        temperature=temperature,
-        momentum=unmix_tns_momentum(x.shape[0], batch_size_max, decay),
-        epsilon=mod.epsilon,
+    y = _normalize_layer(
+        mod, y, params["scale"], params["bias"], temperature, batch_size_max, bn_momentum
     )
-    if mod.is_mutable_collection(UNMIX_TNS_COLLECTION):
-        mod.put_variable(UNMIX_TNS_COLLECTION, "means", new_means)
-        mod.put_variable(UNMIX_TNS_COLLECTION, "vars", new_vars)
     dtype = mod.dtype if mod.dtype is not None else x.dtype
     y = y.astype(dtype)
     residual = kwargs.get("residual")
