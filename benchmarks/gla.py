@@ -12,8 +12,6 @@ it puts on ``reference time / xla time``. GPU: fla's standard shapes (bf16) with
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -82,14 +80,8 @@ def _matmul_rate(shape: tuple[int, int, int], iters: int = 20) -> float:
     """Measured fp32 FLOP/s of a batched ``[n, m, m] @ [n, m, m]`` matmul (median of iters)."""
     n, m, _ = shape
     x = jax.random.normal(jax.random.key(0), shape)
-    f = jax.jit(lambda a: jnp.einsum("bij,bjk->bik", a, a)).lower(x).compile()
-    jax.block_until_ready(f(x))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(x))
-        times.append(time.perf_counter() - t0)
-    return 2 * n * m**3 / statistics.median(times)
+    mm = lambda a: jnp.einsum("bij,bjk->bik", a, a)
+    return 2 * n * m**3 / measure("matmul", "xla", mm, (x,), warmup=1, iters=iters).median_s
 
 
 def _ceiling(rows: list[Measurement]) -> str:
