@@ -2,20 +2,37 @@
 
 ``implementation=None`` picks the fastest implementation that supports the current platform and
 the given shapes, in the order ``pallas_gpu`` (GPU), ``pallas_tpu`` (TPU), ``xla``, ``reference``.
-An explicit choice is honoured on any platform (that is how kernels are lowered for ``cuda`` and
-``tpu`` from a CPU machine, and how they run under `interpret()`), but its shape constraints are
-still checked, and an unknown or unsupported name raises an error listing what is available.
+A Pallas kernel is picked automatically only where the hardware record
+(``hardware_validation.json`` beside this file, written by the hardware check) holds a passing
+entry for this op, implementation, device kind and jax version; elsewhere the op runs ``xla`` and
+says so once per op and device in a log message (logger ``jaxblocks.kernels``).
+
+An explicit choice is honoured where it can run: on its own platform, under `interpret()` (the
+Pallas interpreters on CPU) and inside `cross_platform_export` (how the kernels are lowered for
+``cuda`` and ``tpu`` from a CPU machine; `jaxblocks.kernels.lowering` enters it). Its shape
+constraints are always checked, and an unknown, unsupported or unrunnable name raises
+`UnsupportedImplementationError` naming the op and what is available.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Mapping
+import functools
+import json
+import logging
+import pathlib
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
 
 from jaxblocks.kernels.interpret import interpret_enabled
+
+logger = logging.getLogger("jaxblocks.kernels")
+
+HARDWARE_RECORD = pathlib.Path(__file__).with_name("hardware_validation.json")
 
 IMPLEMENTATIONS: tuple[str, ...] = ("pallas_gpu", "pallas_tpu", "xla", "reference")
 
@@ -54,6 +71,107 @@ def current_platform() -> str:
     return jax.default_backend()
 
 
+def current_device_kind() -> str:
+    return jax.devices()[0].device_kind
+
+
+_export_state = threading.local()
+
+
+@contextlib.contextmanager
+def cross_platform_export(platform: str) -> Iterator[None]:
+    """Allow explicit Pallas implementations while exporting for ``platform`` from this machine.
+
+    ``jax.export(..., platforms=["cuda"])`` traces on the local (e.g. CPU) backend; inside this
+    block an explicit ``implementation="pallas_gpu"`` is lowered instead of being refused as
+    unrunnable here. `jaxblocks.kernels.lowering.export_mlir` enters it for you.
+    """
+    if platform not in ("cuda", "rocm", "gpu", "tpu"):
+        raise ValueError(
+            f"cross_platform_export: platform must be cuda/rocm/gpu/tpu, got {platform!r}"
+        )
+    previous = getattr(_export_state, "platform", None)
+    _export_state.platform = platform
+    try:
+        yield
+    finally:
+        _export_state.platform = previous
+
+
+def exporting_for() -> str | None:
+    """The platform of the innermost `cross_platform_export` block, or None."""
+    return getattr(_export_state, "platform", None)
+
+
+@functools.cache
+def _load_record(path: str) -> tuple[dict[str, Any], ...]:
+    p = pathlib.Path(path)
+    if not p.exists():
+        return ()
+    entries = json.loads(p.read_text())
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ValueError(f"{path}: the hardware record must be a JSON list of objects")
+    return tuple(entries)
+
+
+def hardware_record(path: pathlib.Path | str | None = None) -> tuple[dict[str, Any], ...]:
+    """The hardware validation entries (op, implementation, device_kind, jax, date, result)."""
+    return _load_record(str(path or HARDWARE_RECORD))
+
+
+def validated_on_hardware(op: str, implementation: str, device_kind: str) -> bool:
+    """True when the record holds a passing check of ``op``/``implementation`` on this device
+    kind with the running jax version."""
+    return any(
+        e.get("op") == op
+        and e.get("implementation") == implementation
+        and e.get("device_kind") == device_kind
+        and e.get("jax") == jax.__version__
+        and e.get("result") == "pass"
+        for e in hardware_record()
+    )
+
+
+_fallbacks_logged: set[tuple[str, str, str]] = set()
+
+
+def _log_unvalidated_once(op: str, name: str, device_kind: str) -> None:
+    key = (op, name, device_kind)
+    if key not in _fallbacks_logged:
+        _fallbacks_logged.add(key)
+        logger.warning(
+            "%s: %s has not been validated on %r with jax %s (no passing entry in %s); "
+            "using the next implementation. Pass implementation=%r to use it anyway.",
+            op,
+            name,
+            device_kind,
+            jax.__version__,
+            HARDWARE_RECORD.name,
+            name,
+        )
+
+
+def _runnable_here(op: str, implementation: str, available: list[str]) -> None:
+    """Refuse an explicit Pallas implementation that cannot run or lower here."""
+    platform = current_platform()
+    if (
+        implementation not in ("pallas_gpu", "pallas_tpu")
+        or platform in _NATIVE_PLATFORMS[implementation]
+    ):
+        return
+    if interpret_enabled() or exporting_for() is not None:
+        return
+    kind = "GPU (Triton)" if implementation == "pallas_gpu" else "TPU (Mosaic)"
+    raise UnsupportedImplementationError(
+        f"{op}: implementation={implementation!r} is a Pallas {kind} kernel and cannot run on "
+        f"platform {platform!r}. Run it in the Pallas interpreter with "
+        f"`with jaxblocks.kernels.interpret(): ...`, export it for its platform with "
+        f"`jaxblocks.kernels.lowering.export_mlir` (or inside "
+        f"`jaxblocks.kernels.cross_platform_export(...)`), or pick one of {available} or None "
+        f"(automatic)"
+    )
+
+
 def select_implementation(
     op: str,
     implementation: str | None,
@@ -86,6 +204,7 @@ def select_implementation(
                 f"{op}: implementation={implementation!r} does not support these inputs: "
                 f"{reason}; available: {available} or None (automatic)"
             )
+        _runnable_here(op, implementation, available)
         return implementation, impls[implementation].fn
 
     platform = current_platform()
@@ -94,6 +213,11 @@ def select_implementation(
         if platform not in _NATIVE_PLATFORMS[name]:
             continue
         reason = impls[name].reason_unsupported(*args, **kwargs)
+        if reason is None and name.startswith("pallas_"):
+            device_kind = current_device_kind()
+            if not validated_on_hardware(op, name, device_kind):
+                _log_unvalidated_once(op, name, device_kind)
+                reason = f"not validated on {device_kind!r} with jax {jax.__version__}"
         if reason is None:
             return name, impls[name].fn
         reasons.append(f"{name}: {reason}")

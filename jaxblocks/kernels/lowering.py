@@ -16,6 +16,8 @@ import jax
 from jax import export
 from jax.sharding import AxisType
 
+from jaxblocks.kernels.dispatch import cross_platform_export
+
 # What a Pallas kernel becomes in the exported StableHLO, per platform.
 PALLAS_CUSTOM_CALL: dict[str, str] = {
     "cuda": "__gpu$xla.gpu.triton",  # Pallas Triton backend
@@ -42,7 +44,7 @@ def export_mlir(fn: Callable[..., Any], args: Sequence[Any], platform: str) -> s
     if platform == "cuda":
         mesh = jax.sharding.AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=H100)
         ctx = jax.sharding.use_abstract_mesh(mesh)
-    with ctx:
+    with ctx, cross_platform_export(platform):
         exp = export.export(
             jax.jit(fn),
             platforms=[platform],
