@@ -14,7 +14,14 @@ import numpy as np
 import pytest
 
 from jaxblocks.kernels import UnsupportedImplementationError, interpret, select_implementation
-from jaxblocks.kernels.selective_scan import api, pallas_gpu, pallas_tpu, selective_scan, xla
+from jaxblocks.kernels.selective_scan import (
+    BlockSizes,
+    api,
+    pallas_gpu,
+    pallas_tpu,
+    selective_scan,
+    xla,
+)
 from jaxblocks.kernels.selective_scan.specs import LOWERING_CASES, Case, make_inputs
 from tests.kernels.harness import (
     assert_close,
@@ -45,9 +52,9 @@ def _tol(case):
 def _kernel(module, **blocks):
     def fn(*a, delta_softplus, return_last_state):
         del return_last_state
-        sizes = module.BlockSizes(**blocks)
+        sizes = BlockSizes(**blocks)
         return getattr(module, f"selective_scan_{module.__name__.split('.')[-1]}")(
-            *a, delta_softplus=delta_softplus, blocks=sizes
+            *a, delta_softplus=delta_softplus, block_sizes=sizes
         )
 
     return fn
@@ -85,8 +92,8 @@ def test_xla_chunk_sizes_agree():
 
 GPU_CASES = [  # (case, blocks): dim 12 over tiles of 8 pads channels; N=3 pads to 4
     (Case(2, 6, 4, 1, with_D=False, with_z=False, with_bias=False), {}),
-    (Case(2, 12, 3, 7, G=2, dtype=BF16), {"block_d": 8, "chunk": 4}),
-    pytest.param(Case(1, 16, 16, 65), {"block_d": 8, "chunk": 16}, marks=SLOW),
+    (Case(2, 12, 3, 7, G=2, dtype=BF16), {"gpu_block_d": 8, "gpu_chunk": 4}),
+    pytest.param(Case(1, 16, 16, 65), {"gpu_block_d": 8, "gpu_chunk": 16}, marks=SLOW),
 ]
 
 
@@ -99,8 +106,8 @@ def test_pallas_gpu_interpret_matches_reference(case, blocks):
 
 
 TPU_CASES = [  # chunk 8: L=7 is one padded chunk, L=65 nine; dim 12 pads to one 128-lane tile
-    (Case(2, 12, 4, 7, G=2), {"chunk": 8}),
-    (Case(1, 4, 16, 65, dtype=BF16, with_z=False), {"chunk": 16}),
+    (Case(2, 12, 4, 7, G=2), {"tpu_chunk": 8}),
+    (Case(1, 4, 16, 65, dtype=BF16, with_z=False), {"tpu_chunk": 16}),
     pytest.param(Case(2, 6, 1, 1, softplus=False), {}, marks=SLOW),
 ]
 
@@ -250,8 +257,113 @@ def test_bad_inputs_raise_clear_errors(mutate, kwargs, exc, match):
 
 def test_block_sizes_validate():
     with pytest.raises(ValueError, match="power of two"):
-        pallas_gpu.BlockSizes(block_d=24)
+        BlockSizes(gpu_block_d=24)
     with pytest.raises(ValueError, match="multiple of 128"):
-        pallas_tpu.BlockSizes(block_d=64)
+        BlockSizes(tpu_block_d=64)
     with pytest.raises(ValueError, match="multiple of 8"):
-        pallas_tpu.BlockSizes(chunk=12)
+        BlockSizes(tpu_chunk=12)
+
+
+# --- block_sizes through the public function, supports predicates -----------------------------
+
+
+def _pallas_calls(jaxpr) -> dict:
+    """``{kernel name: (grid, compiler_params)}`` of every pallas_call in ``jaxpr``, nested too."""
+    found = {}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found[eqn.params["name"]] = (
+                tuple(eqn.params["grid_mapping"].grid),
+                eqn.params["compiler_params"],
+            )
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    found.update(_pallas_calls(sub))
+    return found
+
+
+# dim 20 in 2 groups: H = 10 channels, two GPU tiles of 8 (one padded) where the default 32 is
+# one; L = 21 in GPU chunks of 3 (7 chunks) and TPU chunks of 8 (3 chunks, the last padded) where
+# the TPU default is one chunk of 24. tpu_block_d = 256 pads the 10 channels to two lane tiles.
+NON_DEFAULT = BlockSizes(gpu_block_d=8, gpu_chunk=3, num_warps=2, tpu_block_d=256, tpu_chunk=8)
+NON_DEFAULT_GRIDS = {
+    "pallas_gpu": {"selective_scan_fwd_gpu": (4, 2), "selective_scan_bwd_gpu": (4, 2)},
+    "pallas_tpu": {"selective_scan_fwd_tpu": (4, 1, 3), "selective_scan_bwd_tpu": (4, 1, 3)},
+}
+
+
+@pytest.mark.parametrize("implementation", ["pallas_gpu", "pallas_tpu"])
+def test_public_block_sizes_reach_the_kernels_and_match_reference(implementation):
+    case = Case(2, 20, 3, 21, G=2)
+    args = make_inputs(case, seed=6)
+    fn = functools.partial(selective_scan, implementation=implementation, block_sizes=NON_DEFAULT)
+    with interpret():
+        calls = _pallas_calls(jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(fn(*a))))(*args).jaxpr)
+        check_forward_and_vjp(jax.jit(_op(case, fn=fn)), _ref(case), args, tol=1e-4)
+    assert {name: grid for name, (grid, _) in calls.items()} == NON_DEFAULT_GRIDS[implementation]
+    if implementation == "pallas_gpu":
+        assert all(params.num_warps == 2 for _, params in calls.values())
+
+
+@pytest.mark.parametrize(
+    "field,value,exc",
+    [
+        ("gpu_block_d", 0, ValueError),
+        ("gpu_block_d", 48, ValueError),
+        ("gpu_chunk", 65, ValueError),
+        ("num_warps", 0, ValueError),
+        ("num_stages", -1, ValueError),
+        ("tpu_block_d", 192, ValueError),
+        ("tpu_chunk", 0, ValueError),
+        ("tpu_chunk", 8.0, TypeError),
+        ("gpu_chunk", True, TypeError),
+    ],
+)
+def test_invalid_block_sizes_name_the_field(field, value, exc):
+    with pytest.raises(exc, match=rf"BlockSizes\.{field} must .*got .*{value!r}"):
+        BlockSizes(**{field: value})
+
+
+def test_block_sizes_is_exported_with_valid_defaults():
+    assert api.BlockSizes is BlockSizes and pallas_gpu.BlockSizes is BlockSizes
+    assert api.default_block_sizes() == BlockSizes()
+
+
+@pytest.mark.parametrize("bad", ["x", {"gpu_block_d": 8}, pallas_gpu.TRITON_MAX_NUMEL])
+def test_block_sizes_of_the_wrong_type_raise(bad):
+    want = rf"block_sizes must be None or a .*BlockSizes, got {type(bad).__name__} "
+    with pytest.raises(TypeError, match=want):
+        selective_scan(*_good(), block_sizes=bad)
+
+
+def test_supports_accepts_the_test_and_lowering_shapes():
+    cases = [c for c, _ in GPU_CASES[:2]] + [c for c, _ in TPU_CASES[:2]]
+    for case in [*cases, *LOWERING_CASES, Case(1, 8, 256, 4096)]:
+        args = make_inputs(case, abstract=True)
+        for module in (pallas_gpu, pallas_tpu):
+            assert module.supports(*args, case.softplus, block_sizes=BlockSizes()) is None
+
+
+@pytest.mark.parametrize(
+    "implementation,N,L,block_sizes,match",
+    [
+        ("pallas_gpu", 32, 5, BlockSizes(gpu_block_d=2**16), r"65536x32 = 2097152 elements"),
+        ("pallas_gpu", 40000, 5, BlockSizes(), r"32x65536 .*\(N=40000 padded.*Triton's 1048576"),
+        ("pallas_tpu", 512, 64, BlockSizes(), r"VMEM at N=512, tpu_chunk=64, tpu_block_d=128"),
+        ("pallas_tpu", 256, 130, BlockSizes(tpu_chunk=128), r"VMEM at N=256, tpu_chunk=128"),
+    ],
+)
+def test_unsupported_shapes_raise_with_the_reason(implementation, N, L, block_sizes, match):
+    case = Case(1, 8, N, L, with_z=False)
+    args = make_inputs(case, seed=7)
+    with pytest.raises(UnsupportedImplementationError, match=match):
+        selective_scan(
+            *args, delta_softplus=True, implementation=implementation, block_sizes=block_sizes
+        )
+    # automatic dispatch on this CPU machine is unaffected (xla)
+    name, _ = select_implementation(
+        "selective_scan", None, api.IMPLEMENTATIONS, *args, True, block_sizes=block_sizes
+    )
+    assert name == "xla"

@@ -1,3 +1,4 @@
 """Mamba's selective scan (`selective_scan`) in the official layout, with SS2D's grouped B/C."""
 
+from jaxblocks.kernels.selective_scan.api import BlockSizes as BlockSizes
 from jaxblocks.kernels.selective_scan.api import selective_scan as selective_scan

@@ -3,7 +3,8 @@
 `selective_scan` validates its arguments and dispatches to ``reference`` (token loop, fp32),
 ``xla`` (chunked, the CPU default), ``pallas_gpu`` (Triton kernels: a loop over L inside the
 kernel with the ``[dim_tile, N]`` state in registers) or ``pallas_tpu`` (Mosaic kernels: L chunks
-as the innermost sequential grid axis, the state in VMEM).
+as the innermost sequential grid axis, the state in VMEM). ``block_sizes`` (a `BlockSizes`, one
+object for both kernels) is passed through to the Pallas implementations.
 """
 
 from __future__ import annotations
@@ -12,23 +13,43 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from jaxblocks.kernels.dispatch import Implementation, select_implementation
-from jaxblocks.kernels.selective_scan.pallas_gpu import selective_scan_pallas_gpu
-from jaxblocks.kernels.selective_scan.pallas_tpu import selective_scan_pallas_tpu
+from jaxblocks.kernels.selective_scan import pallas_gpu, pallas_tpu
+from jaxblocks.kernels.selective_scan._common import BlockSizes, default_block_sizes
 from jaxblocks.kernels.selective_scan.reference import selective_scan_reference
 from jaxblocks.kernels.selective_scan.xla import selective_scan_xla
 from jaxblocks.kernels.validation import check_array
 
 OP = "selective_scan"
 
+
+def _ignoring_block_sizes(fn):
+    """``fn`` called as the Pallas implementations are, ``block_sizes`` dropped."""
+
+    def run(*args, block_sizes):
+        del block_sizes
+        return fn(*args)
+
+    return run
+
+
 IMPLEMENTATIONS: dict[str, Implementation] = {
-    "reference": Implementation(selective_scan_reference),
-    "xla": Implementation(selective_scan_xla),
-    "pallas_gpu": Implementation(selective_scan_pallas_gpu),
-    "pallas_tpu": Implementation(selective_scan_pallas_tpu),
+    "reference": Implementation(_ignoring_block_sizes(selective_scan_reference)),
+    "xla": Implementation(_ignoring_block_sizes(selective_scan_xla)),
+    "pallas_gpu": Implementation(
+        pallas_gpu.selective_scan_pallas_gpu, supports=pallas_gpu.supports
+    ),
+    "pallas_tpu": Implementation(
+        pallas_tpu.selective_scan_pallas_tpu, supports=pallas_tpu.supports
+    ),
 }
 
 
-def _validate(u, delta, A, B, C, D, z, delta_bias):
+def _validate(u, delta, A, B, C, D, z, delta_bias, block_sizes):
+    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+        raise TypeError(
+            f"{OP}: block_sizes must be None or a jaxblocks.kernels.selective_scan.BlockSizes, "
+            f"got {type(block_sizes).__name__} {block_sizes!r}"
+        )
     check_array(OP, "u", u, ndim=3)
     batch, dim, L = u.shape
     if batch == 0 or dim == 0:
@@ -77,6 +98,7 @@ def selective_scan(
     delta_softplus: bool = False,
     return_last_state: bool = False,
     implementation: str | None = None,
+    block_sizes: BlockSizes | None = None,
 ):
     """Mamba's selective scan (arXiv 2312.00752), the S6 layer's core, with Mamba's own API.
 
@@ -96,6 +118,9 @@ def selective_scan(
       delta_softplus: apply softplus to ``Δ + delta_bias``.
       return_last_state: also return the final state ``[batch, dim, N]`` (fp32).
       implementation: None (automatic), "reference", "xla", "pallas_gpu" or "pallas_tpu".
+      block_sizes: tile sizes of the Pallas kernels (`BlockSizes`: ``gpu_*`` fields and the
+        Triton launch parameters for ``pallas_gpu``, ``tpu_*`` fields for ``pallas_tpu``);
+        None gives `default_block_sizes`. ``reference`` and ``xla`` ignore it.
 
     Returns:
       ``out [batch, dim, L]`` in ``u.dtype``, and ``last_state`` if asked. L = 0 gives an empty
@@ -107,14 +132,16 @@ def selective_scan(
       >>> selective_scan(u, u, A, B, B).shape
       (2, 8, 5)
     """
-    _validate(u, delta, A, B, C, D, z, delta_bias)
+    _validate(u, delta, A, B, C, D, z, delta_bias, block_sizes)
+    block_sizes = default_block_sizes() if block_sizes is None else block_sizes
     batch, dim, L = u.shape
     if L == 0:  # no token: an empty output, the initial (zero) state
         out = jnp.zeros((batch, dim, 0), u.dtype)
         last = jnp.zeros((batch, dim, A.shape[1]), jnp.float32)
         return (out, last) if return_last_state else out
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     _, fn = select_implementation(
-        OP, implementation, IMPLEMENTATIONS, u, delta, A, B, C, D, z, delta_bias, delta_softplus
+        OP, implementation, IMPLEMENTATIONS, *args, block_sizes=block_sizes
     )
-    out, last = fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    out, last = fn(*args, block_sizes=block_sizes)
     return (out, last) if return_last_state else out

@@ -19,7 +19,6 @@ N to a power of two (Triton tensors) and L to whole chunks, all with zeros: a ze
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -28,29 +27,40 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxblocks.kernels.interpret import gpu_interpret
-from jaxblocks.kernels.selective_scan._common import finish, prepare
+from jaxblocks.kernels.selective_scan import _common
+from jaxblocks.kernels.selective_scan._common import BlockSizes, cost_estimate
+
+TRITON_MAX_NUMEL = 2**20  # Triton's largest tensor (elements)
 
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Channels per program ``block_d`` (power of two), tokens per unrolled ``chunk``, launch."""
-
-    block_d: int = 32
-    chunk: int = 8
-    num_warps: int = 4
-    num_stages: int = 1
-
-    def __post_init__(self):
-        if self.block_d <= 0 or self.block_d & (self.block_d - 1):
-            raise ValueError(f"BlockSizes.block_d must be a power of two, got {self.block_d}")
-        if not 1 <= self.chunk <= 64:
-            raise ValueError(f"BlockSizes.chunk must be in [1, 64], got {self.chunk}")
-        if self.num_warps <= 0 or self.num_stages <= 0:
-            raise ValueError(f"BlockSizes: num_warps/num_stages must be positive, got {self}")
+def supports(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    *,
+    block_sizes: BlockSizes | None = None,
+):
+    """None, or why the Triton kernels cannot take these inputs (the state is one tensor)."""
+    del u, delta, B, C, D, z, delta_bias, delta_softplus
+    blocks = _common.default_block_sizes() if block_sizes is None else block_sizes
+    N = A.shape[1]
+    numel = blocks.gpu_block_d * _next_pow2(N)
+    if numel > TRITON_MAX_NUMEL:
+        return (
+            f"the [gpu_block_d, N] state tensor has {blocks.gpu_block_d}x{_next_pow2(N)} = "
+            f"{numel} elements (N={N} padded to a power of two), over Triton's {TRITON_MAX_NUMEL}"
+        )
+    return None
 
 
 def _load_step(t, u_ref, dt_ref, b_ref, A):
@@ -138,19 +148,6 @@ def _bwd_kernel(
     da_ref[...] = dA
 
 
-def cost_estimate(rows, H, N, L, itemsize, backward=False) -> pl.CostEstimate:
-    """FLOPs/transcendentals/bytes of the scan (the benchmarks use the same formulas)."""
-    n = rows * H * N * L
-    flops = n * (7 if not backward else 22)
-    trans = n * (1 if not backward else 1)
-    io = rows * L * (H * (2 * itemsize + 4) + 2 * N * itemsize)
-    return pl.CostEstimate(
-        flops=int(flops),
-        transcendentals=int(trans),
-        bytes_accessed=int(io * (3 if backward else 1)),
-    )
-
-
 def _params(blocks):
     return pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
@@ -158,7 +155,7 @@ def _params(blocks):
 def _forward_call(u, dt, A, B, C, blocks):
     bG, Lp, Hp = u.shape
     G, _, N = A.shape
-    bd, T = blocks.block_d, blocks.chunk
+    bd, T = blocks.gpu_block_d, blocks.gpu_chunk
     nc = Lp // T
     row = pl.BlockSpec((None, Lp, bd), lambda i, j: (i, 0, j))
     bc = pl.BlockSpec((None, Lp, N), lambda i, j: (i, 0, 0))
@@ -190,7 +187,7 @@ def _forward_call(u, dt, A, B, C, blocks):
 def _backward_call(u, dt, A, B, C, hs, dy, dlast, blocks):
     bG, Lp, Hp = u.shape
     G, _, N = A.shape
-    bd, T = blocks.block_d, blocks.chunk
+    bd, T = blocks.gpu_block_d, blocks.gpu_chunk
     nc, nd = Lp // T, Hp // bd
     row = pl.BlockSpec((None, Lp, bd), lambda i, j: (i, 0, j))
     bc = pl.BlockSpec((None, Lp, N), lambda i, j: (i, 0, 0))
@@ -225,59 +222,45 @@ def _backward_call(u, dt, A, B, C, hs, dy, dlast, blocks):
     )(u, dt, A, B, C, hs, dy, dlast)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _scan(u, dt, A, B, C, blocks):
-    y, last, _ = _forward_call(u, dt, A, B, C, blocks)
-    return y, last
+_scan = _common.make_scan(_forward_call, _backward_call)
 
 
-def _scan_fwd(u, dt, A, B, C, blocks):
-    y, last, hs = _forward_call(u, dt, A, B, C, blocks)
-    return (y, last), (u, dt, A, B, C, hs)
-
-
-def _scan_bwd(blocks, res, cts):
-    u, dt, A, B, C, hs = res
-    dy, dlast = cts
-    du, ddt, dA, dB, dC = _backward_call(u, dt, A, B, C, hs, dy, dlast, blocks)
-    G = A.shape[0]
-    dA = jnp.sum(dA.reshape(-1, G, *dA.shape[1:]), axis=0)  # batch rows -> [G, Hp, N]
-    return (
-        du.astype(u.dtype),
-        ddt,
-        dA,
-        jnp.sum(dB, axis=0).astype(B.dtype),  # channel tiles
-        jnp.sum(dC, axis=0).astype(C.dtype),
-    )
-
-
-_scan.defvjp(_scan_fwd, _scan_bwd)
-
-
-def scan_core(u, dt, A, B, C, blocks: BlockSizes | None = None):
+def scan_core(u, dt, A, B, C, blocks: BlockSizes):
     """The flattened scan (see `_common.prepare`) with the Triton kernels; pads, runs, slices."""
-    blocks = BlockSizes() if blocks is None else blocks
     bG, H, L = u.shape
     G, _, N = A.shape
-    bd, T = blocks.block_d, blocks.chunk
-    Hp, Np, Lp = -(-H // bd) * bd, _next_pow2(N), -(-L // T) * T
+    bd, T = blocks.gpu_block_d, blocks.gpu_chunk
+    Hp, Np, Lp = _common.round_up(H, bd), _next_pow2(N), _common.round_up(L, T)
     ph, pn, pt = Hp - H, Np - N, Lp - L
-    tok = lambda x, p: jnp.swapaxes(jnp.pad(x, ((0, 0), (0, p), (0, pt))), 1, 2)  # [bG, Lp, ·]
     y, last = _scan(
-        tok(u, ph),
-        tok(dt, ph),
-        jnp.pad(A, ((0, 0), (0, ph), (0, pn))),
-        tok(B, pn),
-        tok(C, pn),
+        _common.token_major(u, ph, pt),  # [bG, Lp, Hp]
+        _common.token_major(dt, ph, pt),
+        jnp.pad(A, ((0, 0), (0, ph), (0, pn))),  # [G, Hp, Np]
+        _common.token_major(B, pn, pt),  # [bG, Lp, Np]
+        _common.token_major(C, pn, pt),
         blocks,
     )
     return jnp.swapaxes(y[:, :L, :H], 1, 2), last[:, :H, :N]
 
 
 def selective_scan_pallas_gpu(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *, blocks=None
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    *,
+    block_sizes: BlockSizes | None = None,
 ):
-    """`selective_scan` with the Triton kernels; returns ``(out, last_state)``."""
-    uf, dt, Af, Bf, Cf = prepare(u, delta, A, B, C, delta_bias, delta_softplus)
-    y, last = scan_core(uf, dt, Af, Bf, Cf, blocks)
-    return finish(y, last, u, D, z)
+    """`selective_scan` with the Triton kernels; returns ``(out, last_state)``.
+
+    ``block_sizes`` (default `_common.default_block_sizes`) is read for ``gpu_block_d``,
+    ``gpu_chunk``, ``num_warps`` and ``num_stages``.
+    """
+    return _common.selective_scan_with(
+        scan_core, u, delta, A, B, C, D, z, delta_bias, delta_softplus, block_sizes
+    )

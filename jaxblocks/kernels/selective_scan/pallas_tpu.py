@@ -18,7 +18,6 @@ partial sums (summed outside).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -26,24 +25,58 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxblocks.kernels.interpret import tpu_interpret
-from jaxblocks.kernels.selective_scan._common import finish, prepare
-from jaxblocks.kernels.selective_scan.pallas_gpu import cost_estimate
+from jaxblocks.kernels.selective_scan import _common
+from jaxblocks.kernels.selective_scan._common import LANES, SUBLANES, BlockSizes, cost_estimate
 
-LANES, SUBLANES = 128, 8
+# The kernels set no `vmem_limit_bytes`, so they must fit the default scoped VMEM limit, as we
+# understand it 16 MiB on v4/v5e (newer chips default higher). Not verified: no TPU was available.
+VMEM_BUDGET = 16 * 2**20
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Channels per tile ``block_d`` (multiple of 128) and tokens per grid step ``chunk`` (of 8)."""
+def _chunk(blocks: BlockSizes, L: int) -> int:
+    """Tokens per grid step: ``tpu_chunk``, or the sequence rounded up to 8 when shorter."""
+    return min(blocks.tpu_chunk, _common.round_up(L, SUBLANES))
 
-    block_d: int = 128
-    chunk: int = 64
 
-    def __post_init__(self):
-        if self.block_d <= 0 or self.block_d % LANES:
-            raise ValueError(f"BlockSizes.block_d must be a multiple of 128, got {self.block_d}")
-        if self.chunk <= 0 or self.chunk % SUBLANES:
-            raise ValueError(f"BlockSizes.chunk must be a multiple of 8, got {self.chunk}")
+def vmem_bytes(N: int, chunk: int, block_d: int) -> int:
+    """VMEM of the backward kernel (the larger one), fp32, blocks padded to (8, 128) tiles.
+
+    Double-buffered blocks: ``(chunk, block_d)`` for u, Δ, dy, du, dΔ; ``(chunk, N)`` for B, C,
+    dB, dC; ``(N, block_d)`` for A, hs, dlast, dA; plus the ``g`` and ``chunk + 1`` states
+    scratch. Derived from the block specs, not measured on a TPU.
+    """
+    tok = _common.round_up(chunk, SUBLANES) * block_d
+    bc = _common.round_up(chunk, SUBLANES) * _common.round_up(N, LANES)
+    state = _common.round_up(N, SUBLANES) * block_d
+    blocks = 5 * tok + 4 * bc + 4 * state
+    return 4 * (2 * blocks + state + (chunk + 1) * state)
+
+
+def supports(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    *,
+    block_sizes: BlockSizes | None = None,
+):
+    """None, or why the Mosaic kernels cannot take these inputs (VMEM: the states of a chunk)."""
+    del delta, B, C, D, z, delta_bias, delta_softplus
+    blocks = _common.default_block_sizes() if block_sizes is None else block_sizes
+    N, T, bd = A.shape[1], _chunk(blocks, u.shape[2]), blocks.tpu_block_d
+    need = vmem_bytes(N, T, bd)
+    if need > VMEM_BUDGET:
+        return (
+            f"the backward kernel needs {need / 2**20:.1f} MiB of VMEM at N={N}, "
+            f"tpu_chunk={T}, tpu_block_d={bd}, over the {VMEM_BUDGET // 2**20} MiB budget; "
+            "use a smaller tpu_chunk or tpu_block_d"
+        )
+    return None
 
 
 def _step(t, u_ref, dt_ref, b_ref, A):
@@ -151,7 +184,7 @@ def _params():
 def _forward_call(u, dt, A, B, C, blocks):
     bG, Lp, Hp = u.shape
     G, N, _ = A.shape
-    bd, T = blocks.block_d, blocks.chunk
+    bd, T = blocks.tpu_block_d, blocks.tpu_chunk
     nc = Lp // T
     tok = pl.BlockSpec((None, T, bd), lambda i, j, s: (i, s, j))
     bc = pl.BlockSpec((None, T, N), lambda i, j, s: (i, s, 0))
@@ -181,7 +214,7 @@ def _forward_call(u, dt, A, B, C, blocks):
 def _backward_call(u, dt, A, B, C, hs, dy, dlast, blocks):
     bG, Lp, Hp = u.shape
     G, N, _ = A.shape
-    bd, T = blocks.block_d, blocks.chunk
+    bd, T = blocks.tpu_block_d, blocks.tpu_chunk
     nc, nd = Lp // T, Hp // bd
     r = lambda s: nc - 1 - s  # chunks in reverse
     tok = pl.BlockSpec((None, T, bd), lambda i, j, s: (i, r(s), j))
@@ -218,55 +251,47 @@ def _backward_call(u, dt, A, B, C, hs, dy, dlast, blocks):
     )(u, dt, A, B, C, hs, dy, dlast)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _scan(u, dt, A, B, C, blocks):
-    y, last, _ = _forward_call(u, dt, A, B, C, blocks)
-    return y, last
+_scan = _common.make_scan(_forward_call, _backward_call)
 
 
-def _scan_fwd(u, dt, A, B, C, blocks):
-    y, last, hs = _forward_call(u, dt, A, B, C, blocks)
-    return (y, last), (u, dt, A, B, C, hs)
-
-
-def _scan_bwd(blocks, res, cts):
-    u, dt, A, B, C, hs = res
-    dy, dlast = cts
-    du, ddt, dA, dB, dC = _backward_call(u, dt, A, B, C, hs, dy, dlast, blocks)
-    G = A.shape[0]
-    dA = jnp.sum(dA.reshape(-1, G, *dA.shape[1:]), axis=0)  # batch rows -> [G, N, Hp]
-    return du, ddt, dA, jnp.sum(dB, axis=0), jnp.sum(dC, axis=0)
-
-
-_scan.defvjp(_scan_fwd, _scan_bwd)
-
-
-def scan_core(u, dt, A, B, C, blocks: BlockSizes | None = None):
+def scan_core(u, dt, A, B, C, blocks: BlockSizes):
     """The flattened scan (see `_common.prepare`) with the Mosaic kernels; pads, runs, slices."""
-    blocks = BlockSizes() if blocks is None else blocks
     f32 = jnp.float32
     bG, H, L = u.shape
-    bd = blocks.block_d
-    T = min(blocks.chunk, -(-L // SUBLANES) * SUBLANES)  # short sequences: one small chunk
-    blocks = dataclasses.replace(blocks, chunk=T)
-    Hp, Lp = -(-H // bd) * bd, -(-L // T) * T
+    bd = blocks.tpu_block_d
+    T = _chunk(blocks, L)  # short sequences: one small chunk
+    blocks = dataclasses.replace(blocks, tpu_chunk=T)
+    Hp, Lp = _common.round_up(H, bd), _common.round_up(L, T)
     ph, pt = Hp - H, Lp - L
-    tok = lambda x, p: jnp.swapaxes(jnp.pad(x.astype(f32), ((0, 0), (0, p), (0, pt))), 1, 2)
     y, last = _scan(
-        tok(u, ph),
-        tok(dt, ph),
+        _common.token_major(u.astype(f32), ph, pt),  # [bG, Lp, Hp]
+        _common.token_major(dt.astype(f32), ph, pt),
         jnp.swapaxes(jnp.pad(A.astype(f32), ((0, 0), (0, ph), (0, 0))), 1, 2),  # [G, N, Hp]
-        tok(B, 0),
-        tok(C, 0),
+        _common.token_major(B.astype(f32), 0, pt),  # [bG, Lp, N]
+        _common.token_major(C.astype(f32), 0, pt),
         blocks,
     )
     return jnp.swapaxes(y[:, :L, :H], 1, 2), jnp.swapaxes(last, 1, 2)[:, :H]
 
 
 def selective_scan_pallas_tpu(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *, blocks=None
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    *,
+    block_sizes: BlockSizes | None = None,
 ):
-    """`selective_scan` with the Mosaic kernels; returns ``(out, last_state)``."""
-    uf, dt, Af, Bf, Cf = prepare(u, delta, A, B, C, delta_bias, delta_softplus)
-    y, last = scan_core(uf, dt, Af, Bf, Cf, blocks)
-    return finish(y, last, u, D, z)
+    """`selective_scan` with the Mosaic kernels; returns ``(out, last_state)``.
+
+    ``block_sizes`` (default `_common.default_block_sizes`) is read for ``tpu_block_d`` and
+    ``tpu_chunk``.
+    """
+    return _common.selective_scan_with(
+        scan_core, u, delta, A, B, C, D, z, delta_bias, delta_softplus, block_sizes
+    )

@@ -7,6 +7,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxblocks.kernels.selective_scan import _common
+
 
 @dataclasses.dataclass(frozen=True)
 class Case:
@@ -73,9 +75,8 @@ def make_inputs(case: Case, seed: int = 0, *, abstract: bool = False):
 
 
 def flops(case: Case, backward: bool = False) -> float:
-    """Elementwise FLOPs of the scan (the kernels' `pl.CostEstimate` formula)."""
-    n = case.batch * case.dim * case.N * case.L
-    return float(n * (22 if backward else 7))
+    """Elementwise FLOPs of the scan (`_common.flops`, the kernels' `pl.CostEstimate` formula)."""
+    return float(_common.flops(case.batch, case.dim, case.N, case.L, backward))
 
 
 # Lowering (no execution, so full size): Mamba-130M-like layer and a VMamba 4-direction call.
@@ -88,4 +89,4 @@ BENCHMARK_CASES: tuple[Case, ...] = (
     Case(8, 384, 16, 4096),
     Case(16, 4 * 96, 1, 56 * 56, G=4),
 )
-QUICK_CASES: tuple[Case, ...] = (Case(2, 128, 16, 512), Case(2, 4 * 48, 1, 28 * 28, G=4))
+QUICK_BENCHMARK_CASES: tuple[Case, ...] = (Case(2, 128, 16, 512), Case(2, 4 * 48, 1, 28 * 28, G=4))
