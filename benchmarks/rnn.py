@@ -19,8 +19,14 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import Measurement, measure, table
-from jaxblocks.kernels.rnn import flashrnn
-from jaxblocks.kernels.rnn.specs import BENCHMARK_CASES, QUICK_CASES, Case, flops, make_inputs
+from jaxblocks.kernels.rnn.api import IMPLEMENTATIONS, flashrnn
+from jaxblocks.kernels.rnn.specs import (
+    BENCHMARK_CASES,
+    QUICK_BENCHMARK_CASES,
+    Case,
+    flops,
+    make_inputs,
+)
 
 
 def _impls() -> list[str]:
@@ -91,16 +97,22 @@ def run(quick: bool = False) -> str:
     on_cpu = jax.default_backend() == "cpu"
     dtype = jnp.float32 if on_cpu else jnp.bfloat16
     cases = [
-        dataclasses.replace(c, dtype=dtype) for c in (QUICK_CASES if quick else BENCHMARK_CASES)
+        dataclasses.replace(c, dtype=dtype)
+        for c in (QUICK_BENCHMARK_CASES if quick else BENCHMARK_CASES)
     ]
     iters, warmup = (3, 1) if quick else (10, 2)
-    sections = []
+    sections, skipped = [], []
     for backward in (False, True):
         rows = []
         for case in cases:
             args = make_inputs(case)
             label = case.name
             for impl in _impls():
+                reason = IMPLEMENTATIONS[impl].reason_unsupported(*args, case.function)
+                if reason is not None:  # e.g. pallas_gpu beyond its head-dim limit
+                    if not backward:
+                        skipped.append(f"{label} {impl}: {reason}")
+                    continue
                 m = measure(
                     label,
                     impl,
@@ -133,4 +145,8 @@ def run(quick: bool = False) -> str:
         "for Flax/cuDNN rows. Flax/cuDNN use a full (N·D)² recurrent matrix and include the "
         "input projection; flashrnn rows time the head-wise recurrence on precomputed Wx."
     )
+    if skipped:
+        note += "\n\nNot run (the implementation's `supports` rejects the case):\n" + "\n".join(
+            f"- {s}" for s in skipped
+        )
     return "\n\n".join(sections) + "\n\n" + note

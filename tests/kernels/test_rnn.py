@@ -5,6 +5,7 @@ Shapes sample T ∈ {1, 3, 7, 17, 64, 257}, D ∈ {16, 32, 48, 64}, N ∈ {1, 2,
 long sequences run on ``xla`` only, the interpreted Pallas kernels on short ones.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -13,9 +14,10 @@ import numpy as np
 import pytest
 
 from jaxblocks.kernels import UnsupportedImplementationError, interpret, select_implementation
-from jaxblocks.kernels.rnn import CELLS, api, flashrnn, flashrnn_step, pallas_gpu, pallas_tpu
+from jaxblocks.kernels.rnn import api, pallas_tpu
+from jaxblocks.kernels.rnn.api import CELLS, BlockSizes, flashrnn, flashrnn_step
 from jaxblocks.kernels.rnn.cells import pointwise, pointwise_bwd
-from jaxblocks.kernels.rnn.specs import LOWERING_CASES, Case, make_inputs
+from jaxblocks.kernels.rnn.specs import BENCHMARK_CASES, LOWERING_CASES, Case, make_inputs
 from tests.kernels.harness import (
     assert_close,
     check_custom_vjp_matches_autodiff,
@@ -104,10 +106,10 @@ def test_pallas_gpu_interpret_matches_reference(case):
 
 
 TPU_CASES = [  # (case, BlockSizes): several time blocks with T padding, several batch tiles
-    (Case("lstm", 2, 7, 2, 16, BF16), pallas_tpu.BlockSizes(block_t=4)),
-    (Case("slstm", 3, 3, 1, 48, F32), pallas_tpu.BlockSizes()),
-    pytest.param(Case("gru", 2, 5, 1, 32, F32), pallas_tpu.BlockSizes(block_t=2), marks=SLOW),
-    (Case("elman", 10, 3, 2, 16, BF16), pallas_tpu.BlockSizes(block_t=2, block_b=8)),
+    (Case("lstm", 2, 7, 2, 16, BF16), BlockSizes(block_t=4)),
+    (Case("slstm", 3, 3, 1, 48, F32), BlockSizes()),
+    pytest.param(Case("gru", 2, 5, 1, 32, F32), BlockSizes(block_t=2), marks=SLOW),
+    (Case("elman", 10, 3, 2, 16, BF16), BlockSizes(block_t=2, block_b=8)),
 ]
 
 
@@ -268,6 +270,101 @@ def test_gru_shapes_and_step_errors():
 
 def test_block_sizes_validate():
     with pytest.raises(ValueError, match="power of two"):
-        pallas_gpu.BlockSizes(block_b=24)
+        BlockSizes(block_b=24)
     with pytest.raises(ValueError, match="multiple of 8"):
-        pallas_tpu.BlockSizes(block_b=12)
+        BlockSizes(block_b=12)
+
+
+# --- block_sizes through the public function; supports predicates ----------------------------
+
+
+def _pallas_grids(fn, *args) -> dict[str, tuple]:
+    """The grid of every pallas_call in ``fn``'s jaxpr (custom_vjp bodies included), by name."""
+    grids = {}
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                grids[eqn.params["name"]] = tuple(eqn.params["grid_mapping"].grid)
+            for v in eqn.params.values():
+                inner = getattr(v, "jaxpr", None)
+                if inner is not None:
+                    walk(getattr(inner, "jaxpr", inner))
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return grids
+
+
+BLOCK_SIZES_CASES = [  # non-default blocks: several batch tiles (GPU), time and batch tiles (TPU)
+    ("pallas_gpu", Case("gru", 20, 3, 2, 16, F32), BlockSizes(block_b=32, num_warps=2), (2, 1)),
+    ("pallas_tpu", Case("lstm", 10, 5, 1, 16, BF16), BlockSizes(block_t=2, block_b=8), (1, 2, 3)),
+]
+
+
+@pytest.mark.parametrize("implementation,case,blocks,grid", BLOCK_SIZES_CASES)
+def test_block_sizes_pass_through_public_function(implementation, case, blocks, grid):
+    args = make_inputs(case, seed=7)
+
+    def fn(*a):
+        return flashrnn(
+            *a, function=case.function, implementation=implementation, block_sizes=blocks
+        )
+
+    with interpret():
+        grids = _pallas_grids(fn, *args)
+        check_forward_and_vjp(fn, _ref(case.function), args, dtype=case.dtype)
+    # the blocks reached the kernels: the forward's grid tiles B (and T) by them
+    assert grids[f"flashrnn_{case.function}_fwd_{implementation[-3:]}"] == grid
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("block_b", 12), ("block_b", 0), ("block_t", 0), ("num_warps", -1), ("num_stages", 1.5)],
+)
+def test_invalid_block_sizes_field_is_named(field, value):
+    with pytest.raises(ValueError, match=rf"BlockSizes\.{field} must .*got {value}"):
+        BlockSizes(**{field: value})
+
+
+def test_block_sizes_of_wrong_type_raises():
+    with pytest.raises(TypeError, match=r"block_sizes must be None or a .*BlockSizes, got str"):
+        flashrnn(*_good(), function="lstm", block_sizes="x")
+
+
+@pytest.mark.parametrize(
+    "implementation,case,blocks,match",
+    [
+        ("pallas_gpu", Case("lstm", 2, 3, 1, 80, F32), None, "head dim D=80 > 64"),
+        ("pallas_gpu", Case("elman", 2, 3, 1, 16, F32), BlockSizes(block_b=8), "block_b=8 < 16"),
+        ("pallas_tpu", Case("lstm", 2, 3, 1, 512, F32), None, "MiB of VMEM at D=512"),
+        ("pallas_tpu", Case("slstm", 256, 64, 1, 128, F32), None, "block_t=16, block_b=128"),
+    ],
+)
+def test_unsupported_shapes_raise_with_reason(implementation, case, blocks, match):
+    args = jax.eval_shape(lambda: make_inputs(case))  # shapes only: nothing is allocated
+    assert api.IMPLEMENTATIONS[implementation].reason_unsupported(*args, case.function, blocks)
+    with interpret(), pytest.raises(UnsupportedImplementationError, match=match):
+        flashrnn(*args, function=case.function, implementation=implementation, block_sizes=blocks)
+    # smaller blocks make the big-batch TPU case fit
+    if case.B == 256:
+        small = BlockSizes(block_t=4, block_b=32)
+        assert api.IMPLEMENTATIONS[implementation].supports(*args, case.function, small) is None
+
+
+def _case(param) -> Case:
+    values = param.values if hasattr(param, "marks") else param  # unwrap pytest.param
+    return values[0] if isinstance(values, tuple) else values
+
+
+def test_supports_accepts_the_tested_and_benchmarked_shapes():
+    tested = [_case(p) for p in (*GPU_CASES, *TPU_CASES)] + list(LOWERING_CASES)
+    # accelerators benchmark in bf16; pallas_gpu stops at D = 64 (its D = 256 rows are skipped)
+    benchmarked = [dataclasses.replace(c, dtype=BF16) for c in BENCHMARK_CASES]
+    for implementation, cases in (
+        ("pallas_gpu", tested + [c for c in benchmarked if c.D <= 64]),
+        ("pallas_tpu", tested + benchmarked),
+    ):
+        for case in cases:
+            args = jax.eval_shape(lambda case=case: make_inputs(case))
+            reason = api.IMPLEMENTATIONS[implementation].supports(*args, case.function)
+            assert reason is None, (implementation, case.name, reason)

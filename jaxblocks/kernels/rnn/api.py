@@ -3,7 +3,9 @@
 `flashrnn` validates its arguments and dispatches to ``reference`` (`lax.scan`, fp32), ``xla``
 (unrolled scan with one fused head-wise matmul per step; the CPU default), ``pallas_gpu`` (Triton
 kernels, R resident on chip for the whole sequence) or ``pallas_tpu`` (Mosaic kernels, time as
-the innermost sequential grid axis). `flashrnn_step` is one step, for decoding.
+the innermost sequential grid axis). `flashrnn_step` is one step, for decoding. This module is
+the op's public face: code outside the op folder imports `flashrnn`, `flashrnn_step`,
+`BlockSizes` and `CELLS` from here.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from jaxblocks.kernels.dispatch import Implementation, select_implementation
-from jaxblocks.kernels.rnn.cells import CELLS
-from jaxblocks.kernels.rnn.pallas_gpu import flashrnn_pallas_gpu
-from jaxblocks.kernels.rnn.pallas_tpu import flashrnn_pallas_tpu
+from jaxblocks.kernels.rnn import pallas_gpu, pallas_tpu
+from jaxblocks.kernels.rnn._common import BlockSizes as BlockSizes
+from jaxblocks.kernels.rnn.cells import CELLS as CELLS
 from jaxblocks.kernels.rnn.reference import flashrnn_reference
 from jaxblocks.kernels.rnn.xla import flashrnn_step as _step
 from jaxblocks.kernels.rnn.xla import flashrnn_xla
@@ -22,11 +24,21 @@ from jaxblocks.kernels.validation import check_array, check_choice
 
 OP = "flashrnn"
 
+
+def _reference(Wx, R, b, states, function, block_sizes=None):
+    return flashrnn_reference(Wx, R, b, states, function)  # no blocks: block_sizes is ignored
+
+
+def _xla(Wx, R, b, states, function, block_sizes=None):
+    return flashrnn_xla(Wx, R, b, states, function)  # no blocks: block_sizes is ignored
+
+
+# Every entry takes (Wx, R, b, states, function, block_sizes); `supports` the same arguments.
 IMPLEMENTATIONS: dict[str, Implementation] = {
-    "reference": Implementation(flashrnn_reference),
-    "xla": Implementation(flashrnn_xla),
-    "pallas_gpu": Implementation(flashrnn_pallas_gpu),
-    "pallas_tpu": Implementation(flashrnn_pallas_tpu),
+    "reference": Implementation(_reference),
+    "xla": Implementation(_xla),
+    "pallas_gpu": Implementation(pallas_gpu.flashrnn_pallas_gpu, pallas_gpu.supports),
+    "pallas_tpu": Implementation(pallas_tpu.flashrnn_pallas_tpu, pallas_tpu.supports),
 }
 
 
@@ -62,6 +74,7 @@ def flashrnn(
     *,
     function: str = "lstm",
     implementation: str | None = None,
+    block_sizes: BlockSizes | None = None,
 ) -> tuple[Float[Array, "S B T N D"], Float[Array, "S B N D"]]:
     """FlashRNN's head-wise recurrence (arXiv 2412.07752): `R` is block-diagonal over N heads.
 
@@ -78,6 +91,8 @@ def flashrnn(
         elman); zeros when None.
       function: "lstm", "slstm", "gru" or "elman".
       implementation: None (automatic), "reference", "xla", "pallas_gpu" or "pallas_tpu".
+      block_sizes: tile sizes of the Pallas kernels (`BlockSizes`); None takes each backend's
+        defaults. The reference and xla implementations have no blocks and ignore it.
 
     Returns:
       ``(states_all [S, B, T, N, D], last_states [S, B, N, D])`` in ``Wx.dtype``: the states after
@@ -90,14 +105,21 @@ def flashrnn(
       (2, 2, 5, 3, 16)
     """
     _validate(OP, Wx, R, b, states, function)
+    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+        raise TypeError(
+            f"{OP}: block_sizes must be None or a jaxblocks.kernels.rnn.BlockSizes, "
+            f"got {type(block_sizes).__name__}"
+        )
     cell = CELLS[function]
     B, T, G, N, D = Wx.shape
     if states is None:
         states = jnp.zeros((cell.S, B, N, D), Wx.dtype)
     if T == 0:  # an empty sequence: no step, the initial states come back
         return jnp.zeros((cell.S, B, 0, N, D), Wx.dtype), states.astype(Wx.dtype)
-    _, fn = select_implementation(OP, implementation, IMPLEMENTATIONS, Wx, R, b, states, function)
-    return fn(Wx, R, b, states, function)
+    _, fn = select_implementation(
+        OP, implementation, IMPLEMENTATIONS, Wx, R, b, states, function, block_sizes
+    )
+    return fn(Wx, R, b, states, function, block_sizes)
 
 
 def flashrnn_step(

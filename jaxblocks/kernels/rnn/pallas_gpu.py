@@ -15,7 +15,6 @@ the kernel only ever loads one ``(block_b, D)`` tile of a step.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -24,28 +23,32 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxblocks.kernels.interpret import gpu_interpret
-from jaxblocks.kernels.rnn.cells import CELLS, pointwise, pointwise_bwd
+from jaxblocks.kernels.rnn._common import (
+    CELLS,
+    BlockSizes,
+    cost_estimate,
+    default_block_sizes,
+    finish,
+    make_flashrnn,
+    matmul_dtype,
+    pointwise,
+    pointwise_bwd,
+    round_up,
+    states_dtype,
+)
 
 MIN_TILE = 16  # tl.dot needs every matmul side >= 16
+# R of one head (Gr·D² elements) stays in registers for the whole sequence: 32 KiB in bf16 at
+# D = 64; beyond that it spills (FlashRNN's fused Triton kernel stops at D = 64 too).
+MAX_HEAD_DIM = 64
 
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Batch rows per program (a power of two ≥ 16) and Triton launch parameters."""
-
-    block_b: int = 16
-    num_warps: int = 4
-    num_stages: int = 1
-
-    def __post_init__(self):
-        if self.block_b < MIN_TILE or self.block_b & (self.block_b - 1):
-            raise ValueError(f"BlockSizes.block_b must be a power of two >= 16, got {self.block_b}")
-        if self.num_warps <= 0 or self.num_stages <= 0:
-            raise ValueError(f"BlockSizes: num_warps/num_stages must be positive, got {self}")
+def _padded_head_dim(D: int) -> int:
+    return max(MIN_TILE, _next_pow2(D))
 
 
 def _dot(a, b, dot_dtype):
@@ -143,37 +146,16 @@ def _flashrnn_bwd_kernel(
         ds0_ref[k] = delta[k].astype(ds0_ref.dtype)
 
 
-def _cost(function, B, T, N, D, itemsize, backward=False) -> pl.CostEstimate:
-    cell = CELLS[function]
-    mm = 2 * B * T * N * D * D * cell.Gr * (3 if backward else 1)
-    pw = B * T * N * D * (12 * cell.G) * (2 if backward else 1)
-    trans = B * T * N * D * (cell.G + 1) * (2 if backward else 1)
-    io = (B * T * N * D) * (cell.G + cell.S) * itemsize * (3 if backward else 1)
-    return pl.CostEstimate(
-        flops=int(mm + pw), transcendentals=int(trans), bytes_accessed=int(io + cell.Gr * N * D * D)
-    )
-
-
-def _dot_dtype(R):
-    return jnp.float32 if R.dtype == jnp.float32 else R.dtype
-
-
-def _states_dtype(function, dtype):
-    """sLSTM keeps its stored states in fp32: the backward recomputes exp(i − m') from them, and a
-    bf16 m (|m| ~ 10 rounds by ~0.03) would change the recomputed gates by percents."""
-    return jnp.float32 if function == "slstm" else dtype
-
-
 def _forward_call(wx, R, b, s0, function, blocks):
     cell = CELLS[function]
     B, T, G, N, D = wx.shape
     bB = blocks.block_b
     kernel = functools.partial(
-        _flashrnn_fwd_kernel, function=function, T=T, dot_dtype=_dot_dtype(R)
+        _flashrnn_fwd_kernel, function=function, T=T, dot_dtype=matmul_dtype(R)
     )
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((cell.S, B, T, N, D), _states_dtype(function, wx.dtype)),
+        out_shape=jax.ShapeDtypeStruct((cell.S, B, T, N, D), states_dtype(function, wx.dtype)),
         grid=(N, B // bB),
         in_specs=[
             pl.BlockSpec((bB, T, G, None, D), lambda n, i: (i, 0, 0, n, 0)),
@@ -185,7 +167,7 @@ def _forward_call(wx, R, b, s0, function, blocks):
         compiler_params=pltriton.CompilerParams(
             num_warps=blocks.num_warps, num_stages=blocks.num_stages
         ),
-        cost_estimate=_cost(function, B, T, N, D, wx.dtype.itemsize),
+        cost_estimate=cost_estimate(function, B, T, N, D, wx.dtype.itemsize),
         interpret=gpu_interpret(),
         name=f"flashrnn_{function}_fwd_gpu",
     )(wx, R, b, s0)
@@ -197,7 +179,7 @@ def _backward_call(wx, R, b, s_prev, d_all, function, blocks):
     bB = blocks.block_b
     nb = B // bB
     kernel = functools.partial(
-        _flashrnn_bwd_kernel, function=function, T=T, dot_dtype=_dot_dtype(R)
+        _flashrnn_bwd_kernel, function=function, T=T, dot_dtype=matmul_dtype(R)
     )
     f32 = jnp.float32
     return pl.pallas_call(
@@ -225,49 +207,40 @@ def _backward_call(wx, R, b, s_prev, d_all, function, blocks):
         compiler_params=pltriton.CompilerParams(
             num_warps=blocks.num_warps, num_stages=blocks.num_stages
         ),
-        cost_estimate=_cost(function, B, T, N, D, wx.dtype.itemsize, backward=True),
+        cost_estimate=cost_estimate(function, B, T, N, D, wx.dtype.itemsize, backward=True),
         interpret=gpu_interpret(),
         name=f"flashrnn_{function}_bwd_gpu",
     )(wx, R, b, s_prev, d_all)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _flashrnn_padded(wx, R, b, s0, function, blocks):
-    return _forward_call(wx, R, b, s0, function, blocks)
+# time is axis 2 of [S, B, T, N, D]; dR/db partial sums per batch tile on axis 0
+_flashrnn_padded = make_flashrnn(_forward_call, _backward_call, time_axis=2, tile_axis=0)
 
 
-def _flashrnn_padded_fwd(wx, R, b, s0, function, blocks):
-    states_all = _forward_call(wx, R, b, s0, function, blocks)
-    return states_all, (wx, R, b, s0, states_all)
-
-
-def _flashrnn_padded_bwd(function, blocks, res, d_all):
-    wx, R, b, s0, states_all = res
-    # states before each step: s0, then the outputs shifted by one step. [S, B, T, N, D]
-    s_prev = jnp.concatenate([s0[:, :, None].astype(states_all.dtype), states_all[:, :, :-1]], 2)
-    dwx, dr, db, ds0 = _backward_call(wx, R, b, s_prev, d_all, function, blocks)
-    return (
-        dwx,
-        jnp.sum(dr, axis=0).astype(R.dtype),
-        jnp.sum(db, axis=0).astype(b.dtype),
-        ds0.astype(s0.dtype),
-    )
-
-
-_flashrnn_padded.defvjp(_flashrnn_padded_fwd, _flashrnn_padded_bwd)
+def supports(Wx, R, b, states, function: str, block_sizes: BlockSizes | None = None):
+    """None when the Triton kernels can take these inputs, else why not."""
+    blocks = default_block_sizes("pallas_gpu", block_sizes)
+    if blocks.block_b < MIN_TILE:
+        return f"block_b={blocks.block_b} < {MIN_TILE} (tl.dot needs >= 16 batch rows)"
+    D = Wx.shape[-1]
+    if _padded_head_dim(D) > MAX_HEAD_DIM:
+        return (
+            f"head dim D={D} > {MAX_HEAD_DIM}: the kernel keeps R (Gr·D² per head) in registers "
+            f"for the whole sequence"
+        )
+    return None
 
 
 def flashrnn_pallas_gpu(Wx, R, b, states, function: str, blocks: BlockSizes | None = None):
     """`flashrnn` with the Triton kernels; pads B and D, runs, slices back."""
-    blocks = BlockSizes() if blocks is None else blocks
+    blocks = default_block_sizes("pallas_gpu", blocks)
     B, T, G, N, D = Wx.shape
-    Dp = max(MIN_TILE, _next_pow2(D))
-    Bp = -(-B // blocks.block_b) * blocks.block_b
+    Dp = _padded_head_dim(D)
+    Bp = round_up(B, blocks.block_b)
     pd, pb = Dp - D, Bp - B
     wx = jnp.pad(Wx, ((0, pb), (0, 0), (0, 0), (0, 0), (0, pd)))
     r = jnp.pad(R, ((0, 0), (0, 0), (0, pd), (0, pd)))
     bb = jnp.pad(b, ((0, 0), (0, 0), (0, pd)))
     s0 = jnp.pad(states, ((0, 0), (0, pb), (0, 0), (0, pd)))
-    states_all = _flashrnn_padded(wx, r, bb, s0, function, blocks)[:, :B, :, :, :D]
-    states_all = states_all.astype(Wx.dtype)
-    return states_all, states_all[:, :, -1]
+    states_all = _flashrnn_padded(wx, r, bb, s0, function, blocks)
+    return finish(states_all[:, :B, :, :, :D], Wx.dtype)

@@ -20,7 +20,6 @@ ones, and get zero cotangents) and B to a multiple of ``block_b`` when B > ``blo
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -29,32 +28,23 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxblocks.kernels.interpret import tpu_interpret
-from jaxblocks.kernels.rnn.cells import CELLS, pointwise, pointwise_bwd
+from jaxblocks.kernels.rnn._common import (
+    CELLS,
+    BlockSizes,
+    cost_estimate,
+    default_block_sizes,
+    finish,
+    make_flashrnn,
+    matmul_dtype,
+    pointwise,
+    pointwise_bwd,
+    round_up,
+    states_dtype,
+)
 
-SUBLANES = 8
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Time steps per grid step; batch rows per tile (a multiple of 8, used when B exceeds it)."""
-
-    block_t: int = 16
-    block_b: int = 128
-
-    def __post_init__(self):
-        if self.block_t <= 0:
-            raise ValueError(f"BlockSizes.block_t must be positive, got {self.block_t}")
-        if self.block_b <= 0 or self.block_b % SUBLANES:
-            raise ValueError(f"BlockSizes.block_b must be a multiple of 8, got {self.block_b}")
-
-
-def _dot_dtype(R):
-    return jnp.float32 if R.dtype == jnp.float32 else R.dtype
-
-
-def _states_dtype(function, dtype):
-    # see pallas_gpu._states_dtype: the sLSTM stabilizer must be stored exactly for the backward
-    return jnp.float32 if function == "slstm" else dtype
+SUBLANES, LANES = 8, 128
+# Mosaic's default scoped-VMEM limit on v4/v5e (32 MiB on v6e): the kernels do not raise it.
+VMEM_BUDGET = 16 * 2**20
 
 
 def _mm(a, b, dims, dot_dtype):
@@ -160,27 +150,17 @@ def _flashrnn_bwd_kernel(
         ds0_ref[...] = delta_scr[...].astype(ds0_ref.dtype)
 
 
-def _cost(function, B, T, N, D, itemsize, backward=False) -> pl.CostEstimate:
-    cell = CELLS[function]
-    mm = 2 * B * T * N * D * D * cell.Gr * (3 if backward else 1)
-    pw = B * T * N * D * (12 * cell.G) * (2 if backward else 1)
-    trans = B * T * N * D * (cell.G + 1) * (2 if backward else 1)
-    io = (B * T * N * D) * (cell.G + cell.S) * itemsize * (3 if backward else 1)
-    return pl.CostEstimate(
-        flops=int(mm + pw), transcendentals=int(trans), bytes_accessed=int(io + cell.Gr * N * D * D)
-    )
-
-
-def _forward_call(wx, R, b, s0, function, bT, bB):
+def _forward_call(wx, R, b, s0, function, tiling):
     # wx [N, T, G, B, D], R [N, Gr, D, D], b [N, Gb, 1, D], s0 [N, S, B, D]
+    bT, bB = tiling
     cell = CELLS[function]
     N, T, G, B, D = wx.shape
     kernel = functools.partial(
-        _flashrnn_fwd_kernel, function=function, block_t=bT, dot_dtype=_dot_dtype(R)
+        _flashrnn_fwd_kernel, function=function, block_t=bT, dot_dtype=matmul_dtype(R)
     )
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((N, T, cell.S, B, D), _states_dtype(function, wx.dtype)),
+        out_shape=jax.ShapeDtypeStruct((N, T, cell.S, B, D), states_dtype(function, wx.dtype)),
         grid=(N, B // bB, T // bT),
         in_specs=[
             pl.BlockSpec((None, bT, G, bB, D), lambda n, i, j: (n, j, 0, i, 0)),
@@ -193,18 +173,19 @@ def _forward_call(wx, R, b, s0, function, bT, bB):
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")
         ),
-        cost_estimate=_cost(function, B, T, N, D, wx.dtype.itemsize),
+        cost_estimate=cost_estimate(function, B, T, N, D, wx.dtype.itemsize),
         interpret=tpu_interpret(),
         name=f"flashrnn_{function}_fwd_tpu",
     )(wx, R, b, s0)
 
 
-def _backward_call(wx, R, b, s_prev, d_all, function, bT, bB):
+def _backward_call(wx, R, b, s_prev, d_all, function, tiling):
+    bT, bB = tiling
     cell = CELLS[function]
     N, T, G, B, D = wx.shape
     nb, nt = B // bB, T // bT
     kernel = functools.partial(
-        _flashrnn_bwd_kernel, function=function, block_t=bT, dot_dtype=_dot_dtype(R)
+        _flashrnn_bwd_kernel, function=function, block_t=bT, dot_dtype=matmul_dtype(R)
     )
     f32 = jnp.float32
     rev = lambda n, i, j: (n, nt - 1 - j, 0, i, 0)  # noqa: E731  time blocks in reverse
@@ -238,51 +219,80 @@ def _backward_call(wx, R, b, s_prev, d_all, function, bT, bB):
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")
         ),
-        cost_estimate=_cost(function, B, T, N, D, wx.dtype.itemsize, backward=True),
+        cost_estimate=cost_estimate(function, B, T, N, D, wx.dtype.itemsize, backward=True),
         interpret=tpu_interpret(),
         name=f"flashrnn_{function}_bwd_tpu",
     )(wx, R, b, s_prev, d_all)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _flashrnn_tiled(wx, R, b, s0, function, bT, bB):
-    return _forward_call(wx, R, b, s0, function, bT, bB)
+# time is axis 1 of [N, T, S, B, D]; dR/db partial sums per batch tile on axis 1
+_flashrnn_tiled = make_flashrnn(_forward_call, _backward_call, time_axis=1, tile_axis=1)
 
 
-def _flashrnn_tiled_fwd(wx, R, b, s0, function, bT, bB):
-    out = _forward_call(wx, R, b, s0, function, bT, bB)
-    return out, (wx, R, b, s0, out)
+def _tiling(B: int, T: int, blocks: BlockSizes) -> tuple[int, int]:
+    """``(block_t, block_b)`` for this problem: at most T steps; the whole batch when it fits."""
+    return min(blocks.block_t, T), (B if B <= blocks.block_b else blocks.block_b)
 
 
-def _flashrnn_tiled_bwd(function, bT, bB, res, d_all):
-    wx, R, b, s0, out = res
-    # states before each step: [N, T, S, B, D]
-    s_prev = jnp.concatenate([s0[:, None].astype(out.dtype), out[:, :-1]], axis=1)
-    dwx, dr, db, ds0 = _backward_call(wx, R, b, s_prev, d_all, function, bT, bB)
-    return (
-        dwx,
-        jnp.sum(dr, axis=1).astype(R.dtype),
-        jnp.sum(db, axis=1).astype(b.dtype),
-        ds0.astype(s0.dtype),
+def _vmem_tile_bytes(shape: tuple[int, ...], itemsize: int) -> int:
+    """VMEM of one block: its two minor dims occupy whole (8, 128) tiles."""
+    *lead, rows, cols = shape
+    n = round_up(rows, SUBLANES) * round_up(cols, LANES) * itemsize
+    for d in lead:
+        n *= d
+    return n
+
+
+def vmem_bytes(function, D, bT, bB, itemsize, r_itemsize, b_itemsize, s_itemsize) -> int:
+    """An estimate of the backward kernel's VMEM (the larger kernel): every block double
+    buffered, plus the scratch. ``s_itemsize`` is the stored states' (fp32 for sLSTM)."""
+    cell = CELLS[function]
+    f32 = 4
+    blocks = (
+        2 * _vmem_tile_bytes((bT, cell.G, bB, D), itemsize)  # wx in, dwx out
+        + _vmem_tile_bytes((cell.Gr, D, D), r_itemsize)
+        + _vmem_tile_bytes((cell.Gb, 1, D), b_itemsize)
+        + 2 * _vmem_tile_bytes((bT, cell.S, bB, D), s_itemsize)  # states before, cotangents
+        + _vmem_tile_bytes((cell.Gr, D, D), f32)  # dR partial sum
+        + _vmem_tile_bytes((cell.Gb, 1, D), f32)
+        + _vmem_tile_bytes((cell.S, bB, D), f32)  # d states0
     )
+    scratch = (
+        _vmem_tile_bytes((cell.S, bB, D), f32)
+        + _vmem_tile_bytes((cell.Gr, D, D), f32)
+        + _vmem_tile_bytes((cell.Gb, 1, D), f32)
+    )
+    return 2 * blocks + scratch
 
 
-_flashrnn_tiled.defvjp(_flashrnn_tiled_fwd, _flashrnn_tiled_bwd)
+def supports(Wx, R, b, states, function: str, block_sizes: BlockSizes | None = None):
+    """None when the Mosaic kernels' blocks fit in VMEM, else why not."""
+    blocks = default_block_sizes("pallas_tpu", block_sizes)
+    B, T, _, _, D = Wx.shape
+    bT, bB = _tiling(B, max(T, 1), blocks)
+    s_itemsize = jnp.dtype(states_dtype(function, Wx.dtype)).itemsize
+    need = vmem_bytes(
+        function, D, bT, bB, Wx.dtype.itemsize, R.dtype.itemsize, b.dtype.itemsize, s_itemsize
+    )
+    if need > VMEM_BUDGET:
+        return (
+            f"the backward's blocks need ~{need / 2**20:.1f} MiB of VMEM at D={D}, "
+            f"block_t={bT}, block_b={bB} (budget {VMEM_BUDGET // 2**20} MiB); "
+            f"pass smaller block_sizes"
+        )
+    return None
 
 
 def flashrnn_pallas_tpu(Wx, R, b, states, function: str, blocks: BlockSizes | None = None):
     """`flashrnn` with the Mosaic kernels: transposes to the kernel layout, pads T (and B)."""
-    blocks = BlockSizes() if blocks is None else blocks
+    blocks = default_block_sizes("pallas_tpu", blocks)
     B, T, G, N, D = Wx.shape
-    bT = min(blocks.block_t, T)
-    Tp = -(-T // bT) * bT
-    bB = B if B <= blocks.block_b else blocks.block_b
-    Bp = -(-B // bB) * bB
+    bT, bB = _tiling(B, T, blocks)
+    Tp, Bp = round_up(T, bT), round_up(B, bB)
     wx = jnp.transpose(Wx, (3, 1, 2, 0, 4))  # [N, T, G, B, D]
     wx = jnp.pad(wx, ((0, 0), (0, Tp - T), (0, 0), (0, Bp - B), (0, 0)))
     r = jnp.transpose(R, (1, 0, 2, 3))  # [N, Gr, D, D]
     bb = jnp.transpose(b, (1, 0, 2))[:, :, None]  # [N, Gb, 1, D]
     s0 = jnp.pad(jnp.transpose(states, (2, 0, 1, 3)), ((0, 0), (0, 0), (0, Bp - B), (0, 0)))
-    out = _flashrnn_tiled(wx, r, bb, s0, function, bT, bB)  # [N, Tp, S, Bp, D]
-    states_all = jnp.transpose(out[:, :T, :, :B], (2, 3, 1, 0, 4)).astype(Wx.dtype)
-    return states_all, states_all[:, :, -1]
+    out = _flashrnn_tiled(wx, r, bb, s0, function, (bT, bB))  # [N, Tp, S, Bp, D]
+    return finish(jnp.transpose(out[:, :T, :, :B], (2, 3, 1, 0, 4)), Wx.dtype)

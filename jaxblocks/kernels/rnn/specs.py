@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxblocks.kernels.rnn import _common
 from jaxblocks.kernels.rnn.cells import CELLS
 
 
@@ -48,16 +49,13 @@ def make_inputs(case: Case, seed: int = 0, *, input_scale: float = 1.0):
 
 def flops(case: Case, backward: bool = False) -> float:
     """Matmul + pointwise FLOPs of the recurrence (the kernels' `pl.CostEstimate` formula)."""
-    cell = CELLS[case.function]
-    n = case.B * case.T * case.N * case.D
-    mm = 2 * n * case.D * cell.Gr * (3 if backward else 1)
-    return float(mm + n * 12 * cell.G * (2 if backward else 1))
+    return float(_common.flops(case.function, case.B, case.T, case.N, case.D, backward))
 
 
 # The issue's benchmark shapes: B=16, T=512, N=4, D=64 and N=1, D=256 (bf16 on accelerators).
 BENCHMARK_CASES: tuple[Case, ...] = tuple(
     Case(f, 16, 512, n, d, jnp.float32) for f in CELLS for n, d in ((4, 64), (1, 256))
 )
-QUICK_CASES: tuple[Case, ...] = tuple(Case(f, 16, 64, 4, 64, jnp.float32) for f in CELLS)
+QUICK_BENCHMARK_CASES: tuple[Case, ...] = tuple(Case(f, 16, 64, 4, 64, jnp.float32) for f in CELLS)
 # Realistic lowering shapes (no execution, so full size).
 LOWERING_CASES: tuple[Case, ...] = tuple(Case(f, 16, 512, 4, 64, jnp.bfloat16) for f in CELLS)
