@@ -32,10 +32,6 @@ from jaxblocks.layers.norm import PRepBN as PRepBN
 from jaxblocks.layers.norm import RepBN as RepBN
 from jaxblocks.layers.norm import WSConv as WSConv
 from jaxblocks.layers.norm import batch_channel_norm as batch_channel_norm
-from jaxblocks.layers.norm import bn_only_init as bn_only_init
-from jaxblocks.layers.norm import bn_only_labels as bn_only_labels
-from jaxblocks.layers.norm import bn_only_mask as bn_only_mask
-from jaxblocks.layers.norm import bn_only_optimizer as bn_only_optimizer
 from jaxblocks.layers.norm import evonorm_b0 as evonorm_b0
 from jaxblocks.layers.norm import evonorm_s0 as evonorm_s0
 from jaxblocks.layers.norm import fold_repbn_into_dense as fold_repbn_into_dense
