@@ -50,9 +50,9 @@ from jaxblocks.layers.recurrent import LayerNormGRU as LayerNormGRU
 from jaxblocks.layers.recurrent import LayerNormLSTM as LayerNormLSTM
 from jaxblocks.layers.recurrent import flax_gru_params as flax_gru_params
 from jaxblocks.layers.recurrent import flax_lstm_params as flax_lstm_params
+from jaxblocks.layers.squeeze_excite import SqueezeExcite as SqueezeExcite
 from jaxblocks.layers.ssm import MS2D as MS2D
 from jaxblocks.layers.ssm import SS2D as SS2D
-from jaxblocks.layers.ssm import SqueezeExcite as SqueezeExcite
 from jaxblocks.layers.ssm import cross_merge as cross_merge
 from jaxblocks.layers.ssm import cross_scan as cross_scan
 from jaxblocks.layers.ssm import ss2d_scan as ss2d_scan

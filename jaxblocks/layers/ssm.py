@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from jaxblocks.kernels.selective_scan.api import selective_scan
+from jaxblocks.layers.squeeze_excite import SqueezeExcite
 
 # VMamba's scan orders, in CrossScan's order: 0 row-major, 1 column-major, 2 and 3 reversed.
 ROW, COL, ROW_REV, COL_REV = 0, 1, 2, 3
@@ -160,24 +161,6 @@ class _ScanParams(nn.Module):
         )
 
 
-class SqueezeExcite(nn.Module):
-    """MSVMamba's SE on ``[B, H, W, C]``: mean → Linear(C/r) → ReLU → Linear(C) → σ (no biases)."""
-
-    reduction: int = 8
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        C = x.shape[-1]
-        s = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)  # [B, C]
-        dense = lambda f, n: nn.Dense(
-            f, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=n
-        )
-        s = jax.nn.sigmoid(dense(C, "fc2")(nn.relu(dense(max(1, C // self.reduction), "fc1")(s))))
-        return x * s[:, None, None, :].astype(x.dtype)
-
-
 class _SS2DBase(nn.Module):
     d_state: int = 16
     ssm_ratio: float = 2.0
@@ -318,6 +301,11 @@ class MS2D(_SS2DBase):
         y1 = jax.image.resize(y1, (B, H, W, d_inner), "bilinear").astype(y0.dtype)
         y = y0 + y1
         if self.se_reduction:
-            y = SqueezeExcite(self.se_reduction, self.dtype, self.param_dtype, name="se")(y)
+            y = SqueezeExcite(
+                reduction=self.se_reduction,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="se",
+            )(y)
         y = y * z
         return self._dense(C, "out_proj", ("mlp", "embed"))(y)
