@@ -50,6 +50,8 @@ from jaxblocks.layers.recurrent import LayerNormGRU as LayerNormGRU
 from jaxblocks.layers.recurrent import LayerNormLSTM as LayerNormLSTM
 from jaxblocks.layers.recurrent import flax_gru_params as flax_gru_params
 from jaxblocks.layers.recurrent import flax_lstm_params as flax_lstm_params
+from jaxblocks.layers.ring_attention import dense_attention as dense_attention
+from jaxblocks.layers.ring_attention import ring_attention as ring_attention
 from jaxblocks.layers.squeeze_excite import SqueezeExcite as SqueezeExcite
 from jaxblocks.layers.ssm import MS2D as MS2D
 from jaxblocks.layers.ssm import SS2D as SS2D

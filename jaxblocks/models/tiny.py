@@ -16,6 +16,13 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from jaxblocks.layers.norm import GhostBatchNorm
+from jaxblocks.layers.ring_attention import (
+    DEFAULT_BATCH_AXES,
+    DEFAULT_HEAD_AXIS,
+    DEFAULT_SEQUENCE_AXIS,
+    dense_attention,
+    ring_attention,
+)
 from jaxblocks.registry import register_model
 
 
@@ -118,8 +125,10 @@ class CNN(nn.Module):
 class CharLM(nn.Module):
     """A one-block causal Transformer over bytes, with selectable attention implementation.
 
-    ``attention="ring"`` runs `jaxblocks.train.ring_attention.ring_attention` over the mesh's
-    ``sequence`` axis (dense when that axis has size 1 or no mesh is set).
+    ``attention="ring"`` runs `jaxblocks.layers.ring_attention.ring_attention` over the mesh axis
+    ``sequence_axis`` (dense when that axis has size 1 or no mesh is set), with the batch split
+    over ``batch_axes`` and the heads over ``head_axis``; the defaults are the trainer's mesh
+    axis names (``sequence``, ``("data", "fsdp")``, ``tensor``).
     """
 
     vocab: int = 256
@@ -127,13 +136,14 @@ class CharLM(nn.Module):
     heads: int = 2
     layers: int = 1
     attention: str = "dense"
+    sequence_axis: str = DEFAULT_SEQUENCE_AXIS
+    batch_axes: tuple[str, ...] = DEFAULT_BATCH_AXES
+    head_axis: str | None = DEFAULT_HEAD_AXIS
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, tokens: Int[Array, "B T"], train: bool = False) -> Float[Array, "B T V"]:
         del train
-        from jaxblocks.train.ring_attention import dense_attention, ring_attention
-
         if self.attention not in ("dense", "ring"):
             raise ValueError(f"CharLM: attention must be 'dense' or 'ring', got {self.attention!r}")
         b, t = tokens.shape
@@ -156,8 +166,19 @@ class CharLM(nn.Module):
             h = nn.LayerNorm(dtype=self.dtype, name=f"ln{i}a")(x)
             qkv = _dense(3 * self.width, ("embed", "heads"), self.dtype, f"qkv{i}")(h)
             q, k, v = jnp.split(qkv.reshape(b, t, 3 * self.heads, hd), 3, axis=2)
-            attn = ring_attention if self.attention == "ring" else dense_attention
-            o = attn(q, k, v, causal=True).reshape(b, t, self.width)
+            if self.attention == "ring":
+                o = ring_attention(
+                    q,
+                    k,
+                    v,
+                    causal=True,
+                    sequence_axis=self.sequence_axis,
+                    batch_axes=self.batch_axes,
+                    head_axis=self.head_axis,
+                )
+            else:
+                o = dense_attention(q, k, v, causal=True)
+            o = o.reshape(b, t, self.width)
             x = x + _dense(self.width, ("heads", "embed"), self.dtype, f"proj{i}")(o)
             h = nn.LayerNorm(dtype=self.dtype, name=f"ln{i}b")(x)
             h = nn.gelu(_dense(4 * self.width, ("embed", "mlp"), self.dtype, f"up{i}")(h))

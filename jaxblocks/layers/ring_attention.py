@@ -1,8 +1,8 @@
-"""Ring self-attention over the ``sequence`` mesh axis (Li et al., arXiv:2105.13120; blockwise
-form of Liu et al., arXiv:2310.01889).
+"""Ring self-attention over a sequence mesh axis (Li et al., arXiv:2105.13120; blockwise form of
+Liu et al., arXiv:2310.01889).
 
-Each device on the ``sequence`` axis holds one contiguous chunk of the queries, keys and values.
-The key/value chunks travel around the ring with `lax.ppermute`; at every hop a device attends its
+Each device on the sequence axis holds one contiguous chunk of the queries, keys and values. The
+key/value chunks travel around the ring with `lax.ppermute`; at every hop a device attends its
 queries to the chunk it currently holds and folds the result into a running (max, denominator,
 numerator) triple — the online softmax — so the full ``T × T`` score matrix is never formed and
 per-device memory is O(T/N). After N hops every query has seen every key; the result equals dense
@@ -11,18 +11,34 @@ softmax attention. Gradients come from plain autodiff through `lax.scan` (the tr
 
 Differs from the seed paper's RingQK/RingAV (which materialises the ``T/N × T`` scores and does two
 ring passes) in using a single pass with the online softmax.
+
+The mesh axis names are arguments (defaults: the trainer's ``sequence``, ``("data", "fsdp")`` and
+``tensor``), so the layer works on any mesh and imports nothing from the trainer.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
-from jaxtyping import Array, Float
 
-from jaxblocks.train.sharding import BATCH_AXES
+from jaxblocks.typing import Array, Float
+
+__all__ = [
+    "DEFAULT_BATCH_AXES",
+    "DEFAULT_HEAD_AXIS",
+    "DEFAULT_SEQUENCE_AXIS",
+    "dense_attention",
+    "ring_attention",
+]
+
+# The mesh axis names of `jaxblocks.train.sharding` (a test checks they agree).
+DEFAULT_SEQUENCE_AXIS = "sequence"
+DEFAULT_BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
+DEFAULT_HEAD_AXIS = "tensor"
 
 _NEG = -1e30  # finite "minus infinity": fully masked blocks must not produce inf - inf = nan
 
@@ -96,32 +112,75 @@ def _ring_body(q, k, v, *, axis: str, causal: bool):
     return out.transpose(0, 2, 1, 3).astype(q.dtype)
 
 
+def _check_axis_names(
+    sequence_axis: object, batch_axes: object, head_axis: object
+) -> tuple[str, tuple[str, ...], str | None]:
+    if not isinstance(sequence_axis, str):
+        raise TypeError(
+            f"ring_attention: sequence_axis must be a mesh axis name (str), got "
+            f"{type(sequence_axis).__name__} {sequence_axis!r}"
+        )
+    if batch_axes is None:
+        batch_axes = ()
+    elif isinstance(batch_axes, str):
+        batch_axes = (batch_axes,)
+    if not isinstance(batch_axes, Sequence) or not all(isinstance(a, str) for a in batch_axes):
+        raise TypeError(
+            f"ring_attention: batch_axes must be a sequence of mesh axis names (str), got "
+            f"{type(batch_axes).__name__} {batch_axes!r}"
+        )
+    batch_axes = tuple(batch_axes)
+    if head_axis is not None and not isinstance(head_axis, str):
+        raise TypeError(
+            f"ring_attention: head_axis must be a mesh axis name (str) or None, got "
+            f"{type(head_axis).__name__} {head_axis!r}"
+        )
+    used = [sequence_axis, *batch_axes] + ([head_axis] if head_axis is not None else [])
+    if len(set(used)) != len(used):
+        raise ValueError(
+            f"ring_attention: sequence_axis={sequence_axis!r}, batch_axes={batch_axes!r} and "
+            f"head_axis={head_axis!r} must name distinct mesh axes"
+        )
+    return sequence_axis, batch_axes, head_axis
+
+
 def ring_attention(
     q: Float[Array, "B T H K"],
     k: Float[Array, "B T H K"],
     v: Float[Array, "B T H V"],
     causal: bool = False,
     mesh: jax.sharding.Mesh | None = None,
-    axis: str = "sequence",
+    *,
+    sequence_axis: str = DEFAULT_SEQUENCE_AXIS,
+    batch_axes: Sequence[str] | None = DEFAULT_BATCH_AXES,
+    head_axis: str | None = DEFAULT_HEAD_AXIS,
 ) -> Float[Array, "B T H V"]:
-    """Ring self-attention with `jax.shard_map` + `lax.ppermute` over the mesh axis `axis`.
+    """Ring self-attention with `jax.shard_map` + `lax.ppermute` over the mesh axis `sequence_axis`.
 
     Args:
-      q, k, v: global arrays ``[B, T, H, K|V]``; ``T`` must divide by the size of `axis`.
+      q, k, v: global arrays ``[B, T, H, K|V]``; ``T`` must divide by the size of `sequence_axis`.
       causal: autoregressive mask.
-      mesh: the mesh (default: the one set with `jax.set_mesh`). Without a mesh, or when `axis`
-        has size 1, this is `dense_attention`.
-      axis: the sequence mesh axis.
+      mesh: the mesh (default: the one set with `jax.set_mesh`). Without a mesh, or when
+        `sequence_axis` is not in it or has size 1, this is `dense_attention`.
+      sequence_axis: the mesh axis the time dimension is split over (the ring).
+      batch_axes: mesh axes the batch dimension is split over; those missing from the mesh are
+        skipped, and the batch is replicated when ``B`` does not divide by their product.
+        ``None`` or ``()``: replicated.
+      head_axis: mesh axis the heads are split over when ``H`` divides by its size (``None``:
+        replicated).
 
     Returns:
       ``[B, T, H, V]``, equal (up to fp32 rounding) to `dense_attention`.
 
     Example::
 
-      mesh = jaxblocks.train.sharding.make_mesh({"data": 2, "sequence": 4})
+      mesh = jax.make_mesh((2, 4), ("dp", "seq"), axis_types=(AxisType.Auto,) * 2)
       with jax.set_mesh(mesh):
-          out = jax.jit(ring_attention)(q, k, v)
+          out = jax.jit(
+              functools.partial(ring_attention, sequence_axis="seq", batch_axes=("dp",))
+          )(q, k, v)
     """
+    sequence_axis, batch_axes, head_axis = _check_axis_names(sequence_axis, batch_axes, head_axis)
     if q.ndim != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(
             f"ring_attention: q, k must be [B, T, H, K] of equal shape and v [B, T, H, V]; got "
@@ -129,18 +188,23 @@ def ring_attention(
         )
     if mesh is None:
         mesh = jax.sharding.get_abstract_mesh()
+    axis = sequence_axis
     if mesh is None or mesh.empty or axis not in mesh.axis_names or mesh.shape[axis] == 1:
         return dense_attention(q, k, v, causal)
     n = mesh.shape[axis]
     b, t, h, _ = q.shape
     if t % n:
         raise ValueError(f"ring_attention: sequence length {t} is not divisible by {axis}={n}")
-    batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    batch_axes = tuple(a for a in batch_axes if a in mesh.axis_names)
     dp = 1
     for a in batch_axes:
         dp *= mesh.shape[a]
     bspec = batch_axes if batch_axes and b % dp == 0 else None
-    hspec = "tensor" if "tensor" in mesh.axis_names and h % mesh.shape["tensor"] == 0 else None
+    hspec = (
+        head_axis
+        if head_axis is not None and head_axis in mesh.axis_names and h % mesh.shape[head_axis] == 0
+        else None
+    )
     spec = P(bspec, axis, hspec, None)
     fn = jax.shard_map(
         functools.partial(_ring_body, axis=axis, causal=causal),
