@@ -35,9 +35,16 @@ class SLABBlock(nn.Module):
     (qkv and fc1); the folded variables run in ``deploy=True`` mode, which has no norms at all.
 
     ``norm`` is a factory for a module called as ``norm(x, use_running_average=..., step=...)``
-    (`PRepBN` with its schedule; ``step`` is passed only when given). Official code differs in:
-    dropout / drop-path (omitted here), PyTorch's BN momentum 0.1 (= Flax decay 0.9, our
-    `PRepBN` default), LN ε 1e-5.
+    (`PRepBN` with its schedule; ``step`` is passed only when given); the block builds it as
+    ``norm(dtype=..., param_dtype=..., ln_epsilon=..., name=...)``.
+
+    LayerNorm ε (``ln_epsilon``): the official code (xinghaochen/SLAB ``classification/models``)
+    uses 1e-6 for the DeiT variant (``slab_deit.py``: ``partial(nn.LayerNorm, eps=1e-6)`` in
+    ``deit_*_patch16_224_linear_repbn``) — our default — and PyTorch's default 1e-5 for the Swin
+    variant (``slab_swin.py``: ``ln = nn.LayerNorm``); pass ``ln_epsilon=1e-5`` for SLAB-Swin.
+    ``ln_epsilon=None`` leaves the norm factory's own ε (`PRepBN`'s default is 1e-5). RepBN's
+    BatchNorm ε is 1e-5 in both (``nn.BatchNorm1d``). Official code also differs in dropout /
+    drop-path (omitted here); its BN momentum 0.1 is Flax decay 0.9, our `PRepBN` default.
 
     Attributes:
       num_heads: attention heads.
@@ -45,6 +52,8 @@ class SLABBlock(nn.Module):
       qkv_bias: bias in the qkv projection (SLAB-DeiT: True).
       kernel_size: SLA's depth-wise conv kernel.
       norm: norm factory (default ``PRepBN(total_steps=60000)``).
+      ln_epsilon: ε of the norms' LayerNorm (default 1e-6, SLAB-DeiT; 1e-5 for SLAB-Swin; None:
+        the factory's own).
       deploy: folded inference mode (norms removed; use with `fold_slab_block`).
       dtype, param_dtype: compute and parameter dtypes.
 
@@ -60,6 +69,7 @@ class SLABBlock(nn.Module):
     qkv_bias: bool = True
     kernel_size: int = 5
     norm: Callable[..., nn.Module] = functools.partial(PRepBN, total_steps=60000)
+    ln_epsilon: float | None = 1e-6
     deploy: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
@@ -76,11 +86,14 @@ class SLABBlock(nn.Module):
         c = x.shape[-1]
         dtype = self.dtype if self.dtype is not None else x.dtype
         kw = {} if step is None else {"step": step}
+        if self.ln_epsilon is not None and not self.ln_epsilon > 0:
+            raise ValueError(f"SLABBlock: ln_epsilon={self.ln_epsilon!r} must be > 0 or None")
+        eps = {} if self.ln_epsilon is None else {"ln_epsilon": self.ln_epsilon}
 
         def norm(h, name):
             if self.deploy:
                 return h
-            return self.norm(dtype=dtype, param_dtype=self.param_dtype, name=name)(
+            return self.norm(dtype=dtype, param_dtype=self.param_dtype, name=name, **eps)(
                 h, use_running_average=not train, **kw
             )
 

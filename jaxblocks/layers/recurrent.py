@@ -26,8 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxblocks.kernels.rnn.api import flashrnn
-from jaxblocks.kernels.rnn.cells import CELLS
+from jaxblocks.kernels.rnn.api import CELLS, flashrnn
 from jaxblocks.typing import Array, Float
 
 __all__ = [

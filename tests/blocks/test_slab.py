@@ -73,3 +73,46 @@ def test_slab_deit_tiny_block_shapes_and_parameter_count():
     assert count == attn + mlp + norms
     out = jax.eval_shape(lambda v, x: blk.apply(v, x, train=False), v, x)
     assert out.shape == (2, n, c)
+
+
+def _norm1_out(blk, x):
+    v = blk.init(jax.random.key(1), x, train=True)
+    # step 0: lambda = 1, the norm is its LayerNorm alone (scale 1, bias 0 at init)
+    _, state = blk.apply(
+        v,
+        x,
+        train=True,
+        step=0,
+        capture_intermediates=True,
+        mutable=["batch_stats", "intermediates"],
+    )
+    return np.asarray(state["intermediates"]["norm1"]["__call__"][0], np.float64)
+
+
+def _layer_norm(x, eps):
+    x = np.asarray(x, np.float64)
+    mu = x.mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps)
+
+
+def test_slab_block_layernorm_epsilon_deit_default_and_swin():
+    # per-token variance ~1e-6, so eps 1e-6 and 1e-5 give clearly different outputs
+    x = jax.random.normal(jax.random.key(0), (2, 9, 6)) * 1e-3
+    assert SLABBlock.ln_epsilon == 1e-6  # SLAB-DeiT (official slab_deit.py)
+    for blk, eps in [
+        (SLABBlock(num_heads=2), 1e-6),
+        (SLABBlock(num_heads=2, ln_epsilon=1e-5), 1e-5),  # SLAB-Swin (PyTorch default)
+        (SLABBlock(num_heads=2, ln_epsilon=None), 1e-5),  # the factory's own (PRepBN: 1e-5)
+        (
+            SLABBlock(
+                num_heads=2, ln_epsilon=None, norm=functools.partial(PRepBN, ln_epsilon=3e-6)
+            ),
+            3e-6,
+        ),
+    ]:
+        got = _norm1_out(blk, x)
+        np.testing.assert_allclose(got, _layer_norm(x, eps), rtol=1e-4, atol=1e-5)
+        other = 1e-5 if eps != 1e-5 else 1e-6
+        assert np.max(np.abs(got - _layer_norm(x, other))) > 0.05
+    with pytest.raises(ValueError, match="ln_epsilon=0"):
+        SLABBlock(num_heads=2, ln_epsilon=0).init(jax.random.key(1), x, train=True)
