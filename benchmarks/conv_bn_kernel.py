@@ -42,7 +42,7 @@ def _step(impl: str, activation):
 
 
 def run(quick: bool) -> str:
-    cases = specs.QUICK_BENCH_CASES if quick else specs.BENCH_CASES
+    cases = specs.QUICK_BENCHMARK_CASES if quick else specs.BENCHMARK_CASES
     rows = []
     for base in cases:
         for dtype in ("float32", "bfloat16"):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +13,8 @@ import numpy as np
 import pytest
 
 from jaxblocks.kernels import UnsupportedImplementationError, interpret
-from jaxblocks.kernels.conv_bn import api, pallas_gpu, pallas_tpu, specs
-from jaxblocks.kernels.conv_bn.api import pointwise_conv_bn
+from jaxblocks.kernels.conv_bn import _common, api, pallas_gpu, pallas_tpu, specs
+from jaxblocks.kernels.conv_bn.api import BlockSizes, pointwise_conv_bn
 from jaxblocks.kernels.conv_bn.reference import ACTIVATIONS, pointwise_conv_bn_reference
 from jaxblocks.kernels.conv_bn.xla import activate, activation_grad, residual_kind
 from tests.kernels.harness import (
@@ -30,7 +32,7 @@ def _mode(impl):
     return interpret() if impl.startswith("pallas") else contextlib.nullcontext()
 
 
-def _op(impl, activation, epsilon=1e-5):
+def _op(impl, activation, epsilon=1e-5, block_sizes=None):
     # jit: one trace per test instead of eager op-by-op dispatch (the TPU interpreter is ~4x
     # faster this way). Traced inside `interpret()`, so the Pallas kernels run interpreted.
     @jax.jit
@@ -46,6 +48,7 @@ def _op(impl, activation, epsilon=1e-5):
             epsilon=epsilon,
             activation=activation,
             implementation=impl,
+            block_sizes=block_sizes,
         )
 
     return f
@@ -90,12 +93,12 @@ def test_forward_and_vjp_vs_reference(impl, case):
 MULTI_BLOCK = {
     "pallas_gpu": (
         pallas_gpu.pointwise_conv_bn_pallas_gpu,
-        pallas_gpu.BlockSizes(block_m=16, block_n=16, block_k=16, dw_splits=2),
+        BlockSizes(block_m=16, block_n=16, block_k=16, dw_splits=2),
         specs.Case("multi", (37, 40), 40, "float32", "silu", conv_bias=True),
     ),
     "pallas_tpu": (
         pallas_tpu.pointwise_conv_bn_pallas_tpu,
-        pallas_tpu.BlockSizes(block_m=16, block_n=128, block_k=128),
+        BlockSizes(block_m=16, block_n=128, block_k=128),
         specs.Case("multi", (37, 200), 136, "float32", "silu", conv_bias=True),
     ),
 }
@@ -104,25 +107,27 @@ MULTI_BLOCK = {
 @pytest.mark.parametrize("impl", PALLAS)
 def test_multi_block_grids(impl):
     fn, blocks, case = MULTI_BLOCK[impl]
-    op = jax.jit(functools.partial(fn, activation=case.activation, blocks=blocks))
+    op = jax.jit(functools.partial(fn, activation=case.activation, block_sizes=blocks))
     with interpret():
         check_forward_and_vjp(op, _ref(case.activation), _args(case))
 
 
+# One `BlockSizes` serves both backends: values neither backend takes fail on construction, values
+# only the other backend takes fail when the backend is asked for (its `supports` names them).
 @pytest.mark.parametrize(
-    "cls, kwargs, match",
+    "impl, kwargs, match",
     [
-        (pallas_gpu.BlockSizes, dict(block_m=48), r"block_m must be a power of two >= 16"),
-        (pallas_gpu.BlockSizes, dict(block_k=8), r"block_k must be a power of two >= 16"),
-        (pallas_gpu.BlockSizes, dict(num_warps=0), r"num_warps must be a positive"),
-        (pallas_gpu.BlockSizes, dict(dw_splits=0), r"dw_splits must be None or >= 1"),
-        (pallas_tpu.BlockSizes, dict(block_n=64), r"block_n must be a positive multiple of 128"),
-        (pallas_tpu.BlockSizes, dict(block_m=20), r"block_m must be a positive multiple of 16"),
+        ("pallas_gpu", dict(block_m=48), r"block_m must be a power of two >= 16"),
+        ("pallas_gpu", dict(block_k=8), r"block_k must be a power of two >= 16"),
+        ("pallas_gpu", dict(num_warps=0), r"num_warps must be a positive"),
+        ("pallas_gpu", dict(dw_splits=0), r"dw_splits must be None or >= 1"),
+        ("pallas_tpu", dict(block_n=64), r"block_n must be a positive multiple of 128"),
+        ("pallas_tpu", dict(block_m=20), r"block_m must be a positive multiple of 16"),
     ],
 )
-def test_block_sizes_are_validated(cls, kwargs, match):
+def test_block_sizes_are_validated(impl, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        cls(**kwargs)
+        _bad_call(implementation=impl, block_sizes=BlockSizes(**kwargs))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -213,7 +218,9 @@ def _bad_call(**overrides):
     kw = dict(x=x, w=w, scale=scale, bias=bias, mean=mean, var=var)
     kw.update(overrides)
     opts = {
-        k: kw.pop(k) for k in ("conv_bias", "epsilon", "activation", "implementation") if k in kw
+        k: kw.pop(k)
+        for k in ("conv_bias", "epsilon", "activation", "implementation", "block_sizes")
+        if k in kw
     }
     return pointwise_conv_bn(
         kw["x"], kw["w"], kw["scale"], kw["bias"], kw["mean"], kw["var"], **opts
@@ -235,8 +242,179 @@ def _bad_call(**overrides):
         (dict(epsilon=jnp.float32(1e-5)), ValueError, r"epsilon must be a non-negative"),
         (dict(implementation="cuda"), UnsupportedImplementationError, r"available:.*'xla'"),
         (dict(w=jnp.ones((24, 0))), ValueError, r"w must not be empty"),
+        (
+            dict(block_sizes="x"),
+            TypeError,
+            r"block_sizes must be None or a jaxblocks\.kernels\.conv_bn\.BlockSizes, got str",
+        ),
+        (
+            dict(block_sizes=dict(block_m=16)),
+            TypeError,
+            r"block_sizes must be None or a .*BlockSizes, got dict",
+        ),
     ],
 )
 def test_bad_inputs_raise_errors_naming_the_argument(overrides, error, match):
     with pytest.raises(error, match=match):
         _bad_call(**overrides)
+
+
+# --- block_sizes through the public function ------------------------------------------------
+
+
+def _pallas_grids(jaxpr) -> dict[str, tuple[int, ...]]:
+    """{kernel name: grid} of every pallas_call in ``jaxpr`` and its sub-jaxprs."""
+    grids = {}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            grids[eqn.params["name"]] = tuple(eqn.params["grid_mapping"].grid)
+        for p in eqn.params.values():
+            sub = getattr(p, "jaxpr", p)
+            if hasattr(sub, "eqns"):
+                grids.update(_pallas_grids(sub))
+    return grids
+
+
+# Non-default block sizes and the grids they give (the defaults give one block per axis here):
+# GPU M=37 -> 3 row tiles of 16 (forward), 64 rows in 2 dw' splits of 2 tiles (backward);
+# TPU C_in=200 -> 2 tiles of 128, C_out=136 -> 2 tiles of 128, M=37 -> 3 tiles of 16.
+PUBLIC_BLOCKS = {
+    "pallas_gpu": (
+        BlockSizes(block_m=16, block_n=16, block_k=16, num_warps=2, num_stages=2, dw_splits=2),
+        specs.Case("pub", (37, 40), 40, "float32", "gelu", conv_bias=True),
+        {
+            "pointwise_conv_bn_fwd": (3, 3),
+            "pointwise_conv_bn_bwd_dx": (4, 3),
+            "pointwise_conv_bn_bwd_dw": (2, 3, 3),
+        },
+    ),
+    "pallas_tpu": (
+        BlockSizes(block_m=16, block_n=128, block_k=128),
+        specs.Case("pub", (37, 200), 136, "bfloat16", "relu6", conv_bias=True),
+        {
+            "pointwise_conv_bn_fwd": (3, 2, 2),
+            "pointwise_conv_bn_bwd_dx": (3, 2, 2),
+            "pointwise_conv_bn_bwd_dw": (2, 2, 3),
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("impl", PALLAS)
+def test_block_sizes_pass_through_public_function(impl):
+    blocks, case, want_grids = PUBLIC_BLOCKS[impl]
+    args = _args(case)
+    op = _op(impl, case.activation, block_sizes=blocks)
+    with interpret():
+        check_forward_and_vjp(
+            op,
+            _ref(case.activation),
+            args,
+            dtype=jnp.dtype(case.dtype),
+            grad_tol=_grad_tol(case),
+        )
+        loss = lambda *a: jnp.sum(op(*a).astype(jnp.float32))
+        jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(*args).jaxpr
+    assert _pallas_grids(jaxpr) == want_grids
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("block_m", 0),
+        ("block_m", 24),
+        ("block_m", 16.0),
+        ("block_n", 48),
+        ("block_k", True),
+        ("block_k", 8),
+        ("num_warps", 0),
+        ("num_stages", 2.5),
+        ("dw_splits", -1),
+    ],
+)
+def test_invalid_block_sizes_field_is_named(field, value):
+    with pytest.raises(ValueError, match=rf"BlockSizes\.{field} must .*got {value!r}"):
+        BlockSizes(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "impl, blocks, x_dtype, reason",
+    [
+        ("pallas_gpu", BlockSizes(block_n=384), "float32", r"block_n must be a power of two"),
+        ("pallas_tpu", BlockSizes(block_k=32), "float32", r"block_k must be a positive multiple"),
+        ("pallas_tpu", None, "float16", r"x dtype float16 is not one of float32, bfloat16"),
+    ],
+)
+def test_unsupported_inputs_raise_with_the_reason(impl, blocks, x_dtype, reason):
+    x = jnp.ones((4, 6, 24), x_dtype)
+    with pytest.raises(UnsupportedImplementationError, match=rf"{impl}.*{reason}"):
+        _bad_call(x=x, implementation=impl, block_sizes=blocks)
+    # The predicate itself, on the [M, C_in] rows the op dispatches on.
+    args = specs.Case("s", (24, 24), 40).make()
+    rows = (x.reshape(-1, 24), *args[1:])
+    assert api.IMPLEMENTATIONS[impl].supports(*rows, block_sizes=blocks) is not None
+
+
+def test_supports_accepts_tested_and_benchmarked_cases_with_default_blocks():
+    cases = specs.TEST_CASES + specs.LOWERING_CASES + specs.BENCHMARK_CASES
+    cases += specs.QUICK_BENCHMARK_CASES
+    for case in cases:
+        x, *rest = jax.eval_shape(case.make)  # shapes only: no benchmark-sized arrays
+        rows = jax.ShapeDtypeStruct((case.m, case.c_in), x.dtype)
+        for impl in PALLAS:
+            assert api.IMPLEMENTATIONS[impl].supports(rows, *rest) is None, (impl, case.name)
+
+
+def test_automatic_dispatch_ignores_block_sizes_off_accelerators():
+    case = specs.TEST_CASES[0]
+    args = _args(case)
+    f = lambda *a: pointwise_conv_bn(
+        *a[:6], conv_bias=a[6], activation=case.activation, block_sizes=BlockSizes(block_n=384)
+    )
+    assert_close(jax.jit(f)(*args), _ref(case.activation)(*args))
+
+
+def test_pallas_calls_use_the_shared_cost_model():
+    # The three kernels' estimates add up to the op's forward + backward formulas (specs re-exports
+    # them from _common for the benchmark).
+    m, k, n, item = 96, 48, 80, 2
+    fwd = _common.cost_estimate("fwd", m, k, n, item, "relu")
+    dx = _common.cost_estimate("dx", m, k, n, item, "relu", has_res=True)
+    dw = _common.cost_estimate("dw", m, k, n, item, "relu", has_res=True)
+    assert fwd.flops == specs.forward_flops(m, k, n) == 2 * m * k * n
+    assert dx.flops + dw.flops == specs.backward_flops(m, k, n)
+    assert fwd.bytes_accessed == specs.forward_bytes(m, k, n, item)
+    assert dx.bytes_accessed + dw.bytes_accessed == specs.backward_bytes(m, k, n, item)
+    assert _common.cost_estimate("fwd", m, k, n, item, "silu").transcendentals == m * n
+    assert fwd.transcendentals == 0
+
+
+# --- structure: the backends share one core -------------------------------------------------
+
+
+def _function_bodies(path: pathlib.Path) -> dict[str, str]:
+    tree = ast.parse(path.read_text())
+    return {
+        node.name: ast.dump(ast.Module(body=node.body, type_ignores=[]))
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and len(node.body) >= 3
+    }
+
+
+def test_backends_share_no_function_body_and_import_only_common():
+    folder = pathlib.Path(api.__file__).parent
+    gpu = _function_bodies(folder / "pallas_gpu.py")
+    tpu = _function_bodies(folder / "pallas_tpu.py")
+    repeated = sorted(
+        (g, t) for g, body in gpu.items() for t, other in tpu.items() if body == other
+    )
+    assert not repeated, f"function bodies repeated in pallas_gpu.py and pallas_tpu.py: {repeated}"
+    for name in ("pallas_gpu.py", "pallas_tpu.py"):
+        tree = ast.parse((folder / name).read_text())
+        own = {
+            node.module
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom)
+            and (node.module or "").startswith("jaxblocks.kernels.conv_bn")
+        }
+        assert own == {"jaxblocks.kernels.conv_bn._common"}, (name, own)

@@ -1,6 +1,7 @@
 """Pointwise (1x1) convolution with the BatchNorm fold and an activation fused (ConvBN Tune mode).
 
-Public entry: `jaxblocks.kernels.conv_bn.api.pointwise_conv_bn`.
+Public entry: `jaxblocks.kernels.conv_bn.api.pointwise_conv_bn` (and its `BlockSizes`).
 """
 
+from jaxblocks.kernels.conv_bn.api import BlockSizes as BlockSizes
 from jaxblocks.kernels.conv_bn.api import pointwise_conv_bn as pointwise_conv_bn

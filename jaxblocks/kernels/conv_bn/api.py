@@ -1,4 +1,8 @@
-"""Public entry of the pointwise (1x1) ConvBN op: validation, then implementation dispatch."""
+"""Public entry of the pointwise (1x1) ConvBN op: validation, then implementation dispatch.
+
+This module is the op's public face: code outside the op folder imports `pointwise_conv_bn`
+and `BlockSizes` from here (or from the package).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from jaxblocks.kernels.conv_bn import pallas_gpu, pallas_tpu
+from jaxblocks.kernels.conv_bn._common import BlockSizes as BlockSizes
 from jaxblocks.kernels.conv_bn.reference import ACTIVATIONS, pointwise_conv_bn_reference
 from jaxblocks.kernels.conv_bn.xla import pointwise_conv_bn_xla
 from jaxblocks.kernels.dispatch import Implementation, select_implementation
@@ -15,9 +20,30 @@ from jaxblocks.kernels.validation import check_array, check_choice, describe
 
 OP = "pointwise_conv_bn"
 
+
+def _reference(
+    x, w, scale, bias, mean, var, conv_bias=None, *, epsilon=1e-5, activation=None, block_sizes=None
+):
+    # No blocks: block_sizes is ignored.
+    return pointwise_conv_bn_reference(
+        x, w, scale, bias, mean, var, conv_bias, epsilon=epsilon, activation=activation
+    )
+
+
+def _xla(
+    x, w, scale, bias, mean, var, conv_bias=None, *, epsilon=1e-5, activation=None, block_sizes=None
+):
+    # No blocks: block_sizes is ignored.
+    return pointwise_conv_bn_xla(
+        x, w, scale, bias, mean, var, conv_bias, epsilon=epsilon, activation=activation
+    )
+
+
+# Every entry takes (x [M, C_in], w, scale, bias, mean, var, conv_bias, *, epsilon, activation,
+# block_sizes); `supports` the same arguments.
 IMPLEMENTATIONS: dict[str, Implementation] = {
-    "reference": Implementation(pointwise_conv_bn_reference),
-    "xla": Implementation(pointwise_conv_bn_xla),
+    "reference": Implementation(_reference),
+    "xla": Implementation(_xla),
     "pallas_gpu": Implementation(
         pallas_gpu.pointwise_conv_bn_pallas_gpu, supports=pallas_gpu.supports
     ),
@@ -39,6 +65,7 @@ def pointwise_conv_bn(
     epsilon: float = 1e-5,
     activation: str | None = None,
     implementation: str | None = None,
+    block_sizes: BlockSizes | None = None,
 ) -> Float[Array, "*B Cout"]:
     """Pointwise (1x1) convolution with the BatchNorm folded in and an activation fused.
 
@@ -68,6 +95,10 @@ def pointwise_conv_bn(
         `jax.nn.gelu`'s default).
       implementation: None (automatic: "pallas_gpu" on GPU, "pallas_tpu" on TPU, "xla"
         elsewhere), or one of "reference", "xla", "pallas_gpu", "pallas_tpu".
+      block_sizes: tile sizes of the Pallas kernels (`BlockSizes`); None, or a None field,
+        takes each backend's defaults. The reference and xla implementations have no blocks
+        and ignore it. Sizes the chosen Pallas backend cannot tile with make it unsupported
+        (an explicit ``implementation`` raises, automatic dispatch falls back).
 
     Returns:
       y [..., C_out] in ``x.dtype``.
@@ -101,9 +132,14 @@ def pointwise_conv_bn(
     ):
         raise ValueError(f"{OP}: epsilon must be a non-negative Python float, got {epsilon!r}")
     check_choice(OP, "activation", activation, list(ACTIVATIONS))
+    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+        raise TypeError(
+            f"{OP}: block_sizes must be None or a jaxblocks.kernels.conv_bn.BlockSizes, "
+            f"got {type(block_sizes).__name__}"
+        )
 
     x2d = x.reshape(-1, c_in)  # [M, C_in]
-    kwargs = dict(epsilon=float(epsilon), activation=activation)
+    kwargs = dict(epsilon=float(epsilon), activation=activation, block_sizes=block_sizes)
     _, fn = select_implementation(
         OP, implementation, IMPLEMENTATIONS, x2d, w, scale, bias, mean, var, conv_bias, **kwargs
     )

@@ -9,12 +9,13 @@ last reduction step), plus a custom VJP with two backward kernels:
 
 with dz = dy * act'(pre) recomputed per tile from dy and the saved residual. Blocks obey the
 (8, 128) tiling: bn and bk are multiples of 128, bm a multiple of 16 (bf16 packs 16 rows per
-vreg); the wrapper zero-pads M, C_in and C_out to whole blocks, so any sizes work.
+vreg); M, C_in and C_out are zero-padded to whole blocks, so any sizes work. The padding, the
+custom VJP and the parameter gradients are `_common.make_pointwise_conv_bn`'s (shared with
+``pallas_gpu``); this file holds the kernels, their tiling and their ``pallas_call`` wrappers.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -22,59 +23,34 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxblocks.kernels.conv_bn import specs
-from jaxblocks.kernels.conv_bn.xla import (
+from jaxblocks.kernels.conv_bn._common import (
+    LANE,
+    Backend,
+    BlockSizes,
+    Tiles,
     activate,
-    activation_grad,
-    fold_vectors,
-    param_grads,
-    residual_kind,
+    block_sizes_reason,
+    cost_estimate,
+    dtype_reason,
+    dz_tile,
+    make_pointwise_conv_bn,
+    round_up,
 )
 from jaxblocks.kernels.interpret import tpu_interpret
 
-LANE = 128  # last block dim: a multiple of the 128 lanes
 SUBLANE = 16  # second-to-last block dim of row tiles: 8 sublanes x 2 (bf16 packing)
 DTYPES = (jnp.float32, jnp.bfloat16)
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Tile sizes, each shrunk to the (padded) problem when larger.
-
-    Attributes:
-      block_m: rows per tile (a multiple of 16).
-      block_n: output channels per tile (a multiple of 128).
-      block_k: input channels per tile (a multiple of 128).
-    """
-
-    block_m: int = 256
-    block_n: int = 256
-    block_k: int = 512
-
-    def __post_init__(self):
-        for name, align in (("block_m", SUBLANE), ("block_n", LANE), ("block_k", LANE)):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0 or v % align:
-                raise ValueError(
-                    f"BlockSizes.{name} must be a positive multiple of {align}, got {v!r}"
-                )
-
-    def fit(self, m: int, c_in: int, c_out: int) -> tuple[int, int, int]:
-        """(bm, bn, bk) shrunk to the problem, keeping the (16, 128) alignment."""
-        bm = min(self.block_m, _round_up(max(m, 1), SUBLANE))
-        bn = min(self.block_n, _round_up(c_out, LANE))
-        bk = min(self.block_k, _round_up(c_in, LANE))
-        return bm, bn, bk
-
-
-def _pad2(a, rows: int, cols: int):
-    """Zero-pad a 2-D array to [rows, cols] (no copy when already that shape)."""
-    pr, pc = rows - a.shape[0], cols - a.shape[1]
-    return a if pr == 0 and pc == 0 else jnp.pad(a, ((0, pr), (0, pc)))
+def _tiles(blocks: BlockSizes, m: int, c_in: int, c_out: int, backward: bool) -> Tiles:
+    """Tiles shrunk to the padded problem, keeping the (16, 128) alignment; one dw' reduction
+    over all of M (a grid axis), forward and backward alike."""
+    bm = min(blocks.block_m, round_up(max(m, 1), SUBLANE))
+    bn = min(blocks.block_n, round_up(c_out, LANE))
+    bk = min(blocks.block_k, round_up(c_in, LANE))
+    return Tiles(
+        bm, bn, bk, round_up(max(m, 1), bm), round_up(c_in, bk), round_up(c_out, bn), blocks
+    )
 
 
 def _params(*semantics: str):
@@ -108,14 +84,6 @@ def _forward_kernel(x_ref, w_ref, s_ref, shift_ref, y_ref, *rest, activation, sa
             rest[0][...] = pre.astype(rest[0].dtype)
 
 
-def _dz(dy, res, activation):
-    """dz = dy * act'(pre) in fp32 for one tile (res = None without an activation)."""
-    dz = dy.astype(jnp.float32)
-    if res is not None:
-        dz = dz * activation_grad(res.astype(jnp.float32), activation)
-    return dz
-
-
 def _dx_kernel(dy_ref, *refs, activation, has_res: bool):
     # dy_ref/res_ref [bm, bn], w_ref [bk, bn] fp32, s_ref [1, bn], dx_ref [bm, bk],
     # acc_ref [bm, bk] fp32 VMEM; the C_out axis (2) is the reduction.
@@ -126,7 +94,7 @@ def _dx_kernel(dy_ref, *refs, activation, has_res: bool):
     def _init():
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
-    dz = _dz(dy_ref[...], res_ref[...] if has_res else None, activation).astype(dx_ref.dtype)
+    dz = dz_tile(dy_ref[...], res_ref[...] if has_res else None, activation).astype(dx_ref.dtype)
     wf = (w_ref[...] * s_ref[...]).astype(dx_ref.dtype)  # [bk, bn], the fold again
     # dz @ w'^T: [bm, bn] x [bk, bn] -> [bm, bk]
     acc_ref[...] += jax.lax.dot_general(
@@ -152,7 +120,7 @@ def _dw_kernel(x_ref, dy_ref, *refs, activation, has_res: bool):
         acc_ref[...] = jnp.zeros_like(acc_ref)
         accb_ref[...] = jnp.zeros_like(accb_ref)
 
-    dz = _dz(dy_ref[...], res_ref[...] if has_res else None, activation)  # [bm, bn] fp32
+    dz = dz_tile(dy_ref[...], res_ref[...] if has_res else None, activation)  # [bm, bn] fp32
     xs = x_ref[...]  # [bm, bk]
     # x^T dz: [bm, bk] x [bm, bn] -> [bk, bn]
     acc_ref[...] += jax.lax.dot_general(
@@ -171,17 +139,13 @@ def _dw_kernel(x_ref, dy_ref, *refs, activation, has_res: bool):
 # --------------------------------------------------------------------------------------------
 
 
-def _forward_call(xp, wp, sp, shiftp, *, bm, bn, bk, activation, save_pre):
+def _forward_call(xp, wp, sp, shiftp, *, tiles: Tiles, activation, save_pre):
     mp, kp = xp.shape
     np_ = wp.shape[1]
+    bm, bn, bk = tiles.bm, tiles.bn, tiles.bk
     tile = pl.BlockSpec((bm, bn), lambda i, j, k: (i, j))
     out_shape = [jax.ShapeDtypeStruct((mp, np_), xp.dtype)] * (1 + save_pre)
     item = xp.dtype.itemsize
-    cost = pl.CostEstimate(
-        flops=specs.forward_flops(mp, kp, np_),
-        transcendentals=mp * np_ if activation in ("silu", "gelu") else 0,
-        bytes_accessed=specs.forward_bytes(mp, kp, np_, item) + save_pre * mp * np_ * item,
-    )
     kernel = functools.partial(_forward_kernel, activation=activation, save_pre=save_pre)
     return pl.pallas_call(
         kernel,
@@ -196,15 +160,16 @@ def _forward_call(xp, wp, sp, shiftp, *, bm, bn, bk, activation, save_pre):
         out_specs=[tile] * (1 + save_pre),
         scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
         compiler_params=_params("parallel", "parallel", "arbitrary"),
-        cost_estimate=cost,
+        cost_estimate=cost_estimate("fwd", mp, kp, np_, item, activation, save_pre=save_pre),
         interpret=tpu_interpret(),
         name="pointwise_conv_bn_fwd",
-    )(xp, wp, sp, shiftp)
+    )(xp, wp, sp[None, :], shiftp[None, :])  # vectors as [1, Np] rows for the (8, 128) tiling
 
 
-def _dx_call(dyp, resp, wp, sp, *, bm, bn, bk, activation):
+def _dx_call(dyp, resp, wp, sp, *, tiles: Tiles, activation):
     mp, np_ = dyp.shape
     kp = wp.shape[0]
+    bm, bn, bk = tiles.bm, tiles.bn, tiles.bk
     has_res = resp is not None
     dy_spec = pl.BlockSpec((bm, bn), lambda i, j, n: (i, n))
     in_specs = [dy_spec] * (1 + has_res) + [
@@ -212,12 +177,7 @@ def _dx_call(dyp, resp, wp, sp, *, bm, bn, bk, activation):
         pl.BlockSpec((1, bn), lambda i, j, n: (0, n)),  # s
     ]
     item = dyp.dtype.itemsize
-    cost = pl.CostEstimate(
-        flops=specs.matmul_flops(mp, np_, kp),
-        transcendentals=mp * np_ if activation in ("silu", "gelu") else 0,
-        bytes_accessed=(1 + has_res) * mp * np_ * item + kp * np_ * 4 + mp * kp * item,
-    )
-    args = (dyp,) + ((resp,) if has_res else ()) + (wp, sp)
+    args = (dyp,) + ((resp,) if has_res else ()) + (wp, sp[None, :])  # s as a [1, Np] row
     return pl.pallas_call(
         functools.partial(_dx_kernel, activation=activation, has_res=has_res),
         out_shape=jax.ShapeDtypeStruct((mp, kp), dyp.dtype),
@@ -226,24 +186,20 @@ def _dx_call(dyp, resp, wp, sp, *, bm, bn, bk, activation):
         out_specs=pl.BlockSpec((bm, bk), lambda i, j, n: (i, j)),
         scratch_shapes=[pltpu.VMEM((bm, bk), jnp.float32)],
         compiler_params=_params("parallel", "parallel", "arbitrary"),
-        cost_estimate=cost,
+        cost_estimate=cost_estimate("dx", mp, kp, np_, item, activation, has_res=has_res),
         interpret=tpu_interpret(),
         name="pointwise_conv_bn_bwd_dx",
     )(*args)
 
 
-def _dw_call(xp, dyp, resp, *, bm, bn, bk, activation):
+def _dw_call(xp, dyp, resp, *, tiles: Tiles, activation):
     mp, kp = xp.shape
     np_ = dyp.shape[1]
+    bm, bn, bk = tiles.bm, tiles.bn, tiles.bk
     has_res = resp is not None
     in_specs = [pl.BlockSpec((bm, bk), lambda j, l, t: (t, j))]  # x
     in_specs += [pl.BlockSpec((bm, bn), lambda j, l, t: (t, l))] * (1 + has_res)  # dy, res
     item = xp.dtype.itemsize
-    cost = pl.CostEstimate(
-        flops=specs.matmul_flops(kp, mp, np_),
-        transcendentals=mp * np_ if activation in ("silu", "gelu") else 0,
-        bytes_accessed=(1 + has_res) * mp * np_ * item + mp * kp * item + kp * np_ * 4,
-    )
     args = (xp, dyp) + ((resp,) if has_res else ())
     dwf, db = pl.pallas_call(
         functools.partial(_dw_kernel, activation=activation, has_res=has_res),
@@ -259,87 +215,50 @@ def _dw_call(xp, dyp, resp, *, bm, bn, bk, activation):
         ],
         scratch_shapes=[pltpu.VMEM((bk, bn), jnp.float32), pltpu.VMEM((1, bn), jnp.float32)],
         compiler_params=_params("parallel", "parallel", "arbitrary"),
-        cost_estimate=cost,
+        cost_estimate=cost_estimate("dw", mp, kp, np_, item, activation, has_res=has_res),
         interpret=tpu_interpret(),
         name="pointwise_conv_bn_bwd_dw",
     )(*args)
     return dwf, db[0, 0]  # every C_in block summed the same dz columns: keep the first
 
 
-# --------------------------------------------------------------------------------------------
-# custom_vjp
-# --------------------------------------------------------------------------------------------
+# The custom VJP (fold, padding, residuals, parameter gradients) is `_common`'s.
+_pointwise_conv_bn = make_pointwise_conv_bn(
+    Backend("pallas_tpu", _tiles, _forward_call, _dx_call, _dw_call)
+)
 
 
-def _forward(x, w, scale, bias, mean, var, conv_bias, epsilon, activation, blocks, save):
-    m, c_in = x.shape
-    c_out = w.shape[1]
-    bm, bn, bk = blocks.fit(m, c_in, c_out)
-    mp, kp, np_ = _round_up(max(m, 1), bm), _round_up(c_in, bk), _round_up(c_out, bn)
-    s, r, shift, cbm = fold_vectors(scale, bias, mean, var, conv_bias, epsilon)
-    kind = residual_kind(activation)
-    outs = _forward_call(
-        _pad2(x, mp, kp),
-        _pad2(w.astype(jnp.float32), kp, np_),
-        _pad2(s[None, :], 1, np_),
-        _pad2(shift[None, :], 1, np_),
-        bm=bm,
-        bn=bn,
-        bk=bk,
-        activation=activation,
-        save_pre=save and kind == "pre",
-    )
-    y = outs[0][:m, :c_out]
-    if not save:
-        return y, None
-    res = None if kind is None else (y if kind == "out" else outs[1][:m, :c_out])
-    meta = (scale[:0], bias[:0], mean[:0], var[:0], None if conv_bias is None else conv_bias[:0])
-    return y, ((x, w, s, r, cbm, res), meta)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _pointwise_conv_bn(x, w, scale, bias, mean, var, conv_bias, epsilon, activation, blocks):
-    return _forward(x, w, scale, bias, mean, var, conv_bias, epsilon, activation, blocks, False)[0]
-
-
-def _fwd(x, w, scale, bias, mean, var, conv_bias, epsilon, activation, blocks):
-    return _forward(x, w, scale, bias, mean, var, conv_bias, epsilon, activation, blocks, True)
-
-
-def _bwd(epsilon, activation, blocks, residuals, dy):
-    (x, w, s, r, cbm, res), (scale0, bias0, mean0, var0, cb0) = residuals
-    m, c_in = x.shape
-    c_out = w.shape[1]
-    bm, bn, bk = blocks.fit(m, c_in, c_out)
-    mp, kp, np_ = _round_up(max(m, 1), bm), _round_up(c_in, bk), _round_up(c_out, bn)
-    dyp = _pad2(dy.astype(x.dtype), mp, np_)
-    resp = None if res is None else _pad2(res, mp, np_)
-    kw = dict(bm=bm, bn=bn, bk=bk, activation=activation)
-    wp = _pad2(w.astype(jnp.float32), kp, np_)
-    dx = _dx_call(dyp, resp, wp, _pad2(s[None, :], 1, np_), **kw)[:m, :c_in]
-    dwf, dbp = _dw_call(_pad2(x, mp, kp), dyp, resp, **kw)
-    dwf, dbp = dwf[:c_in, :c_out], dbp[:c_out]
-    dw, dscale, dbias, dcb = param_grads(dwf, dbp, w, s, r, cbm, (w, scale0, bias0, cb0))
-    dmean = jnp.zeros((c_out,), mean0.dtype)  # running statistics: constants of the step
-    dvar = jnp.zeros((c_out,), var0.dtype)
-    return dx, dw, dscale, dbias, dmean, dvar, dcb
-
-
-_pointwise_conv_bn.defvjp(_fwd, _bwd)
-
-
-def supports(x, w, scale, bias, mean, var, conv_bias=None, *, epsilon=1e-5, activation=None):
-    """None when the Mosaic kernels take these inputs, else the reason."""
-    if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in DTYPES]:
-        return f"x dtype {jnp.dtype(x.dtype).name} is not one of float32, bfloat16"
-    return None
+def supports(
+    x, w, scale, bias, mean, var, conv_bias=None, *, epsilon=1e-5, activation=None, block_sizes=None
+):
+    """None when the Mosaic kernels take these inputs and block sizes, else the reason."""
+    return dtype_reason(x, DTYPES) or block_sizes_reason("pallas_tpu", block_sizes)
 
 
 def pointwise_conv_bn_pallas_tpu(
-    x, w, scale, bias, mean, var, conv_bias=None, *, epsilon=1e-5, activation=None, blocks=None
+    x,
+    w,
+    scale,
+    bias,
+    mean,
+    var,
+    conv_bias=None,
+    *,
+    epsilon=1e-5,
+    activation=None,
+    block_sizes: BlockSizes | None = None,
 ):
-    """Folded pointwise conv + BN + activation on ``x`` [M, C_in] with Mosaic TPU kernels."""
-    blocks = BlockSizes() if blocks is None else blocks
+    """Folded pointwise conv + BN + activation on ``x`` [M, C_in] with Mosaic TPU kernels
+    (``block_sizes``: None for the TPU defaults; see `BlockSizes`)."""
     return _pointwise_conv_bn(
-        x, w, scale, bias, mean, var, conv_bias, float(epsilon), activation, blocks
+        x,
+        w,
+        scale,
+        bias,
+        mean,
+        var,
+        conv_bias,
+        epsilon=epsilon,
+        activation=activation,
+        block_sizes=block_sizes,
     )

@@ -1,5 +1,6 @@
 """Named shape/dtype cases for `pointwise_conv_bn`, shared by the tests and the benchmark, and
-the FLOP/byte formulas used by the kernels' `pl.CostEstimate` and the benchmark's GFLOP/s."""
+the FLOP/byte formulas of the kernels' `pl.CostEstimate` (defined in `_common.py`, re-exported
+here for the benchmark's GFLOP/s)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+from jaxblocks.kernels.conv_bn._common import backward_bytes as backward_bytes
+from jaxblocks.kernels.conv_bn._common import backward_flops as backward_flops
+from jaxblocks.kernels.conv_bn._common import forward_bytes as forward_bytes
+from jaxblocks.kernels.conv_bn._common import forward_flops as forward_flops
+from jaxblocks.kernels.conv_bn._common import matmul_flops as matmul_flops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,31 +59,6 @@ class Case:
         return x, w, scale, bias, mean, var, cb
 
 
-def matmul_flops(m: int, k: int, n: int) -> int:
-    """2*M*K*N: one [M, K] @ [K, N]."""
-    return 2 * m * k * n
-
-
-def forward_flops(m: int, c_in: int, c_out: int) -> int:
-    """Forward: the matmul (the fold and epilogue are O(C_in*C_out + M*C_out), not counted)."""
-    return matmul_flops(m, c_in, c_out)
-
-
-def backward_flops(m: int, c_in: int, c_out: int) -> int:
-    """Backward: dx = dz w'^T and dw' = x^T dz, two matmuls of the forward's size."""
-    return 2 * matmul_flops(m, c_in, c_out)
-
-
-def forward_bytes(m: int, c_in: int, c_out: int, itemsize: int) -> int:
-    """x read, w read (fp32), y written."""
-    return m * c_in * itemsize + c_in * c_out * 4 + m * c_out * itemsize
-
-
-def backward_bytes(m: int, c_in: int, c_out: int, itemsize: int) -> int:
-    """dy and the residual read twice (dx and dw' kernels), x read, w read, dx and dw' written."""
-    return 4 * m * c_out * itemsize + 2 * m * c_in * itemsize + 2 * c_in * c_out * 4
-
-
 # Interpret-mode test cases: small, odd M, non-power-of-two channels, every activation.
 TEST_CASES: tuple[Case, ...] = (
     Case("m37_24to40_relu_cb", (1, 37, 24), 40, "float32", "relu", conv_bias=True),
@@ -95,13 +77,13 @@ LOWERING_CASES: tuple[Case, ...] = (
     Case("resnet50_14x14_1024to256", (8, 14, 14, 1024), 256, "float32", "silu", conv_bias=True),
 )
 
-BENCH_CASES: tuple[Case, ...] = (
+BENCHMARK_CASES: tuple[Case, ...] = (
     Case("r50_56x56_64to256", (16 * 56 * 56, 64), 256, "float32", None),
     Case("r50_56x56_256to64", (16 * 56 * 56, 256), 64, "float32", "relu"),
     Case("r50_14x14_1024to256", (16 * 14 * 14, 1024), 256, "float32", "relu"),
 )
 
-QUICK_BENCH_CASES: tuple[Case, ...] = (
+QUICK_BENCHMARK_CASES: tuple[Case, ...] = (
     Case("r50_56x56_64to256_b2", (2 * 56 * 56, 64), 256, "float32", None),
     Case("r50_56x56_256to64_b2", (2 * 56 * 56, 256), 64, "float32", "relu"),
     Case("r50_14x14_1024to256_b2", (2 * 14 * 14, 1024), 256, "float32", "relu"),
