@@ -10,8 +10,8 @@
   ``⌈B/B0⌉`` so a large batch gets as many updates as the small-batch regime.
 * Durations in steps, epochs or examples.
 * BN-only training (Frankle et al. 2021, arXiv:2003.00152) as a freeze mask: every leaf but the
-  BatchNorm scale/bias gets `optax.set_to_zero` (`jaxblocks.layers.norm.bn_only_optimizer`), and
-  the BN parameters are re-initialised as in the paper's code (`bn_only_init`).
+  BatchNorm scale/bias gets `optax.set_to_zero` (`jaxblocks.train.bn_only.bn_only_optimizer`),
+  and the BN parameters are re-initialised as in the paper's code (`bn_only_init`).
 * AGVM (Xue et al. 2022, arXiv:2210.11078) lives in `jaxblocks.train.agvm`.
 """
 
@@ -26,8 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-_NORM_NAMES = ("scale", "bias", "mean", "var")
-
+from jaxblocks.train import bn_only
 
 # --------------------------------------------------------------------------------------------
 # Durations and schedules
@@ -141,14 +140,12 @@ def decay_mask(params: Any) -> Any:
 
 
 def bn_only_init(params: Any, key: jax.Array, scheme: str) -> Any:
-    """BN-only initialisation of the BN affine parameters (`jaxblocks.layers.norm.bn_only_init`;
+    """BN-only initialisation of the BN affine parameters (`jaxblocks.train.bn_only.bn_only_init`;
     ``"uniform"`` — γ ~ U[0, 1], β = 0 — is the paper's default for ResNets); ``"keep"`` leaves
     the model's own initialisation."""
     if scheme == "keep":
         return params
-    from jaxblocks.layers.norm import bn_only_init as _init
-
-    return _init(params, key, scheme)
+    return bn_only.bn_only_init(params, key, scheme)
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,13 +236,11 @@ def make_optimizer(
     if o.grad_clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
     if o.freeze == "bn_only":
-        from jaxblocks.layers.norm import bn_only_mask, bn_only_optimizer
-
         if params is None:
             raise ValueError("optimizer.freeze='bn_only' needs the (abstract) params")
-        if not any(jax.tree.leaves(bn_only_mask(params))):
+        if not any(jax.tree.leaves(bn_only.bn_only_mask(params))):
             raise ValueError("optimizer.freeze='bn_only': the model has no BatchNorm parameters")
-        tx = bn_only_optimizer(tx, params)
+        tx = bn_only.bn_only_optimizer(tx, params)
     elif o.freeze != "none":
         raise ValueError(f"optimizer.freeze must be none/bn_only, got {o.freeze!r}")
     return tx
