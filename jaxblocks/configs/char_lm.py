@@ -5,8 +5,8 @@ Uses the GLA language model (``gla_lm_tiny``) when it is registered, else the ti
 the Transformer (with ``mesh.sequence`` > 1). Switches: ``smoke``, ``ring``, ``transformer``.
 """
 
+from jaxblocks.configs.base import base_config, parse_switches
 from jaxblocks.registry import list_models
-from jaxblocks.train.config import base_config, parse_switches
 
 
 def get_config(arg: str | None = None):

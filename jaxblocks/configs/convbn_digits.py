@@ -9,7 +9,7 @@ XLA temporary memory of the train step, step time).
 ``get_config("smoke")`` shrinks it to a few steps for CPU tests.
 """
 
-from jaxblocks.train.config import base_config, parse_switches
+from jaxblocks.configs.base import base_config, parse_switches
 
 
 def get_config(arg: str | None = None):

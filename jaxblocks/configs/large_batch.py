@@ -7,7 +7,7 @@ Switches (comma separated): ``lamb``, ``agvm`` (AGVM per-module LR multipliers),
 ``smoke``.
 """
 
-from jaxblocks.train.config import base_config, parse_switches
+from jaxblocks.configs.base import base_config, parse_switches
 
 
 def get_config(arg: str | None = None):

@@ -1,10 +1,11 @@
 """Experiment configs: `ml_collections.ConfigDict`s built by ``jaxblocks/configs/<name>.py``.
 
 Every experiment file defines ``get_config(arg: str | None = None)``; ``arg`` is a comma list of
-switches (``"smoke"`` shrinks everything for CPU tests). The file starts from `base_config()`,
-which documents every field the trainer reads, and changes what it needs. Command-line overrides
-are ``dotted.key=value`` strings parsed as Python literals and checked against the existing
-field's type (an unknown key is an error, so typos do not silently do nothing).
+switches (``"smoke"`` shrinks everything for CPU tests). The file starts from `base_config()`
+(`jaxblocks.configs.base`, re-exported here), which documents every field the trainer reads, and
+changes what it needs. Command-line overrides are ``dotted.key=value`` strings parsed as Python
+literals and checked against the existing field's type (an unknown key is an error, so typos do
+not silently do nothing).
 
 A config may have ``stages``: a list of override dicts, each a training run of its own that
 starts from the previous stage's final parameters (pretrain then transfer).
@@ -20,112 +21,32 @@ from typing import Any
 
 import ml_collections
 
-OPTIMIZERS = ("sgd", "adamw", "lars", "lamb")
-SCHEDULES = ("constant", "cosine", "step")
-LR_SCALING = ("none", "linear", "sqrt")
-FREEZE = ("none", "bn_only")
-TASKS = ("classification", "lm")
+from jaxblocks.configs.base import (
+    FREEZE,
+    LR_SCALING,
+    OPTIMIZERS,
+    SCHEDULES,
+    TASKS,
+    base_config,
+    parse_switches,
+)
 
-
-def base_config() -> ml_collections.ConfigDict:
-    """All trainer fields with defaults. Durations: set exactly one of ``*_steps``,
-    ``*_epochs``, ``*_examples`` (the others ``-1``)."""
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.task = "classification"  # one of TASKS
-    c.smoke = False
-
-    # Model: built with `jaxblocks.registry.create_model(name, **kwargs)`.
-    c.model = ml_collections.ConfigDict()
-    c.model.name = "mlp_tiny"
-    c.model.kwargs = ml_collections.ConfigDict()
-    # Keyword arguments of the model call in training and evaluation (how a model is told its
-    # mode differs: Flax-style `train=True`, ConvBN's `mode="tune"`).
-    c.model.train_kwargs = ml_collections.ConfigDict({"train": True})
-    c.model.eval_kwargs = ml_collections.ConfigDict({"train": False})
-    # ConvBN mode context (`jaxblocks.layers.conv_bn.convbn_mode`) around training; "" = none.
-    c.model.convbn_mode = ""
-
-    # Data (see `jaxblocks.train.data.make_dataset`).
-    c.data = ml_collections.ConfigDict()
-    c.data.name = "synthetic"  # synthetic | digits | stdlib_text
-    c.data.classes = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)
-    c.data.image_size = 8
-    c.data.channels = 1
-    c.data.num_examples = 512  # synthetic only
-    c.data.seq_len = 32  # stdlib_text only
-    c.data.max_bytes = 200_000  # stdlib_text only
-
-    c.batch_size = 64  # global batch, split over the mesh's data × fsdp axes
-    c.eval_batch_size = 128
-    c.accum_steps = 1  # microbatches per step (lax.scan inside the jitted step)
-    c.train_steps = 100
-    c.train_epochs = -1.0
-    c.train_examples = -1
-
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.name = "sgd"  # one of OPTIMIZERS
-    c.optimizer.learning_rate = 0.1  # at `base_batch_size`, before the scaling rule
-    c.optimizer.lr_scaling = "none"  # none | linear (B/base) | sqrt (sqrt(B/base))
-    c.optimizer.base_batch_size = 256
-    c.optimizer.momentum = 0.9
-    c.optimizer.nesterov = False
-    c.optimizer.b1 = 0.9
-    c.optimizer.b2 = 0.999
-    c.optimizer.eps = 1e-6
-    c.optimizer.weight_decay = 0.0
-    c.optimizer.trust_coefficient = 0.001  # LARS
-    c.optimizer.grad_clip_norm = 0.0  # 0 = off
-    c.optimizer.schedule = "cosine"  # one of SCHEDULES
-    c.optimizer.warmup_steps = 0
-    c.optimizer.warmup_epochs = -1.0
-    c.optimizer.warmup_examples = -1
-    c.optimizer.step_boundaries = (0.5, 0.75)  # fractions of training, "step" schedule
-    c.optimizer.step_decay = 0.1
-    c.optimizer.end_lr_fraction = 0.0
-    # Hoffer et al. 2017 regime adaptation: scale every step count by ceil(B / regime_base_batch).
-    c.optimizer.regime_adaptation = False
-    c.optimizer.regime_base_batch_size = 128
-    c.optimizer.freeze = "none"  # none | bn_only (Frankle et al.: train only BN scale and bias)
-    # BN-only init: uniform (gamma ~ U[0, 1], the paper's), fixed, oneone, positivenegative, keep
-    c.optimizer.bn_only_init = "uniform"
-
-    # AGVM (Xue et al. 2022): per-group LR multipliers from the gradient variance.
-    c.agvm = ml_collections.ConfigDict()
-    c.agvm.enabled = False
-    c.agvm.groups = ()  # top-level param names forming groups, in order; group 0 = the reference
-    c.agvm.interval = 5
-    c.agvm.start_step = 0
-    c.agvm.momentum = 0.97
-    # Gradients in the cosine: auto (adam for adamw/lamb, none for sgd/lars) | none | adam
-    c.agvm.precondition = "auto"
-
-    # ConAdv (Liu et al. 2022): adversarial inputs for the next batch from the stale params.
-    c.conadv = ml_collections.ConfigDict()
-    c.conadv.enabled = False
-    c.conadv.epsilon = 0.03
-    c.conadv.adv_weight = 1.0
-
-    c.mixed_precision = False  # bf16 compute (model kwarg dtype), fp32 params and opt state
-
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
-
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_steps = 50
-    c.checkpoint.keep = 2
-    c.checkpoint.async_save = True
-
-    c.step_delay_s = 0.0  # sleep after each step: makes preemption tests deterministic
-    c.log_every = 10
-    c.eval_every = 50
-    c.progress = True
-    c.tensorboard = True
-    c.plot = True
-
-    c.stages = ()  # tuple of override dicts (see module docstring)
-    c.transfer_reinit = ()  # top-level param names re-initialised when starting from a stage
-    c.compare_convbn_modes = False  # main job: repeat the last stage in ConvBN eval mode
-    return c
+# The schema lives in `jaxblocks.configs.base`; the trainer and its tests read it from here too.
+__all__ = [
+    "FREEZE",
+    "LR_SCALING",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "TASKS",
+    "apply_overrides",
+    "base_config",
+    "check_batch_divisible",
+    "check_workdir",
+    "load_config",
+    "parse_switches",
+    "stage_configs",
+    "validate",
+]
 
 
 def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -142,10 +63,6 @@ def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
     if not hasattr(module, "get_config"):
         raise AttributeError(f"config: {path!r} defines no get_config(arg)")
     return module.get_config(arg) if arg is not None else module.get_config()
-
-
-def parse_switches(arg: str | None) -> set[str]:
-    return {s.strip() for s in (arg or "").split(",") if s.strip()}
 
 
 def _parse_value(text: str) -> Any:
