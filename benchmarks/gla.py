@@ -86,7 +86,7 @@ def _matmul_rate(shape: tuple[int, int, int], iters: int = 20) -> float:
 
 def _ceiling(rows: list[Measurement]) -> str:
     """The bound the machine puts on ``reference time / xla time`` at T = 4096."""
-    case = next(c for c in specs.CPU_BENCH if c.T == 4096)
+    case = next(c for c in specs.BENCHMARK_CASES if c.T == 4096)
     ref = _by(rows, "reference").get(case.name)
     if ref is None:
         return ""
@@ -106,8 +106,8 @@ def _ceiling(rows: list[Measurement]) -> str:
 def run(quick: bool) -> str:
     parts = []
     if jax.default_backend() == "cpu":
-        cases = [c for c in specs.CPU_BENCH if not quick or c.T in (512, 1024, 2048, 4096)]
-        t4096 = next(c for c in specs.CPU_BENCH if c.T == 4096)
+        cases = list(specs.QUICK_BENCHMARK_CASES if quick else specs.BENCHMARK_CASES)
+        t4096 = next(c for c in specs.BENCHMARK_CASES if c.T == 4096)
         cases.append(dataclasses.replace(t4096, name=t4096.name + " g/16", gate_normalizer=16.0))
         impls = {"xla": _gla("xla"), "reference": _gla("reference"), "dense attention": _dense()}
         # The token loop is only timed where the issue asks for the ratio (T = 4096) in quick runs.
@@ -132,7 +132,7 @@ def run(quick: bool) -> str:
             "xla": _gla("xla"),
             "flash attention (cudnn)": _dense("cudnn"),
         }
-        cases = specs.GPU_BENCH[:2] if quick else specs.GPU_BENCH
+        cases = specs.GPU_QUICK_BENCHMARK_CASES if quick else specs.GPU_BENCHMARK_CASES
         fwd, bwd = _run(cases, impls, warmup=3, iters=20)
         parts += [
             "### GPU forward (bf16)",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxblocks.kernels import UnsupportedImplementationError, interpret
-from jaxblocks.kernels.gla import chunk_gla, fused_recurrent_gla, specs
+from jaxblocks.kernels.gla import BlockSizes, _common, chunk_gla, fused_recurrent_gla, specs
 from jaxblocks.kernels.gla import xla as xla_gla
 from jaxblocks.kernels.gla.reference import gla_reference
 from tests.kernels.harness import (
@@ -69,7 +69,7 @@ _CI_CASES = ("t63_k60_v100",)
     "case",
     [
         c if c.name in _CI_CASES else pytest.param(c, marks=pytest.mark.slow)
-        for c in specs.XLA_CASES
+        for c in specs.TEST_CASES
     ],
     ids=lambda c: c.name,
 )
@@ -80,14 +80,14 @@ def test_xla_matches_reference(case):
 def test_xla_forward_long_sequences():
     # The T = 1000 cases of the sweep, forward only (the VJP runs in the slow sweep above).
     xla = _op("xla")
-    for case in specs.XLA_CASES[-2:]:
+    for case in specs.TEST_CASES[-2:]:
         args = case.make()
         assert_close(xla(*args), REF(*args), name=case.name)
 
 
 def test_xla_gate_strengths():
     xla = _op("xla")
-    for case in specs.GATE_CASES:  # one shape: compiled once, run for n = 0.1, 1, 10
+    for case in specs.GATE_TEST_CASES:  # one shape: compiled once, run for n = 0.1, 1, 10
         check_forward_and_vjp(xla, REF, case.make(1))
 
 
@@ -204,7 +204,7 @@ def _segment_ids(lens):
 
 def test_pallas_gpu_interpret_fp32():
     with interpret():
-        check_forward_and_vjp(_op("pallas_gpu"), REF, specs.INTERPRET_CASES[0].make(6))
+        check_forward_and_vjp(_op("pallas_gpu"), REF, specs.INTERPRET_TEST_CASES[0].make(6))
 
 
 def test_pallas_tpu_interpret_fp32_segments():
@@ -213,7 +213,7 @@ def test_pallas_tpu_interpret_fp32_segments():
     ref = _op("reference", segment_ids=seg)
     with interpret():
         check_forward_and_vjp(
-            _op("pallas_tpu", segment_ids=seg), ref, specs.INTERPRET_CASES[1].make(6)
+            _op("pallas_tpu", segment_ids=seg), ref, specs.INTERPRET_TEST_CASES[1].make(6)
         )
 
 
@@ -264,7 +264,7 @@ def test_pallas_interpret_larger_shapes_and_cu_seqlens(impl):
 @pytest.mark.parametrize("T", [2048, 1000])
 def test_pallas_lowering(impl, platform, T):
     # T=1000 also exercises the K/V padding and the segment_ids path.
-    c = specs.LOWERING_CASE
+    c = specs.LOWERING_CASES[0]
     K = c.K if T == 2048 else 100
     seg = None if T == 2048 else (jnp.arange(T) // 300)[None].astype(jnp.int32)
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
@@ -283,6 +283,139 @@ def test_pallas_lowering(impl, platform, T):
     text = check_pallas_lowering(loss, args, platform, op=f"chunk_gla[{impl}]", min_kernels=4)
     for name in ("fwd", "states", "dstates", "grads"):
         assert f"gla_{name}_{'gpu' if impl == 'pallas_gpu' else 'tpu'}" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# block_sizes through the public function, its validation, supports, the cost model.
+
+
+def _pallas_calls(jaxpr) -> dict[str, dict]:
+    """{kernel name: pallas_call params} of every pallas_call in ``jaxpr`` and its sub-jaxprs."""
+    calls = {}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            calls[eqn.params["name"]] = eqn.params
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, tuple | list) else (p,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    calls.update(_pallas_calls(sub))
+    return calls
+
+
+# Non-default block sizes, the inputs and the grids they give. GPU: V=60 -> Vp=64 in 4 value
+# blocks of 16 (default: 1 of 64), one sub-chunk of 32 per chunk (default: two of 16), 2 warps;
+# chunk_size=32 over T=40 -> 2 chunks. TPU: V=130 -> Vp=256 in 1 value block of 256 (default:
+# 2 of 128), sub-chunks of 8 (default 16); chunk_size=16 over T=40 -> 3 chunks; with segments.
+PUBLIC_BLOCKS = {
+    "pallas_gpu": (
+        BlockSizes(sub_chunk=32, block_v=16, num_warps=2),
+        specs.Case("pub_gpu", 1, 40, 2, 32, 60, gate_normalizer=0.5),
+        32,
+        None,
+        {
+            "gla_fwd_gpu": (1, 2, 4),
+            "gla_states_gpu": (1, 2, 4),
+            "gla_dstates_gpu": (1, 2, 4),
+            "gla_grads_gpu": (1, 2, 2),
+        },
+    ),
+    "pallas_tpu": (
+        BlockSizes(sub_chunk=8, block_v=256),
+        specs.Case("pub_tpu", 1, 40, 2, 20, 130),
+        16,
+        [[7, 20, 13]],
+        {
+            "gla_fwd_tpu": (1, 2, 1, 3),
+            "gla_states_tpu": (1, 2, 1, 3),
+            "gla_dstates_tpu": (1, 2, 1, 3),
+            "gla_grads_tpu": (1, 2, 3),
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+def test_block_sizes_pass_through_public_function(impl):
+    blocks, case, chunk_size, lens, want_grids = PUBLIC_BLOCKS[impl]
+    seg = None if lens is None else _segment_ids(lens)
+    args = case.make(23)
+    op = _op(impl, chunk_size=chunk_size, segment_ids=seg, block_sizes=blocks)
+    with interpret():
+        check_forward_and_vjp(op, _op("reference", segment_ids=seg), args)
+
+        def loss(*a):
+            o, s = op(*a)
+            return jnp.sum(o) + jnp.sum(s)
+
+        jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(*args).jaxpr
+    calls = _pallas_calls(jaxpr)
+    assert {name: tuple(p["grid_mapping"].grid) for name, p in calls.items()} == want_grids
+    if impl == "pallas_gpu":
+        assert all(p["compiler_params"].num_warps == 2 for p in calls.values())
+
+
+def test_kernel_cost_estimates_use_the_common_formulas():
+    # The forward kernel's pl.CostEstimate is the cost model at the padded shapes, and specs'
+    # FLOPs are the same formula at chunk 64.
+    blocks, case, chunk_size, _, _ = PUBLIC_BLOCKS["pallas_gpu"]
+    args = case.make(24)
+    with interpret():
+        jaxpr = jax.make_jaxpr(_op("pallas_gpu", chunk_size=chunk_size, block_sizes=blocks))(*args)
+    cost = _pallas_calls(jaxpr.jaxpr)["gla_fwd_gpu"]["cost_estimate"]
+    B, Tp, H, Kp, Vp = case.B, 64, case.H, 32, 64
+    assert cost.flops == _common.flops(B, Tp, H, Kp, Vp, chunk=32)
+    assert cost.transcendentals == _common.transcendentals(B, Tp, H, Kp)
+    assert cost.bytes_accessed == _common.bytes_accessed(B, Tp, H, Kp, Vp, chunk=32, itemsize=4)
+    assert cost.flops == B * H * Tp * (32 * Kp + 32 * Vp + 4 * Kp * Vp)
+    c = specs.BENCHMARK_CASES[0]
+    assert c.flops() == c.B * c.H * c.T * (64 * c.K + 64 * c.V + 4 * c.K * c.V)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("sub_chunk", 12),
+        ("sub_chunk", 4),
+        ("sub_chunk", 256),
+        ("sub_chunk", True),
+        ("block_v", 8),
+        ("block_v", 24),
+        ("block_v", 16.0),
+        ("num_warps", 0),
+        ("num_warps", 3),
+    ],
+)
+def test_block_sizes_field_errors_name_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"BlockSizes\.{field} must be .*got {value!r}"):
+        BlockSizes(**{field: value})
+
+
+def test_block_sizes_of_the_wrong_type_raise_type_error():
+    q, k, v, g, _ = specs.Case("bs", 1, 8, 2, 16, 8).make(25)
+    with pytest.raises(TypeError, match="block_sizes must be None or a .*BlockSizes, got str"):
+        chunk_gla(q, k, v, g, block_sizes="x")
+    with pytest.raises(TypeError, match="block_sizes .* got dict"):
+        chunk_gla(q, k, v, g, block_sizes={"block_v": 16}, implementation="xla")
+
+
+@pytest.mark.parametrize(
+    ("impl", "blocks", "shape", "match"),
+    [
+        ("pallas_gpu", BlockSizes(sub_chunk=8), (1, 8, 2, 16), "sub_chunk must be >= 16"),
+        ("pallas_tpu", BlockSizes(block_v=64), (1, 8, 2, 16), "block_v must be a multiple of 128"),
+        ("pallas_gpu", None, (1, 4, 1, 300), "head dims K=300, V=300 exceed 256"),
+    ],
+)
+def test_unsupported_inputs_name_the_reason(impl, blocks, shape, match):
+    x = jax.random.normal(jax.random.key(26), shape)
+    with pytest.raises(UnsupportedImplementationError, match=f"{impl}.*{match}"):
+        chunk_gla(x, x, x, -jnp.abs(x), implementation=impl, block_sizes=blocks)
+    # Each backend's rule is its own: the other backend takes these block sizes.
+    other = "pallas_tpu" if impl == "pallas_gpu" else "pallas_gpu"
+    if blocks is not None:
+        kw = dict(scale=1.0, initial_state=None, segment_ids=None, chunk_size=64)
+        assert _common.supports(other, x, x, x, x, block_sizes=blocks, **kw) is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Per-chunk math shared by the Pallas GPU and TPU kernels (see README.md for the derivation).
+"""Per-chunk math shared by the Pallas GPU and TPU kernels (see README.md for the derivation);
+`_common.py` re-exports what the backends call.
 
 Every function works on 2-D blocks read from refs: ``q, k, G: [rows, K]``, ``v, do: [rows, BV]``,
 states ``[K, BV]`` fp32 and the chunk's last gate cumsum as a column ``gl: [K, 1]``. ``G`` is the
@@ -214,17 +215,3 @@ def grads_chunk(
         dq_ref[pl.ds(rI, c), :] = dq + ddq
         dk_ref[pl.ds(rI, c), :] += ddk
     return jnp.sum(hn * dh, axis=1, keepdims=True)  # [K, 1]
-
-
-def cost_estimate(B, T, H, K, V, *, C, itemsize, backward=False) -> pl.CostEstimate:
-    """FLOPs and bytes of the chunked forward (or backward) at B, T, H, K, V and chunk C.
-
-    Forward per token: intra scores 2·C/2·K, A·v 2·C/2·V, inter q·S 2·K·V and state update 2·K·V
-    (halved causal sums counted as C/2); backward is about 2.5× the forward plus the state pass.
-    """
-    fwd = B * H * T * (C * K + C * V + 4 * K * V)
-    flops = int(fwd * (3.5 if backward else 1.0))
-    io = B * T * H * (3 * K + V) * itemsize + B * T * H * K * 4 + B * T * H * V * itemsize
-    if backward:
-        io = 2 * io + 2 * B * H * (-(-T // C) + 1) * K * V * 4
-    return pl.CostEstimate(flops=flops, transcendentals=B * H * T * K * 3, bytes_accessed=io)

@@ -1,7 +1,9 @@
 """Public entry points: `chunk_gla` (training / prefill) and `fused_recurrent_gla` (decoding).
 
 Both validate every argument (shapes, dtypes, ranks; errors name the argument) and dispatch with
-`select_implementation` to ``reference``, ``xla``, ``pallas_gpu`` or ``pallas_tpu``.
+`select_implementation`: `chunk_gla` over `IMPLEMENTATIONS` (``reference``, ``xla``,
+``pallas_gpu``, ``pallas_tpu``; ``block_sizes``, a `BlockSizes`, is passed through to the Pallas
+ones), `fused_recurrent_gla` over `FUSED_RECURRENT_GLA_IMPLEMENTATIONS` (``reference``, ``xla``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import jax.numpy as jnp
 
 from jaxblocks.kernels.dispatch import Implementation, select_implementation
 from jaxblocks.kernels.gla import pallas_gpu, pallas_tpu
+from jaxblocks.kernels.gla._common import BlockSizes as BlockSizes
 from jaxblocks.kernels.gla.reference import gla_reference, segment_starts
 from jaxblocks.kernels.gla.xla import gla_xla, recurrent_xla
 from jaxblocks.kernels.validation import check_array
@@ -20,14 +23,15 @@ INT = (jnp.int32, jnp.int64, jnp.int16, jnp.int8, jnp.uint32)
 CHUNK_SIZES = (16, 32, 64, 128)
 
 
-def _reference(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size):
-    del chunk_size
+def _reference(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size, block_sizes):
+    del chunk_size, block_sizes
     return gla_reference(
         q, k, v, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids
     )
 
 
-def _xla(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size):
+def _xla(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size, block_sizes):
+    del block_sizes
     return gla_xla(
         q,
         k,
@@ -40,7 +44,7 @@ def _xla(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size):
     )
 
 
-IMPLS: dict[str, Implementation] = {
+IMPLEMENTATIONS: dict[str, Implementation] = {
     "reference": Implementation(_reference),
     "xla": Implementation(_xla),
     "pallas_gpu": Implementation(pallas_gpu.gla_pallas_gpu, supports=pallas_gpu.supports),
@@ -105,6 +109,7 @@ def chunk_gla(
     cu_seqlens: Int[Array, " N1"] | None = None,
     chunk_size: int = 64,
     implementation: str | None = None,
+    block_sizes: BlockSizes | None = None,
 ) -> tuple[Float[Array, "B T H V"], Float[Array, "B H K V"] | None]:
     """Gated linear attention, chunkwise (Yang et al., https://arxiv.org/abs/2312.06635).
 
@@ -129,6 +134,9 @@ def chunk_gla(
       chunk_size: one of 16, 32, 64, 128 (sub-chunks are 16 wide).
       implementation: ``None`` (automatic), ``"reference"``, ``"xla"``, ``"pallas_gpu"`` or
         ``"pallas_tpu"``.
+      block_sizes: tile sizes of the Pallas kernels (`BlockSizes`: the sub-chunk, the value
+        block and Triton's warps; the chunk is ``chunk_size``); None gives the defaults.
+        ``reference`` and ``xla`` ignore it.
 
     Returns:
       ``(o [B, T, H, V], final_state or None)``.
@@ -138,6 +146,12 @@ def chunk_gla(
       >>> o, _ = chunk_gla(q, k, v, g)
     """
     op = "chunk_gla"
+    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+        raise TypeError(
+            f"{op}: block_sizes must be None or a jaxblocks.kernels.gla.BlockSizes, "
+            f"got {type(block_sizes).__name__} {block_sizes!r}"
+        )
+    block_sizes = BlockSizes() if block_sizes is None else block_sizes
     B, T, H, K, V = _check_qkvg(op, q, k, v, g)
     if chunk_size not in CHUNK_SIZES:
         raise ValueError(f"{op}: chunk_size must be one of {list(CHUNK_SIZES)}, got {chunk_size!r}")
@@ -172,7 +186,7 @@ def chunk_gla(
     _, fn = select_implementation(
         op,
         implementation,
-        IMPLS,
+        IMPLEMENTATIONS,
         q,
         k,
         v,
@@ -181,6 +195,7 @@ def chunk_gla(
         initial_state=initial_state if N is None else None,
         segment_ids=segment_ids,
         chunk_size=chunk_size,
+        block_sizes=block_sizes,
     )
     if N is None:
         o, final = fn(
@@ -192,10 +207,19 @@ def chunk_gla(
             initial_state=initial_state,
             segment_ids=segment_ids,
             chunk_size=chunk_size,
+            block_sizes=block_sizes,
         )
         return o, final if output_final_state else None
     o, _ = fn(
-        q, k, v, g, scale=scale, initial_state=None, segment_ids=segment_ids, chunk_size=chunk_size
+        q,
+        k,
+        v,
+        g,
+        scale=scale,
+        initial_state=None,
+        segment_ids=segment_ids,
+        chunk_size=chunk_size,
+        block_sizes=block_sizes,
     )
     o_extra, final = _segment_final_states(q, k, v, g, segment_ids, initial_state, scale, N)
     if o_extra is not None:
@@ -211,7 +235,7 @@ def _recurrent_xla(q, k, v, g, *, scale, initial_state):
     return recurrent_xla(q, k, v, g, initial_state, scale)
 
 
-RECURRENT_IMPLS: dict[str, Implementation] = {
+FUSED_RECURRENT_GLA_IMPLEMENTATIONS: dict[str, Implementation] = {
     "reference": Implementation(_recurrent_reference),
     "xla": Implementation(_recurrent_xla),
 }
@@ -248,7 +272,15 @@ def fused_recurrent_gla(
     if T == 0:
         return jnp.zeros((B, 0, H, V), v.dtype), (h0 if output_final_state else None)
     _, fn = select_implementation(
-        op, implementation, RECURRENT_IMPLS, q, k, v, g, scale=scale, initial_state=h0
+        op,
+        implementation,
+        FUSED_RECURRENT_GLA_IMPLEMENTATIONS,
+        q,
+        k,
+        v,
+        g,
+        scale=scale,
+        initial_state=h0,
     )
     o, final = fn(q, k, v, g, scale=scale, initial_state=h0)
     return o, final if output_final_state else None

@@ -7,6 +7,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxblocks.kernels.gla._common import flops
+
 
 @dataclasses.dataclass(frozen=True)
 class Case:
@@ -33,11 +35,11 @@ class Case:
 
     def flops(self) -> float:
         """Chunked forward FLOPs (chunk 64), the formula of the kernels' `pl.CostEstimate`."""
-        return float(self.B * self.H * self.T * (64 * self.K + 64 * self.V + 4 * self.K * self.V))
+        return float(flops(self.B, self.T, self.H, self.K, self.V, chunk=64))
 
 
 # The issue's sweep: T = 1, 63, 64, 65, 1000; K, V in {60, 64, 100, 128}; H > 1; B > 1.
-XLA_CASES = (
+TEST_CASES: tuple[Case, ...] = (
     Case("t1", 2, 1, 2, 64, 64),
     Case("t63_k60_v100", 2, 63, 3, 60, 100),
     Case("t64_k100_v60", 2, 64, 2, 100, 60),
@@ -45,22 +47,28 @@ XLA_CASES = (
     Case("t1000_k64_v128", 2, 1000, 2, 64, 128),
     Case("t1000_k100_v100", 1, 1000, 2, 100, 100),
 )
-GATE_CASES = tuple(
+GATE_TEST_CASES: tuple[Case, ...] = tuple(
     Case(f"t130_n{n}", 2, 130, 2, 32, 48, gate_normalizer=n) for n in (0.1, 1.0, 10.0)
 )
 # Interpret mode is slow: small odd shapes, non-power-of-two dims.
-INTERPRET_CASES = (
+INTERPRET_TEST_CASES: tuple[Case, ...] = (
     Case("interp_t65_k32_v60", 2, 65, 2, 32, 60),
     Case("interp_t63_k60_v32", 1, 63, 2, 60, 32),
 )
 # Lowering (no execution): the issue's realistic shape.
-LOWERING_CASE = Case("lower_t2048_h8_d128", 1, 2048, 8, 128, 128, dtype="bfloat16")
+LOWERING_CASES: tuple[Case, ...] = (
+    Case("lower_t2048_h8_d128", 1, 2048, 8, 128, 128, dtype="bfloat16"),
+)
 
-# Benchmarks. CPU: B2 H4 K=V=64 fp32, T 1024..8192. GPU: fla's standard shapes (bf16).
-CPU_BENCH = tuple(
+# Benchmarks. CPU: B2 H4 K=V=64 fp32, T 256..8192 (quick: 512..4096). GPU: fla's standard
+# shapes (bf16; quick: the first two).
+BENCHMARK_CASES: tuple[Case, ...] = tuple(
     Case(f"B2 T{T} H4 D64", 2, T, 4, 64, 64) for T in (256, 512, 1024, 2048, 4096, 8192)
 )
-GPU_BENCH = (
+QUICK_BENCHMARK_CASES: tuple[Case, ...] = tuple(
+    c for c in BENCHMARK_CASES if c.T in (512, 1024, 2048, 4096)
+)
+GPU_BENCHMARK_CASES: tuple[Case, ...] = (
     Case("B4 T2048 H16 D128", 4, 2048, 16, 128, 128, "bfloat16"),
     Case("B2 T16384 H16 D128", 2, 16384, 16, 128, 128, "bfloat16"),
     Case("B8 T2048 H32 D256", 8, 2048, 32, 256, 256, "bfloat16"),
@@ -68,3 +76,4 @@ GPU_BENCH = (
     Case("B4 T4096 H64 D128", 4, 4096, 64, 128, 128, "bfloat16"),
     Case("B8 T1024 H8 D64", 8, 1024, 8, 64, 64, "bfloat16"),
 )
+GPU_QUICK_BENCHMARK_CASES: tuple[Case, ...] = GPU_BENCHMARK_CASES[:2]
