@@ -29,11 +29,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.name = "mlp_tiny"
     c.model.kwargs = ml_collections.ConfigDict()
-    # Keyword arguments of the model call in training and evaluation (how a model is told its
-    # mode differs: Flax-style `train=True`, ConvBN's `mode="tune"`).
-    c.model.train_kwargs = ml_collections.ConfigDict({"train": True})
-    c.model.eval_kwargs = ml_collections.ConfigDict({"train": False})
-    # ConvBN mode context (`jaxblocks.layers.conv_bn.convbn_mode`) around training; "" = none.
+    # ConvBN mode around training (`jaxblocks.layers.convbn_mode`); the trainer's one mode knob.
+    # "" (or "train"): ordinary training — the model is called with train=True in training steps
+    # (batch statistics, running statistics updated) and train=False in evaluation.
+    # "eval" / "tune" / "deploy": every call (init, train and eval steps) runs inside
+    # `convbn_mode(<mode>)` and training steps pass train=False, so each ConvBN/LinearBN runs in
+    # that running-statistics mode (tune: You et al. 2023's memory-lean fine-tuning) and plain
+    # BatchNorm layers use their running statistics too. Models without a `train` argument get
+    # neither (their ConvBNs, if any, follow the context).
     c.model.convbn_mode = ""
 
     # Data (see `jaxblocks.train.data.make_dataset`).
@@ -79,13 +82,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.freeze = "none"  # none | bn_only (Frankle et al.: train only BN scale and bias)
     # BN-only init: uniform (gamma ~ U[0, 1], the paper's), fixed, oneone, positivenegative, keep
     c.optimizer.bn_only_init = "uniform"
+    # Per-parameter-group learning rate and weight decay: a tuple of dicts
+    # {"pattern": regex, "lr": float, "weight_decay": float} ("lr"/"weight_decay" optional: the
+    # defaults above). `pattern` is matched (re.search) against the "/"-joined parameter path
+    # (e.g. "mixer0/kernel"); the first group that matches a parameter owns it. "lr" is that
+    # group's peak rate in the units of `learning_rate` (the same warm-up/decay shape and batch
+    # scaling rule apply). Safari's long convolutions: the kernel gets its own lr and no decay.
+    c.optimizer.param_groups = ()
 
     # AGVM (Xue et al. 2022): per-group LR multipliers from the gradient variance.
     c.agvm = ml_collections.ConfigDict()
     c.agvm.enabled = False
     c.agvm.groups = ()  # top-level param names forming groups, in order; group 0 = the reference
     c.agvm.interval = 5
-    c.agvm.start_step = 0
+    # First step the multipliers are refreshed and applied; -1 = after the learning-rate warm-up
+    # (the official AgvmOptimizerHook warns when lr_update_start_iter < warmup_iters).
+    c.agvm.start_step = -1
     c.agvm.momentum = 0.97
     # Gradients in the cosine: auto (adam for adamw/lamb, none for sgd/lars) | none | adam
     c.agvm.precondition = "auto"
@@ -114,7 +126,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.stages = ()  # tuple of override dicts (see module docstring)
     c.transfer_reinit = ()  # top-level param names re-initialised when starting from a stage
-    c.compare_convbn_modes = False  # main job: repeat the last stage in ConvBN eval mode
+    # Report hooks run after the last stage (`jaxblocks.train.reports.REPORTS`), each written to
+    # workdir/<name>.md and printed by the CLI: "convbn_modes" repeats the last stage in ConvBN
+    # eval mode and tabulates it against the stage's own mode (accuracy, XLA temp memory, time).
+    c.reports = ()
     return c
 
 

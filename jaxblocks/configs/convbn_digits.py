@@ -2,9 +2,10 @@
 
 Stage ``pretrain``: digits 0-4 in ConvBN **train** mode (batch statistics). Stage ``transfer``:
 digits 5-9 with a fresh classifier head in ConvBN **tune** mode (You et al., arXiv:2305.11624:
-running statistics folded into the conv on the fly — eval-mode numerics, less memory). The CLI
-then repeats the transfer in **eval** mode and prints a table comparing the two (test accuracy,
-XLA temporary memory of the train step, step time).
+running statistics folded into the conv on the fly — eval-mode numerics, less memory). The
+``convbn_modes`` report (`jaxblocks.train.reports`) then repeats the transfer in **eval** mode and
+writes a table comparing the two (test accuracy, XLA temporary memory of the train step, step
+time), which the CLI prints.
 
 ``get_config("smoke")`` shrinks it to a few steps for CPU tests.
 """
@@ -17,8 +18,6 @@ def get_config(arg: str | None = None):
     c = base_config()
     c.model.name = "resnet18"
     c.model.kwargs = {"width": 16, "stem": "small", "zero_init_residual": True, "num_classes": 5}
-    c.model.train_kwargs = {"mode": "train"}
-    c.model.eval_kwargs = {"mode": "eval"}
     c.data.name = "digits"
     c.data.image_size = 16
     c.data.channels = 1
@@ -34,13 +33,13 @@ def get_config(arg: str | None = None):
     c.log_every = 5
     c.eval_every = 0  # evaluated once per epoch below
     c.transfer_reinit = ("fc",)
-    c.compare_convbn_modes = True
+    c.reports = ("convbn_modes",)
     pretrain = {
         "name": "pretrain",
         "data": {"classes": (0, 1, 2, 3, 4)},
         "train_epochs": 8.0,
         "optimizer": {"learning_rate": 3e-3},
-        "model": {"train_kwargs": {"mode": "train"}},
+        "model": {"convbn_mode": ""},  # train=True: batch statistics
         "eval_every": 21,
     }
     transfer = {
@@ -48,7 +47,7 @@ def get_config(arg: str | None = None):
         "data": {"classes": (5, 6, 7, 8, 9)},
         "train_epochs": 8.0,
         "optimizer": {"learning_rate": 3e-3},
-        "model": {"train_kwargs": {"mode": "tune"}},
+        "model": {"convbn_mode": "tune"},
         "eval_every": 21,
     }
     if "smoke" in sw:

@@ -38,8 +38,7 @@ def get_config(arg: str | None = None):
     if "agvm" in sw:
         c.agvm.enabled = True
         c.agvm.groups = ("conv0", "conv1", "head")
-        c.agvm.interval = 5
-        c.agvm.start_step = 5
+        c.agvm.interval = 5  # start_step: the default, after the warm-up (as official AGVM)
     if "conadv" in sw:
         c.conadv.enabled = True
         c.model.kwargs = dict(c.model.kwargs, aux_bn=True)

@@ -2,7 +2,7 @@
 
 The 1,797 8x8 grey-level images ship inside scikit-learn, so nothing is downloaded. This is the
 data of the foundation `make train` job: a ConvBN ResNet pretrained on some digits and
-transferred to others (`jaxblocks.train.convbn_digits`).
+transferred to others (the config `jaxblocks/configs/convbn_digits.py`).
 
 Example:
   >>> from jaxblocks.data.digits import load_digits, iterate_batches

@@ -53,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_lib.check_workdir(workdir)
     say = print if jax.process_index() == 0 else (lambda *a, **k: None)
     say(f"config {args.config}  workdir {workdir}  devices {jax.device_count()}")
-    results = loop.run(cfg, workdir)
+    tables: list[str] = []
+    results = loop.run(cfg, workdir, on_report=lambda name, table: tables.append(table))
     for stage, res in results:
         label = stage or "train"
         if res.preempted:
@@ -61,10 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         acc = res.eval_metrics.get("accuracy", float("nan"))
         say(f"[{label}] {res.final_step} steps  test accuracy {acc:.4f}  -> {res.workdir}")
-    if cfg.get("compare_convbn_modes"):
-        from jaxblocks.train.main_job import compare_convbn_modes
-
-        table = compare_convbn_modes(cfg, workdir, results)
+    for table in tables:
         say(table)
     return 0
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +42,8 @@ __all__ = [
     "apply_overrides",
     "base_config",
     "check_batch_divisible",
+    "check_known_fields",
+    "check_param_groups",
     "check_workdir",
     "load_config",
     "parse_switches",
@@ -96,13 +99,52 @@ def _coerce(key: str, old: Any, new: Any) -> Any:
     return new
 
 
+# Subtrees whose keys are free (passed through to the model factory).
+PASSTHROUGH = ("model.kwargs.",)
+# Fields that existed once, and what replaced them.
+REMOVED_FIELDS = {
+    "model.train_kwargs": "the model's mode is the one key model.convbn_mode (see base_config)",
+    "model.eval_kwargs": "the model's mode is the one key model.convbn_mode (see base_config)",
+    "compare_convbn_modes": "use reports=('convbn_modes',)",
+}
+
+
+def _removed_hint(key: str) -> str:
+    for old, new in REMOVED_FIELDS.items():
+        if key == old or key.startswith(old + "."):
+            return f" ({old} was removed: {new})"
+    return ""
+
+
+def check_known_fields(cfg: ml_collections.ConfigDict) -> None:
+    """`KeyError` naming the first field of ``cfg`` that `base_config` does not define (a config
+    file that sets a removed or misspelled key fails here instead of being ignored)."""
+
+    def walk(node, schema, prefix):
+        for k in node:
+            key = f"{prefix}{k}"
+            if k not in schema:
+                raise KeyError(
+                    f"config: unknown config field {key!r}; known: {sorted(schema)}"
+                    + _removed_hint(key)
+                )
+            if (key + ".").startswith(PASSTHROUGH):
+                continue
+            if isinstance(schema[k], ml_collections.ConfigDict):
+                if not isinstance(node[k], ml_collections.ConfigDict | dict):
+                    raise TypeError(f"config.{key} must be a dict of fields, got {node[k]!r}")
+                walk(node[k], schema[k], key + ".")
+
+    walk(cfg, base_config(), "")
+
+
 def apply_overrides(
     cfg: ml_collections.ConfigDict, overrides: Sequence[str]
 ) -> ml_collections.ConfigDict:
     """Apply ``["optimizer.name=lamb", "batch_size=512", ...]`` to a copy of ``cfg``.
 
-    Keys under ``model.kwargs``, ``model.train_kwargs`` and ``model.eval_kwargs`` may be new
-    (they are passed through to the model); anywhere else an unknown key raises `KeyError`.
+    Keys under ``model.kwargs`` may be new (they are passed through to the model factory);
+    anywhere else an unknown key raises `KeyError` (with a pointer for removed keys).
     """
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     for item in overrides:
@@ -112,16 +154,22 @@ def apply_overrides(
         key = key.strip().lstrip("-")
         parts = key.split(".")
         node = cfg
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             if p not in node:
-                raise KeyError(f"override {key!r}: unknown config field {p!r}")
+                raise KeyError(
+                    f"override {key!r}: unknown config field {p!r}"
+                    + _removed_hint(".".join(parts[: i + 1]))
+                )
             node = node[p]
         leaf = parts[-1]
         value = _parse_value(text)
-        passthrough = key.startswith(("model.kwargs.", "model.train_kwargs.", "model.eval_kwargs."))
+        passthrough = key.startswith(PASSTHROUGH)
         if leaf not in node:
             if not passthrough:
-                raise KeyError(f"override {key!r}: unknown config field; known: {sorted(node)}")
+                raise KeyError(
+                    f"override {key!r}: unknown config field; known: {sorted(node)}"
+                    + _removed_hint(key)
+                )
             node[leaf] = value
         else:
             node[leaf] = _coerce(key, node[leaf], value)
@@ -158,6 +206,7 @@ def validate(cfg: ml_collections.ConfigDict, workdir: str | None = None) -> None
     """Clear errors for bad configs before anything compiles."""
     from jaxblocks.registry import list_models
 
+    check_known_fields(cfg)
     if cfg.task not in TASKS:
         raise ValueError(f"config.task must be one of {TASKS}, got {cfg.task!r}")
     if cfg.optimizer.name not in OPTIMIZERS:
@@ -181,8 +230,52 @@ def validate(cfg: ml_collections.ConfigDict, workdir: str | None = None) -> None
             f"config.batch_size={cfg.batch_size} is not divisible by "
             f"config.accum_steps={cfg.accum_steps}"
         )
+    if cfg.model.convbn_mode not in CONVBN_MODE_CHOICES:
+        raise ValueError(
+            f"config.model.convbn_mode must be one of {CONVBN_MODE_CHOICES}, "
+            f"got {cfg.model.convbn_mode!r}"
+        )
+    check_param_groups(cfg.optimizer.param_groups)
+    for name in tuple(cfg.reports):
+        from jaxblocks.train.reports import REPORTS
+
+        if name not in REPORTS:
+            raise ValueError(f"config.reports: unknown report {name!r}; known: {sorted(REPORTS)}")
     if workdir is not None:
         check_workdir(workdir)
+
+
+# "" and "train" are ordinary training; the others are ConvBN's running-statistics modes.
+CONVBN_MODE_CHOICES = ("", "train", "eval", "tune", "deploy")
+PARAM_GROUP_KEYS = ("pattern", "lr", "weight_decay")
+
+
+def check_param_groups(groups: Any) -> None:
+    """Clear errors for a malformed ``optimizer.param_groups`` (see `base_config`)."""
+    if not isinstance(groups, tuple | list):
+        raise TypeError(
+            f"config.optimizer.param_groups must be a tuple of dicts, got {type(groups).__name__}"
+        )
+    for i, g in enumerate(groups):
+        where = f"config.optimizer.param_groups[{i}]"
+        if not isinstance(g, dict | ml_collections.ConfigDict):
+            raise TypeError(f"{where} must be a dict with keys {PARAM_GROUP_KEYS}, got {g!r}")
+        unknown = sorted(set(g) - set(PARAM_GROUP_KEYS))
+        if unknown:
+            raise KeyError(f"{where}: unknown keys {unknown}; allowed: {PARAM_GROUP_KEYS}")
+        pattern = g.get("pattern")
+        if not isinstance(pattern, str) or not pattern:
+            raise TypeError(f"{where}['pattern'] must be a non-empty regex string, got {pattern!r}")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"{where}['pattern'] {pattern!r} is not a valid regex: {e}") from e
+        for k in ("lr", "weight_decay"):
+            v = g.get(k)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+                raise ValueError(f"{where}[{k!r}] must be a number >= 0, got {v!r}")
 
 
 def check_batch_divisible(cfg: ml_collections.ConfigDict, data_parallel: int) -> None:

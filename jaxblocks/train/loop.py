@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxblocks.layers import convbn_mode
 from jaxblocks.registry import create_model
 from jaxblocks.train import agvm as agvm_lib
 from jaxblocks.train import config as config_lib
@@ -62,6 +65,7 @@ class Trainer:
     boxed_variables: Any
     train_kwargs: dict
     eval_kwargs: dict
+    agvm_start_step: int = 0  # resolved `agvm.start_step` (-1 -> after warm-up)
 
     def create_state(self):
         with self.mesh_context():
@@ -70,13 +74,14 @@ class Trainer:
             )
 
     def mesh_context(self):
+        """The mesh, the logical axis rules and, when ``model.convbn_mode`` names a
+        running-statistics mode, that `convbn_mode` context (init, train and eval steps)."""
         stack = contextlib.ExitStack()
         stack.enter_context(jax.set_mesh(self.mesh))
         stack.enter_context(nn.logical_axis_rules(shd.LOGICAL_AXIS_RULES))
-        if self.cfg.model.convbn_mode:
-            from jaxblocks.layers.conv_bn import convbn_mode
-
-            stack.enter_context(convbn_mode(self.cfg.model.convbn_mode))
+        mode = self.cfg.model.convbn_mode
+        if mode not in ("", "train"):
+            stack.enter_context(convbn_mode(mode))
         return stack
 
 
@@ -85,6 +90,26 @@ def _model_kwargs(cfg) -> dict:
     if cfg.mixed_precision:
         kw["dtype"] = jnp.bfloat16
     return kw
+
+
+def _takes_train(model: nn.Module) -> bool:
+    params = inspect.signature(type(model).__call__).parameters
+    return "train" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def call_kwargs(model: nn.Module, convbn: str, *, training: bool) -> dict[str, Any]:
+    """Keyword arguments of the model call in a train (``training``) or eval step.
+
+    A model whose ``__call__`` takes ``train`` gets Flax-style ``train=True`` in training (batch
+    statistics; the non-parameter collections are mutable) and ``train=False`` in evaluation.
+    With ``model.convbn_mode`` set to a running-statistics mode (eval/tune/deploy) training also
+    passes ``train=False``: ConvBN layers then take their mode from the `convbn_mode` context the
+    trainer enters (``train=False`` defers to it), and plain BatchNorm layers use their running
+    statistics as well. Models without a ``train`` argument get nothing.
+    """
+    if not _takes_train(model):
+        return {}
+    return {"train": training and convbn in ("", "train")}
 
 
 def build(cfg: ml_collections.ConfigDict, devices=None) -> Trainer:
@@ -96,18 +121,24 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Trainer:
         raise ValueError("config: agvm and conadv are separate step variants; enable one")
     train_data, test_data, _ = data_lib.make_datasets(cfg)
     model = create_model(cfg.model.name, **_model_kwargs(cfg))
-    train_kwargs = dict(cfg.model.train_kwargs)
-    eval_kwargs = dict(cfg.model.eval_kwargs)
+    train_kwargs = call_kwargs(model, cfg.model.convbn_mode, training=True)
+    eval_kwargs = call_kwargs(model, cfg.model.convbn_mode, training=False)
     num_steps = optim.total_steps(cfg, train_data.num_examples)
-    schedule = optim.make_schedule(cfg, num_steps, train_data.num_examples)
+    schedule, group_schedules = optim.make_schedules(cfg, num_steps, train_data.num_examples)
 
     example = jnp.asarray(train_data.x[:1])
     key = jax.random.key(cfg.seed)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(shd.LOGICAL_AXIS_RULES):
+    mode_ctx = (
+        convbn_mode(cfg.model.convbn_mode)
+        if cfg.model.convbn_mode not in ("", "train")
+        else contextlib.nullcontext()
+    )
+    with jax.set_mesh(mesh), nn.logical_axis_rules(shd.LOGICAL_AXIS_RULES), mode_ctx:
         boxed = state_lib.abstract_variables(model, key, example, eval_kwargs)
     abstract_vars = shd.strip_boxes(boxed)
     params_abs = abstract_vars["params"]
-    tx = optim.make_optimizer(cfg, schedule, params=params_abs)
+    tx = optim.make_optimizer(cfg, schedule, params=params_abs, group_schedules=group_schedules)
+    agvm_start = optim.agvm_start_step(cfg, num_steps, train_data.num_examples)
     if cfg.agvm.enabled:
         groups = tuple(cfg.agvm.groups)
         if not groups:
@@ -119,7 +150,7 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Trainer:
             len(groups),
             momentum=cfg.agvm.momentum,
             interval=cfg.agvm.interval,
-            start_step=cfg.agvm.start_step,
+            start_step=agvm_start,
             precondition=agvm_lib.resolve_precondition(cfg),
             b2=cfg.optimizer.get("b2", 0.999),
             eps=cfg.optimizer.get("eps", 1e-8),
@@ -127,7 +158,7 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Trainer:
     params_transform = None
     if cfg.optimizer.freeze == "bn_only":
         scheme = cfg.optimizer.bn_only_init
-        params_transform = lambda p, bs, k: optim.bn_only_init(p, k, scheme)  # noqa: E731
+        params_transform = lambda p, coll, k: optim.bn_only_init(p, k, scheme)  # noqa: E731
     x_adv_shape = None
     if cfg.conadv.enabled:
         x_adv_shape = ((cfg.batch_size, *train_data.x.shape[1:]), train_data.x.dtype)
@@ -147,6 +178,7 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Trainer:
         boxed,
         train_kwargs,
         eval_kwargs,
+        agvm_start,
     )
 
 
@@ -186,7 +218,7 @@ def compile_steps(tr: Trainer, state_sh) -> dict[str, Any]:
     eval_sh = {"x": x_sh, "y": y_sh, "w": shd.batch_sharding(mesh, 1)}
     steps["eval"] = jax.jit(
         step_lib.make_eval_step(tr.model, tr.eval_kwargs, shd.LOGICAL_AXIS_RULES),
-        in_shardings=(state_sh.params, state_sh.batch_stats, eval_sh),
+        in_shardings=(state_sh.params, state_sh.collections, eval_sh),
         out_shardings=rep,
     )
     if cfg.conadv.enabled:
@@ -211,7 +243,7 @@ def evaluate(tr: Trainer, steps, state) -> dict[str, float]:
         per = tr.cfg.eval_batch_size // pc
         local = {k: v[pi * per : (pi + 1) * per] for k, v in b.items()}
         gb = shd.shard_batch(local, tr.mesh, seq_axis)
-        out = jax.device_get(steps["eval"](state.params, state.batch_stats, gb))
+        out = jax.device_get(steps["eval"](state.params, state.collections, gb))
         for k in tot:
             tot[k] += float(out[k])
     n = max(tot["count"], 1.0)
@@ -242,7 +274,8 @@ def train(
     Args:
       cfg: a (single-stage) config.
       workdir: output directory: ``checkpoints/``, ``metrics.jsonl``, ``tb/``, ``curves.png``.
-      init_from: parameters/batch_stats dict to start from (transfer), ignored when resuming.
+      init_from: a variables dict ``{"params": ..., **collections}`` to start from (transfer),
+        ignored when resuming; leaves are copied where path and shape match.
       devices: restrict the mesh to these devices (tests).
       stop_after: stop (with a checkpoint) after this many steps of this call (tests).
       description: progress-bar label.
@@ -282,12 +315,9 @@ def _train(cfg, tr, workdir, writer, ckpt, init_from, stop_after, description, t
             if pos.get("step", start) != start:
                 raise RuntimeError(f"checkpoint: data position {pos} disagrees with step {start}")
         elif init_from is not None:
-            params, _ = state_lib.merge_params(
-                state.params, init_from["params"], tuple(cfg.get("transfer_reinit", ()))
+            state = state_lib.start_from(
+                state, init_from, tuple(cfg.get("transfer_reinit", ())), state_sh
             )
-            bs, _ = state_lib.merge_params(state.batch_stats, init_from.get("batch_stats", {}))
-            state = state.replace(params=params, batch_stats=bs)
-            state = jax.device_put(state, state_sh)
         if cfg.conadv.enabled and start == 0:
             b0 = _global_batch(tr, 0)
             state = steps["adv_init"](state, {"x": b0["x"], "y": b0["y"]})
@@ -308,7 +338,7 @@ def _train(cfg, tr, workdir, writer, ckpt, init_from, stop_after, description, t
                 if (
                     cfg.agvm.enabled
                     and step % cfg.agvm.interval == 0
-                    and step >= cfg.agvm.start_step
+                    and step >= tr.agvm_start_step
                 ):
                     variant = "agvm"
                 t0 = time.perf_counter()
@@ -348,8 +378,23 @@ def _train(cfg, tr, workdir, writer, ckpt, init_from, stop_after, description, t
     return TrainResult(state, step, tr.num_steps, eval_metrics, losses, preempted, workdir, timings)
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str, **kwargs) -> list[tuple[str, TrainResult]]:
-    """Run every stage of ``cfg`` (see `jaxblocks.train.config.stage_configs`)."""
+def run(
+    cfg: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    on_report: Callable[[str, str], None] | None = None,
+    **kwargs,
+) -> list[tuple[str, TrainResult]]:
+    """Run every stage of ``cfg`` (see `jaxblocks.train.config.stage_configs`), then the report
+    hooks named in ``cfg.reports`` (`jaxblocks.train.reports`) unless a stage was preempted.
+
+    Args:
+      cfg: the (possibly staged) config.
+      workdir: output directory; stage ``s`` writes to ``workdir/s``, reports to
+        ``workdir/<report>.md``.
+      on_report: called as ``on_report(name, table)`` for each report (the CLI prints them).
+      **kwargs: passed to `train` (``devices``, ``stop_after``).
+    """
     results: list[tuple[str, TrainResult]] = []
     prev = None
     for name, scfg in config_lib.stage_configs(cfg):
@@ -357,6 +402,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, **kwargs) -> list[tuple[st
         res = train(scfg, wd, init_from=prev, description=name or "train", **kwargs)
         results.append((name, res))
         if res.preempted:
-            break
-        prev = {"params": res.state.params, "batch_stats": res.state.batch_stats}
+            return results
+        prev = res.state.variables
+    if tuple(cfg.get("reports", ())):
+        from jaxblocks.train import reports  # reports train through this module
+
+        for name, table in reports.run_reports(cfg, workdir, results).items():
+            if on_report is not None:
+                on_report(name, table)
     return results

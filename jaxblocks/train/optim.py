@@ -12,12 +12,17 @@
 * BN-only training (Frankle et al. 2021, arXiv:2003.00152) as a freeze mask: every leaf but the
   BatchNorm scale/bias gets `optax.set_to_zero` (`jaxblocks.train.bn_only.bn_only_optimizer`),
   and the BN parameters are re-initialised as in the paper's code (`bn_only_init`).
-* AGVM (Xue et al. 2022, arXiv:2210.11078) lives in `jaxblocks.train.agvm`.
+* Per-parameter-group learning rates and weight decay by regex over the ``/``-joined parameter
+  path (``optimizer.param_groups``, `optax.multi_transform`), as safari trains long-convolution
+  kernels with their own learning rate and no weight decay (Fu et al. 2023, arXiv:2302.06646).
+* AGVM (Xue et al. 2022, arXiv:2210.11078) lives in `jaxblocks.train.agvm`; it starts after the
+  warm-up by default (`agvm_start_step`).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -68,17 +73,22 @@ def regime_factor(cfg: ml_collections.ConfigDict) -> int:
     return max(1, math.ceil(cfg.batch_size / o.regime_base_batch_size))
 
 
-def scaled_learning_rate(cfg: ml_collections.ConfigDict) -> float:
-    """Peak learning rate after the batch-size scaling rule."""
+def lr_scale_factor(cfg: ml_collections.ConfigDict) -> float:
+    """The batch-size scaling rule's multiplier: 1, ``B/B0`` (linear) or ``√(B/B0)`` (sqrt)."""
     o = cfg.optimizer
     r = cfg.batch_size / o.base_batch_size
     if o.lr_scaling == "linear":
-        return o.learning_rate * r
+        return r
     if o.lr_scaling == "sqrt":
-        return o.learning_rate * math.sqrt(r)
+        return math.sqrt(r)
     if o.lr_scaling == "none":
-        return o.learning_rate
+        return 1.0
     raise ValueError(f"optimizer.lr_scaling must be none/linear/sqrt, got {o.lr_scaling!r}")
+
+
+def scaled_learning_rate(cfg: ml_collections.ConfigDict) -> float:
+    """Peak learning rate after the batch-size scaling rule."""
+    return cfg.optimizer.learning_rate * lr_scale_factor(cfg)
 
 
 def total_steps(cfg: ml_collections.ConfigDict, num_train_examples: int) -> int:
@@ -94,25 +104,38 @@ def total_steps(cfg: ml_collections.ConfigDict, num_train_examples: int) -> int:
     return n * regime_factor(cfg)
 
 
-def make_schedule(
-    cfg: ml_collections.ConfigDict, num_steps: int, num_train_examples: int
-) -> optax.Schedule:
-    """Warm-up (linear from 0) then constant / cosine / step decay, all in optimizer steps."""
+def warmup_steps(cfg: ml_collections.ConfigDict, num_steps: int, num_train_examples: int) -> int:
+    """Warm-up length in optimizer steps (``warmup_steps``/``_epochs``/``_examples``, times the
+    regime factor, at most ``num_steps``)."""
     o = cfg.optimizer
-    peak = scaled_learning_rate(cfg)
-    spe = num_train_examples / cfg.batch_size
     if o.warmup_epochs >= 0 or o.warmup_examples >= 0:
         warm = resolve_steps(
             -1,
             o.warmup_epochs,
             o.warmup_examples,
-            steps_per_epoch=spe,
+            steps_per_epoch=num_train_examples / cfg.batch_size,
             batch_size=cfg.batch_size,
             what="warm-up",
         )
     else:
         warm = int(o.warmup_steps)
-    warm = min(warm * regime_factor(cfg), num_steps)
+    return min(warm * regime_factor(cfg), num_steps)
+
+
+def make_schedule(
+    cfg: ml_collections.ConfigDict,
+    num_steps: int,
+    num_train_examples: int,
+    *,
+    peak: float | None = None,
+) -> optax.Schedule:
+    """Warm-up (linear from 0) then constant / cosine / step decay, all in optimizer steps.
+
+    ``peak``: the peak rate (default: `scaled_learning_rate`; parameter groups pass their own).
+    """
+    o = cfg.optimizer
+    peak = scaled_learning_rate(cfg) if peak is None else peak
+    warm = warmup_steps(cfg, num_steps, num_train_examples)
     rest = max(num_steps - warm, 1)
     if o.schedule == "constant":
         after = optax.constant_schedule(peak)
@@ -126,6 +149,18 @@ def make_schedule(
     if warm == 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), after], [warm])
+
+
+def agvm_start_step(cfg: ml_collections.ConfigDict, num_steps: int, num_train_examples: int) -> int:
+    """``agvm.start_step``, with the default ``-1`` resolved to the end of the warm-up (the
+    official AgvmOptimizerHook starts after warm-up: ``lr_update_start_iter`` defaults to
+    ``warmup_iters`` and it warns when started earlier)."""
+    start = int(cfg.agvm.start_step)
+    if start == -1:
+        return warmup_steps(cfg, num_steps, num_train_examples)
+    if start < 0:
+        raise ValueError(f"config.agvm.start_step must be >= 0 or -1 (after warm-up), got {start}")
+    return start
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,41 +233,108 @@ def lamb(
     )
 
 
+def _base_optimizer(
+    o: ml_collections.ConfigDict, schedule: optax.ScalarOrSchedule, weight_decay: float
+) -> optax.GradientTransformation:
+    if o.name == "sgd":
+        return optax.chain(
+            optax.add_decayed_weights(weight_decay, decay_mask),
+            optax.sgd(schedule, momentum=o.momentum or None, nesterov=o.nesterov),
+        )
+    if o.name == "adamw":
+        return optax.adamw(
+            schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=weight_decay, mask=decay_mask
+        )
+    if o.name == "lars":
+        return lars(
+            schedule,
+            weight_decay=weight_decay,
+            trust_coefficient=o.trust_coefficient,
+            momentum=o.momentum,
+            nesterov=o.nesterov,
+        )
+    if o.name == "lamb":
+        return lamb(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=weight_decay)
+    raise ValueError(f"optimizer.name: unknown optimizer {o.name!r}")
+
+
+def _path(path: tuple) -> str:
+    return "/".join(bn_only._path_names(path))
+
+
+def param_group_labels(params: Any, groups: Any) -> Any:
+    """Label per leaf for ``optimizer.param_groups``: ``"group<i>"`` of the first group whose
+    ``pattern`` matches (``re.search``) the ``/``-joined path, else ``"default"``.
+
+    Raises ValueError naming a pattern that matches no parameter (a typo would otherwise
+    silently train everything with the default settings).
+    """
+    pats = [re.compile(g["pattern"]) for g in groups]
+    used = [False] * len(pats)
+
+    def label(path, _):
+        name = _path(path)
+        for i, p in enumerate(pats):
+            if p.search(name):
+                used[i] = True
+                return f"group{i}"
+        return "default"
+
+    labels = jax.tree_util.tree_map_with_path(label, params, is_leaf=bn_only._is_box)
+    for i, ok in enumerate(used):
+        if not ok:
+            names = [_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            raise ValueError(
+                f"config.optimizer.param_groups[{i}]: pattern {groups[i]['pattern']!r} matches "
+                f"no parameter (or only ones an earlier group took); parameters: {shown}"
+            )
+    return labels
+
+
 def make_optimizer(
     cfg: ml_collections.ConfigDict,
     schedule: optax.Schedule,
     *,
     params: Any = None,
+    group_schedules: Any = None,
 ) -> optax.GradientTransformation:
-    """The optimizer of ``cfg.optimizer`` (clip → optimizer → freeze mask).
+    """The optimizer of ``cfg.optimizer`` (clip → optimizer per parameter group → freeze mask).
 
     Args:
       cfg: full config.
       schedule: learning rate per optimizer step.
-      params: (abstract) parameter tree, needed for the BN-only freeze mask.
+      params: (abstract) parameter tree, needed for the BN-only freeze mask and for
+        ``optimizer.param_groups``.
+      group_schedules: one schedule per entry of ``optimizer.param_groups`` (`make_schedules`
+        builds them); a group without ``"lr"`` may use ``None`` (the main schedule).
+
+    With ``optimizer.param_groups`` the update is an `optax.multi_transform` over the groups:
+    each is the same optimizer with its own schedule and weight decay (decay still masked off
+    ``ndim <= 1`` leaves), and every parameter no group matches uses the main settings.
     """
     o = cfg.optimizer
-    if o.name == "sgd":
-        tx = optax.chain(
-            optax.add_decayed_weights(o.weight_decay, decay_mask),
-            optax.sgd(schedule, momentum=o.momentum or None, nesterov=o.nesterov),
-        )
-    elif o.name == "adamw":
-        tx = optax.adamw(
-            schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask
-        )
-    elif o.name == "lars":
-        tx = lars(
-            schedule,
-            weight_decay=o.weight_decay,
-            trust_coefficient=o.trust_coefficient,
-            momentum=o.momentum,
-            nesterov=o.nesterov,
-        )
-    elif o.name == "lamb":
-        tx = lamb(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
-    else:
-        raise ValueError(f"optimizer.name: unknown optimizer {o.name!r}")
+    groups = tuple(o.get("param_groups", ()) or ())
+    tx = _base_optimizer(o, schedule, o.weight_decay)
+    if groups:
+        if params is None:
+            raise ValueError("optimizer.param_groups needs the (abstract) params")
+        group_schedules = list(group_schedules or [None] * len(groups))
+        if len(group_schedules) != len(groups):
+            raise ValueError(
+                f"make_optimizer: {len(group_schedules)} group schedules for {len(groups)} "
+                "optimizer.param_groups"
+            )
+        transforms = {"default": tx}
+        for i, g in enumerate(groups):
+            wd = g.get("weight_decay")
+            sched = group_schedules[i] if group_schedules[i] is not None else schedule
+            transforms[f"group{i}"] = _base_optimizer(
+                o, sched, o.weight_decay if wd is None else float(wd)
+            )
+        labels = param_group_labels(params, groups)
+        used = set(jax.tree.leaves(labels))
+        tx = optax.multi_transform({k: v for k, v in transforms.items() if k in used}, labels)
     if o.grad_clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
     if o.freeze == "bn_only":
@@ -244,3 +346,21 @@ def make_optimizer(
     elif o.freeze != "none":
         raise ValueError(f"optimizer.freeze must be none/bn_only, got {o.freeze!r}")
     return tx
+
+
+def make_schedules(
+    cfg: ml_collections.ConfigDict, num_steps: int, num_train_examples: int
+) -> tuple[optax.Schedule, list[optax.Schedule | None]]:
+    """The main schedule and one per ``optimizer.param_groups`` entry (None when the group sets
+    no ``"lr"``). A group's peak is its ``lr`` scaled by the same batch-size rule as
+    ``learning_rate``; warm-up and decay have the same shape."""
+    main = make_schedule(cfg, num_steps, num_train_examples)
+    factor = lr_scale_factor(cfg)
+    out: list[optax.Schedule | None] = []
+    for g in tuple(cfg.optimizer.get("param_groups", ()) or ()):
+        lr = g.get("lr")
+        if lr is None:
+            out.append(None)
+            continue
+        out.append(make_schedule(cfg, num_steps, num_train_examples, peak=float(lr) * factor))
+    return main, out

@@ -1,4 +1,4 @@
-"""Train state: params, batch_stats, optimizer state, step and RNG, created sharded.
+"""Train state: params, the model's other collections, optimizer state, step and RNG, sharded.
 
 Shapes come from `jax.eval_shape` (nothing is allocated to find them); the state is then built by
 one `jax.jit(init, out_shardings=...)` call, so every leaf is born on its devices and never sits
@@ -29,7 +29,9 @@ class TrainState:
     Attributes:
       step: int32 scalar, optimizer steps taken.
       params: model parameters (fp32).
-      batch_stats: BatchNorm running statistics (``{}`` for models without BN).
+      collections: every other variable collection the model's ``init`` returns, by name
+        (``{"batch_stats": ..., "power_norm_backward": ...}``; ``{}`` for a stateless model).
+        Flax's ``"intermediates"`` (a per-call output of ``sow``, not state) is not kept.
       opt_state: optax state.
       rng: raw ``uint32[2]`` key data; the step's key is ``fold_in(rng, step)``, so resuming at a
         step reproduces its randomness exactly.
@@ -39,10 +41,30 @@ class TrainState:
 
     step: jax.Array
     params: Any
-    batch_stats: Any
+    collections: dict[str, Any]
     opt_state: Any
     rng: jax.Array
     x_adv: Any = None
+
+    @property
+    def batch_stats(self) -> Any:
+        """The ``batch_stats`` collection (``{}`` when the model has none)."""
+        return self.collections.get("batch_stats", {})
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        """``{"params": ..., **collections}``: what ``model.apply`` takes."""
+        return {"params": self.params, **self.collections}
+
+
+# A per-call output (`nn.Module.sow`), not state carried from step to step.
+NOT_STATE = ("intermediates",)
+
+
+def split_variables(variables: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """``(params, collections)``: the model's variables without the non-state collections."""
+    collections = {k: v for k, v in variables.items() if k != "params" and k not in NOT_STATE}
+    return variables["params"], collections
 
 
 def init_variables(
@@ -71,17 +93,16 @@ def make_init_fn(
         key = jax.random.wrap_key_data(key_data)
         k_init, k_extra = jax.random.split(key)
         variables = shd.strip_boxes(init_variables(model, k_init, example, call_kwargs))
-        params = variables["params"]
-        batch_stats = variables.get("batch_stats", {})
+        params, collections = split_variables(variables)
         if params_transform is not None:
-            params = params_transform(params, batch_stats, k_extra)
+            params = params_transform(params, collections, k_extra)
         x_adv = None
         if x_adv_shape is not None:
             x_adv = jnp.zeros(x_adv_shape[0], x_adv_shape[1])
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
-            batch_stats=batch_stats,
+            collections=collections,
             opt_state=tx.init(params),
             rng=key_data,
             x_adv=x_adv,
@@ -93,10 +114,11 @@ def make_init_fn(
 def state_shardings(
     abstract_state: TrainState, boxed_variables: Any, mesh: jax.sharding.Mesh
 ) -> TrainState:
-    """`NamedSharding` for every leaf of ``abstract_state``."""
+    """`NamedSharding` for every leaf of ``abstract_state`` (every collection follows the
+    model's logical axis names, or the FSDP default, like the parameters)."""
     var_sh = shd.param_shardings(boxed_variables, mesh)
     params_sh = var_sh["params"]
-    bs_sh = var_sh.get("batch_stats", {})
+    coll_sh = {k: var_sh[k] for k in abstract_state.collections}
     rep = NamedSharding(mesh, P())
     opt_sh = shd.opt_state_shardings(
         abstract_state.opt_state, params_sh, abstract_state.params, mesh
@@ -107,7 +129,7 @@ def state_shardings(
     return TrainState(
         step=rep,
         params=params_sh,
-        batch_stats=bs_sh,
+        collections=coll_sh,
         opt_state=opt_sh,
         rng=rep,
         x_adv=x_adv_sh,
@@ -157,3 +179,16 @@ def merge_params(target: Any, source: Any, reinit: tuple[str, ...] = ()) -> tupl
         return jax.device_put(s, t.sharding if hasattr(t, "sharding") else None, may_alias=False)
 
     return jax.tree_util.tree_map_with_path(one, target), kept
+
+
+def start_from(
+    state: TrainState, variables: Mapping[str, Any], reinit: tuple[str, ...], shardings: Any
+) -> TrainState:
+    """``state`` with the params and collections of ``variables`` copied in (`merge_params`;
+    top-level param names in ``reinit`` keep their fresh initialisation), placed on
+    ``shardings``."""
+    params, _ = merge_params(state.params, variables["params"], reinit)
+    collections = {
+        k: merge_params(v, variables.get(k, {}))[0] for k, v in state.collections.items()
+    }
+    return jax.device_put(state.replace(params=params, collections=collections), shardings)

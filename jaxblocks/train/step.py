@@ -23,7 +23,7 @@ microbatch (and running statistics are updated sequentially), as with any accumu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -31,9 +31,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxblocks.layers import POWER_NORM_BACKWARD_COLLECTION
 from jaxblocks.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
+
+# Collections whose training update arrives as their cotangent (see `grad_and_update`).
+BACKWARD_STATE_COLLECTIONS: tuple[str, ...] = (POWER_NORM_BACKWARD_COLLECTION,)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -44,32 +48,67 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.
     return loss, correct
 
 
-def _variables(params, batch_stats):
-    return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+def make_loss_fn(
+    model: nn.Module,
+    call_kwargs: Mapping[str, Any],
+    backward_collections: Sequence[str] = BACKWARD_STATE_COLLECTIONS,
+) -> Callable:
+    """``loss_fn(params, collections, x, y, key) -> (loss, (new_collections, metrics))``.
 
-
-def make_loss_fn(model: nn.Module, call_kwargs: Mapping[str, Any]) -> Callable:
-    """``loss_fn(params, batch_stats, x, y, key) -> (loss, (new_batch_stats, metrics))``."""
+    ``collections`` are the model's non-parameter variables by name (`TrainState.collections`).
+    The model is applied with all of them; those named in ``backward_collections`` are
+    differentiated (their cotangent is their update, see `grad_and_update`), every other one is
+    ``mutable`` and comes back updated if the model wrote it (BatchNorm statistics, counters).
+    """
     call_kwargs = dict(call_kwargs)
+    backward = tuple(backward_collections)
 
-    def loss_fn(params, batch_stats, x, y, key, extra_kwargs=None):
+    def loss_fn(params, collections, x, y, key, extra_kwargs=None):
         kw = dict(call_kwargs, **(extra_kwargs or {}))
-        if batch_stats:
+        mutable = [k for k in collections if k not in backward]
+        variables = {"params": params, **collections}
+        if mutable:
             logits, updates = model.apply(
-                _variables(params, batch_stats),
-                x,
-                rngs={"dropout": key},
-                mutable=["batch_stats"],
-                **kw,
+                variables, x, rngs={"dropout": key}, mutable=mutable, **kw
             )
-            new_bs = updates.get("batch_stats", batch_stats)
+            new = {k: updates.get(k, v) for k, v in collections.items()}
         else:
-            logits = model.apply(_variables(params, batch_stats), x, rngs={"dropout": key}, **kw)
-            new_bs = batch_stats
+            logits = model.apply(variables, x, rngs={"dropout": key}, **kw)
+            new = dict(collections)
         loss, correct = cross_entropy(logits, y)
-        return loss.mean(), (new_bs, {"loss": loss.mean(), "accuracy": correct.mean()})
+        return loss.mean(), (new, {"loss": loss.mean(), "accuracy": correct.mean()})
 
     return loss_fn
+
+
+def grad_and_update(
+    loss_fn: Callable,
+    params,
+    collections: Mapping[str, Any],
+    x,
+    y,
+    key,
+    extra_kwargs=None,
+    backward_collections: Sequence[str] = BACKWARD_STATE_COLLECTIONS,
+):
+    """One gradient: ``(grads, new_collections, metrics)``.
+
+    The collections in ``backward_collections`` are differentiated along with the parameters and
+    their cotangent *replaces* them: a layer that keeps state its backward pass updates (a
+    `jax.custom_vjp` cannot write a Flax collection) returns the new state as that cotangent
+    (PowerNorm's ν, `jaxblocks.layers.PowerNorm`). It is never given to the optimizer.
+    """
+    backward = {k: v for k, v in collections.items() if k in tuple(backward_collections)}
+    rest = {k: v for k, v in collections.items() if k not in backward}
+
+    def f(p, bwd):
+        return loss_fn(p, {**rest, **bwd}, x, y, key, extra_kwargs)
+
+    (_, (new, m)), (g, bwd_new) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
+        params, backward
+    )
+    new = {k: bwd_new.get(k, v) for k, v in new.items()}
+    return g, new, m
 
 
 def _split_strided(tree: Any, k: int) -> Any:
@@ -81,28 +120,35 @@ def _split_strided(tree: Any, k: int) -> Any:
 
 
 def accumulate(
-    loss_fn: Callable, params, batch_stats, x, y, key, accum_steps: int, extra_kwargs=None
+    loss_fn: Callable, params, collections, x, y, key, accum_steps: int, extra_kwargs=None
 ):
     """Mean gradient over ``accum_steps`` strided microbatches (``lax.scan``).
 
-    Returns ``(grads, new_batch_stats, metrics)``; metrics are microbatch means.
+    Returns ``(grads, new_collections, metrics)``; metrics are microbatch means, and the
+    collections are threaded through the microbatches in order.
     """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if accum_steps == 1:
-        (_, (bs, m)), g = grad_fn(params, batch_stats, x, y, key, extra_kwargs)
-        return g, bs, m
+        return grad_and_update(loss_fn, params, collections, x, y, key, extra_kwargs)
     xs, ys = _split_strided(x, accum_steps), _split_strided(y, accum_steps)
 
     def body(carry, inp):
-        g_acc, bs = carry
+        g_acc, coll = carry
         i, xm, ym = inp
-        (_, (bs, m)), g = grad_fn(params, bs, xm, ym, jax.random.fold_in(key, i), extra_kwargs)
-        return (jax.tree.map(jnp.add, g_acc, g), bs), m
+        g, coll, m = grad_and_update(
+            loss_fn, params, coll, xm, ym, jax.random.fold_in(key, i), extra_kwargs
+        )
+        return (jax.tree.map(jnp.add, g_acc, g), coll), m
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (g, bs), ms = jax.lax.scan(body, (zeros, batch_stats), (jnp.arange(accum_steps), xs, ys))
+    (g, coll), ms = jax.lax.scan(body, (zeros, collections), (jnp.arange(accum_steps), xs, ys))
     g = jax.tree.map(lambda a: a / accum_steps, g)
-    return g, bs, jax.tree.map(jnp.mean, ms)
+    return g, coll, jax.tree.map(jnp.mean, ms)
+
+
+def _mean_of_halves(a: jax.Array) -> jax.Array:
+    # Float state of the two AGVM halves is averaged; integer state (step counters) advanced
+    # alike in both halves, so either half's value is the answer and the dtype is kept.
+    return a.mean(0).astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.inexact) else a[0]
 
 
 def make_train_step(
@@ -136,32 +182,32 @@ def make_train_step(
         extra: dict[str, Any] = {}
         new_x_adv = state.x_adv
         if variant == "default":
-            grads, bs, m = accumulate(
-                loss_fn, state.params, state.batch_stats, x, y, key, accum_steps
+            grads, coll, m = accumulate(
+                loss_fn, state.params, state.collections, x, y, key, accum_steps
             )
         elif variant == "agvm":
             # Two halves, each accumulated alike; their mean is the full-batch gradient.
             halves_x, halves_y = _split_strided(x, 2), _split_strided(y, 2)
-            g2, bs2, m2 = jax.vmap(
+            g2, coll2, m2 = jax.vmap(
                 lambda xh, yh: accumulate(
-                    loss_fn, state.params, state.batch_stats, xh, yh, key, accum_steps
+                    loss_fn, state.params, state.collections, xh, yh, key, accum_steps
                 )
             )(halves_x, halves_y)
             grads = jax.tree.map(lambda a: a.mean(0), g2)
-            bs = jax.tree.map(lambda a: a.mean(0), bs2)
+            coll = jax.tree.map(_mean_of_halves, coll2)
             m = jax.tree.map(lambda a: a.mean(0), m2)
             extra["half_grads"] = (
                 jax.tree.map(lambda a: a[0], g2),
                 jax.tree.map(lambda a: a[1], g2),
             )
         else:  # conadv
-            g_clean, bs, m = accumulate(
-                loss_fn, state.params, state.batch_stats, x, y, key, accum_steps
+            g_clean, coll, m = accumulate(
+                loss_fn, state.params, state.collections, x, y, key, accum_steps
             )
-            g_adv, bs, m_adv = accumulate(
+            g_adv, coll, m_adv = accumulate(
                 loss_fn,
                 state.params,
-                bs,
+                coll,
                 state.x_adv,
                 y,
                 jax.random.fold_in(key, 1),
@@ -173,7 +219,7 @@ def make_train_step(
             new_x_adv = fgsm(
                 loss_fn,
                 state.params,
-                state.batch_stats,
+                state.collections,
                 batch["x_next"],
                 batch["y_next"],
                 jax.random.fold_in(key, 2),
@@ -188,7 +234,7 @@ def make_train_step(
         new_state = state.replace(
             step=state.step + 1,
             params=params,
-            batch_stats=bs,
+            collections=coll,
             opt_state=opt_state,
             x_adv=new_x_adv,
         )
@@ -197,12 +243,12 @@ def make_train_step(
     return step
 
 
-def fgsm(loss_fn: Callable, params, batch_stats, x, y, key, epsilon: float) -> jax.Array:
+def fgsm(loss_fn: Callable, params, collections, x, y, key, epsilon: float) -> jax.Array:
     """One-step sign-gradient adversarial inputs ``x + ε·sign(∇ₓ L)`` through the auxiliary BN
     (its statistic updates are discarded: the attack must not move the running statistics)."""
 
     def loss_x(xx):
-        return loss_fn(params, batch_stats, xx, y, key, {"use_aux": True})[0]
+        return loss_fn(params, collections, xx, y, key, {"use_aux": True})[0]
 
     g = jax.grad(loss_x)(x)
     return jax.lax.stop_gradient(x + epsilon * jnp.sign(g)).astype(x.dtype)
@@ -216,7 +262,7 @@ def make_adv_init(model: nn.Module, train_kwargs, epsilon: float, rules: Any = N
         with nn.logical_axis_rules(rules or ()):
             key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0x7FFFFFFF)
             x_adv = fgsm(
-                loss_fn, state.params, state.batch_stats, batch["x"], batch["y"], key, epsilon
+                loss_fn, state.params, state.collections, batch["x"], batch["y"], key, epsilon
             )
         return state.replace(x_adv=x_adv)
 
@@ -224,15 +270,15 @@ def make_adv_init(model: nn.Module, train_kwargs, epsilon: float, rules: Any = N
 
 
 def make_eval_step(model: nn.Module, eval_kwargs: Mapping[str, Any], rules: Any = None):
-    """``(params, batch_stats, batch) -> sums`` of loss, correct predictions and weights.
+    """``(params, collections, batch) -> sums`` of loss, correct predictions and weights.
 
     ``batch["w"]`` (0/1 per example) masks padding so the last partial batch counts exactly.
     """
     eval_kwargs = dict(eval_kwargs)
 
-    def f(params, batch_stats, batch):
+    def f(params, collections, batch):
         with nn.logical_axis_rules(rules or ()):
-            logits = model.apply(_variables(params, batch_stats), batch["x"], **eval_kwargs)
+            logits = model.apply({"params": params, **collections}, batch["x"], **eval_kwargs)
         loss, correct = cross_entropy(logits, batch["y"])
         w = batch["w"].astype(jnp.float32)
         w = w.reshape(w.shape + (1,) * (loss.ndim - w.ndim))

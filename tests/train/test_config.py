@@ -59,8 +59,8 @@ def test_stages_split_into_configs():
     cfg = config_lib.load_config(os.path.join(CONFIGS, "convbn_digits.py"), "smoke")
     stages = config_lib.stage_configs(cfg)
     assert [n for n, _ in stages] == ["pretrain", "transfer"]
-    assert stages[0][1].model.train_kwargs.mode == "train"
-    assert stages[1][1].model.train_kwargs.mode == "tune"
+    assert stages[0][1].model.convbn_mode == ""
+    assert stages[1][1].model.convbn_mode == "tune"
     assert stages[1][1].data.classes == (5, 6, 7, 8, 9)
 
 
@@ -102,3 +102,29 @@ def test_cli_char_lm_smoke_with_ring_attention(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "test accuracy" in out
     assert os.path.isdir(tmp_path / "checkpoints" / "3")
+
+
+def test_one_convbn_mode_key_and_removed_fields_are_clear_errors():
+    cfg = config_lib.base_config()
+    assert "train_kwargs" not in cfg.model and "eval_kwargs" not in cfg.model
+    with pytest.raises(KeyError, match=r"model.train_kwargs was removed: .*model.convbn_mode"):
+        config_lib.apply_overrides(cfg, ["model.train_kwargs.mode='tune'"])
+    with pytest.raises(KeyError, match=r"compare_convbn_modes was removed: use reports="):
+        config_lib.apply_overrides(cfg, ["compare_convbn_modes=True"])
+    # A config file that assigns a removed field fails validation the same way.
+    old = tiny_config()
+    old.model.eval_kwargs = {"mode": "eval"}
+    with pytest.raises(KeyError, match=r"unknown config field 'model.eval_kwargs'.*convbn_mode"):
+        config_lib.validate(old)
+    typo = tiny_config()
+    typo.optimizer.lerning_rate = 0.1
+    with pytest.raises(KeyError, match="unknown config field 'optimizer.lerning_rate'"):
+        config_lib.validate(typo)
+    with pytest.raises(ValueError, match=r"model.convbn_mode must be one of .*got 'inference'"):
+        config_lib.validate(tiny_config(model__convbn_mode="inference"))
+    with pytest.raises(ValueError, match=r"config.reports: unknown report 'tables'"):
+        config_lib.validate(tiny_config(reports=("tables",)))
+    # Free keys stay free under model.kwargs only.
+    ok = config_lib.apply_overrides(cfg, ["model.kwargs.width=8", "model.convbn_mode='tune'"])
+    config_lib.validate(ok)
+    assert ok.model.convbn_mode == "tune"

@@ -47,7 +47,7 @@ def test_conadv_step_uses_stale_params_and_aux_batchnorm():
         want = step_lib.fgsm(
             loss_fn,
             before.params,
-            before.batch_stats,
+            before.collections,
             b0["x_next"],
             b0["y_next"],
             jax.random.key(0),

@@ -1,0 +1,118 @@
+"""Report hooks: what the loop runs after the last stage of a config, named in ``cfg.reports``.
+
+A report is ``fn(cfg, workdir, results) -> str``: it reads the finished stages (``results`` from
+`jaxblocks.train.loop.run`), may train more through `loop.train` (never a loop of its own),
+and returns a markdown table, which the loop writes to ``workdir/<name>.md`` and hands to the
+caller (the CLI prints it). `REPORTS` maps names to hooks.
+
+``"convbn_modes"`` — the `make train` job's comparison of ConvBN **tune** and **eval** mode for
+transfer. You et al. (arXiv:2305.11624) show that fine-tuning with frozen BN statistics can fold
+BN into the conv on the fly ("tune" mode) with exactly the numerics of "eval" mode but without
+storing the normalised activations. The report trains the last stage again in eval mode (same
+start, ``model.convbn_mode='eval'``) and tabulates for both: test accuracy, the XLA temporary
+memory of the compiled train step (`compiled.memory_analysis().temp_size_in_bytes`) and the
+median step time.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxblocks.train import config as config_lib
+from jaxblocks.train import loop
+from jaxblocks.train import state as state_lib
+
+Report = Callable[[ml_collections.ConfigDict, str, list], str]
+
+
+def measure_step(
+    cfg: ml_collections.ConfigDict, init_from: Any, repeats: int = 8
+) -> dict[str, float]:
+    """XLA temp bytes and median wall time of the default train step of ``cfg``, started from
+    the variables ``init_from`` (None: fresh initialisation)."""
+    tr = loop.build(cfg)
+    with tr.mesh_context():
+        state, sh, _ = tr.create_state()
+        if init_from is not None:
+            state = state_lib.start_from(state, init_from, (), sh)
+        step = loop.compile_steps(tr, sh)["default"]
+        batch = loop._global_batch(tr, 0)
+        compiled = step.lower(state, batch).compile()
+        mem = compiled.memory_analysis()
+        temp = float(getattr(mem, "temp_size_in_bytes", float("nan"))) if mem else float("nan")
+        state, m = compiled(state, batch)  # warm-up
+        jax.block_until_ready(m)
+        times = []
+        for i in range(repeats):
+            b = loop._global_batch(tr, i + 1)
+            t0 = time.perf_counter()
+            state, m = compiled(state, b)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t0)
+    return {"temp_bytes": temp, "step_s": float(np.median(times))}
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = "| ConvBN mode | test accuracy | XLA temp memory (MiB) | step time (ms) |"
+    sep = "|---|---|---|---|"
+    lines = [head, sep]
+    for r in rows:
+        lines.append(
+            f"| {r['mode']} | {r['accuracy']:.4f} | {r['temp_bytes'] / 2**20:.2f} | "
+            f"{r['step_s'] * 1e3:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def convbn_modes(cfg: ml_collections.ConfigDict, workdir: str, results) -> str:
+    """Re-run the last stage in ConvBN eval mode and tabulate it against the stage as trained
+    (its ``model.convbn_mode``, tune in the `make train` job)."""
+    stages = config_lib.stage_configs(cfg)
+    if len(stages) < 2 or len(results) < len(stages):
+        raise ValueError(
+            "report 'convbn_modes': needs a finished multi-stage (pretrain, transfer) run, got "
+            f"{len(results)} finished of {len(stages)} stage(s)"
+        )
+    (name, last_cfg), start = stages[-1], results[-2][1].state.variables
+    mode = last_cfg.model.convbn_mode or "train"
+    eval_cfg = config_lib.apply_overrides(last_cfg, ["model.convbn_mode='eval'"])
+    eval_res = loop.train(
+        eval_cfg, os.path.join(workdir, f"{name}_eval_mode"), init_from=start,
+        description=f"{name} (eval mode)",
+    )  # fmt: skip
+    # Measure from the pretrained weights with a fresh head, as the stage itself started.
+    measured_start = dict(start, params=_drop(start["params"], last_cfg.transfer_reinit))
+    rows = []
+    for m, c, res in ((mode, last_cfg, results[-1][1]), ("eval", eval_cfg, eval_res)):
+        acc = res.eval_metrics.get("accuracy", float("nan"))
+        rows.append({"mode": m, "accuracy": acc, **measure_step(c, measured_start)})
+    return format_table(rows)
+
+
+REPORTS: dict[str, Report] = {"convbn_modes": convbn_modes}
+
+
+def run_reports(cfg: ml_collections.ConfigDict, workdir: str, results) -> dict[str, str]:
+    """Run every report named in ``cfg.reports``; each table is also written to
+    ``workdir/<name>.md``. Returns ``{name: table}``."""
+    out = {}
+    for name in tuple(cfg.get("reports", ())):
+        if name not in REPORTS:
+            raise ValueError(f"config.reports: unknown report {name!r}; known: {sorted(REPORTS)}")
+        table = REPORTS[name](cfg, workdir, results)
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, f"{name}.md"), "w") as f:
+                f.write(table + "\n")
+        out[name] = table
+    return out
+
+
+def _drop(params: dict, names) -> dict:
+    return {k: v for k, v in params.items() if k not in tuple(names)}
