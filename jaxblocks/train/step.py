@@ -19,6 +19,11 @@ taken *strided* from the global batch (microbatch ``j`` = rows ``j, j+k, j+2k, â
 microbatch keeps an equal share of every device's shard and no resharding happens. The mean of
 the microbatch mean-losses equals the big-batch mean loss; with BatchNorm the statistics are per
 microbatch (and running statistics are updated sequentially), as with any accumulation.
+
+The model's non-parameter collections (`TrainState.collections`: ``batch_stats`` and whatever
+else ``init`` returned) are all passed to ``apply``; in training they are ``mutable`` and come back
+updated, except the backward-state collections (`BACKWARD_STATE_COLLECTIONS`, PowerNorm's Î½),
+whose update arrives as their cotangent (`grad_and_update`).
 """
 
 from __future__ import annotations
