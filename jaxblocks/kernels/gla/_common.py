@@ -341,6 +341,7 @@ def make_chunk_gla(backend: Backend) -> Callable:
     def chunk_gla_pallas(
         q, k, v, g, *, scale, initial_state=None, segment_ids=None, chunk_size=64, block_sizes=None
     ):
+        """`chunk_gla` on the backend's kernels: ``(o [B, T, H, V], final [B, H, K, V])``."""
         B, T, H, K = q.shape
         V = v.shape[-1]
         bs = make_tiles(backend.name, block_sizes, T, backend.pad_dim(V), chunk_size)

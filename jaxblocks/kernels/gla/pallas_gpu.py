@@ -27,7 +27,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxblocks.kernels.gla import _common
-from jaxblocks.kernels.gla._common import BlockSizes as BlockSizes
 from jaxblocks.kernels.interpret import gpu_interpret
 
 BACKEND = "pallas_gpu"

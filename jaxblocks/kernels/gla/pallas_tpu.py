@@ -26,7 +26,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxblocks.kernels.gla import _common
-from jaxblocks.kernels.gla._common import BlockSizes as BlockSizes
 from jaxblocks.kernels.interpret import tpu_interpret
 
 BACKEND = "pallas_tpu"
