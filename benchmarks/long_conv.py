@@ -1,4 +1,5 @@
-"""Long convolutions: fft_conv (XLA FFT) vs the direct convolution; LongConv vs attention.
+"""Long convolutions: fft_conv (XLA FFT) vs the direct convolution; LongConv vs attention; the
+short causal_conv1d (its own op) forward + backward.
 
 CPU: ratios only. The Pallas Monarch kernels need a GPU/TPU to time (interpret mode measures
 the interpreter); on a GPU this benchmark also times them against ``jnp.fft`` (``xla``).
@@ -15,21 +16,22 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import measure, table
-from jaxblocks.kernels.long_conv import fft_conv, monarch, specs
+from jaxblocks.kernels.causal_conv1d import causal_conv1d
+from jaxblocks.kernels.causal_conv1d import specs as short_specs
+from jaxblocks.kernels.long_conv import fft_conv, specs
 from jaxblocks.layers.long_conv import LongConv
 
 
 def _conv_rows(quick: bool):
     rows = []
-    B, H = 1, 16
-    lengths = specs.BENCH_LENGTHS_QUICK if quick else specs.BENCH_LENGTHS
+    cases = specs.QUICK_BENCHMARK_CASES if quick else specs.BENCHMARK_CASES
     impls = ["reference", "xla"]
     if jax.default_backend() == "gpu":
         impls.append("pallas_gpu")
     if jax.default_backend() == "tpu":
         impls.append("pallas_tpu")
-    for L in lengths:
-        case = specs.FFTConvCase(B, H, L, L, gated=False)
+    for case in cases:
+        B, H, L = case.B, case.H, case.L
         u, k, *_ = case.make()
         name = f"B{B} H{H} L={L} Lk=L fwd"
         for impl in impls:
@@ -38,8 +40,7 @@ def _conv_rows(quick: bool):
             iters = 1 if (impl == "reference" and L >= 16384) else 5
             m = measure(name, impl, fn, [u, k], warmup=1, iters=iters)
             if impl.startswith("pallas"):
-                n = 2 * L
-                m.flops = monarch.cost(B * H, n, 12, 0)["flops"]
+                m.flops = case.flops()  # the kernels' cost model (XLA cannot see into them)
             rows.append(m)
     return rows
 
@@ -75,9 +76,32 @@ def _layer_rows(quick: bool):
     return rows
 
 
+def _short_conv_rows(quick: bool):
+    rows = []
+    impls = ["reference", "xla"]
+    if jax.default_backend() == "gpu":
+        impls.append("pallas_gpu")
+    if jax.default_backend() == "tpu":
+        impls.append("pallas_tpu")
+    for case in short_specs.QUICK_BENCHMARK_CASES if quick else short_specs.BENCHMARK_CASES:
+        x, w, b = case.make()
+        name = f"B{case.B} T={case.T} C={case.C} W={case.W} {jnp.dtype(case.dtype).name} fwd+bwd"
+        for impl in impls:
+
+            def fwd_bwd(x, w, b, impl=impl):
+                f = lambda x, w, b: causal_conv1d(x, w, b, "silu", implementation=impl)
+                loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32) ** 2)
+                return jax.value_and_grad(loss, argnums=(0, 1, 2))(x, w, b)
+
+            flops = 3 * case.flops() if impl.startswith("pallas") else None  # fwd, dx, dw
+            rows.append(measure(name, impl, fwd_bwd, [x, w, b], iters=5, flops=flops))
+    return rows
+
+
 def run(quick: bool) -> str:
     conv = _conv_rows(quick)
     layer = _layer_rows(quick)
+    short = _short_conv_rows(quick)
     speed = []
     for r in conv:
         if r.impl == "xla":
@@ -99,5 +123,9 @@ def run(quick: bool) -> str:
         + "\n\nOne layer, forward + backward (`value_and_grad` of a sum of squares): "
         "`LongConv` (safari defaults, 2 channels, GLU) vs single-head causal softmax attention of "
         "the same width (q/k/v/o projections); attention is left out above L = 8K (O(L²) "
-        "scores).\n\n" + table(layer, "attention")
+        "scores).\n\n"
+        + table(layer, "attention")
+        + "\n\n`causal_conv1d` (its own op, `jaxblocks.kernels.causal_conv1d`), silu, forward + "
+        "backward (`value_and_grad` of a sum of squares over x, w, bias): `reference` is the "
+        "fp32 tap loop, `xla` one grouped `conv_general_dilated`.\n\n" + table(short, "reference")
     )

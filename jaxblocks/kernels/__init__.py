@@ -1,7 +1,7 @@
 """Kernel toolkit and the hot ops.
 
 The ops: `conv_bn.pointwise_conv_bn`, `gla.chunk_gla`, `gla.fused_recurrent_gla`, `rnn.flashrnn`,
-`selective_scan.selective_scan`, `long_conv.fft_conv`, `long_conv.causal_conv1d`.
+`selective_scan.selective_scan`, `long_conv.fft_conv`, `causal_conv1d.causal_conv1d`.
 
 Every op lives in `jaxblocks/kernels/<op>/` with the same files (api.py, reference.py, xla.py,
 pallas_gpu.py, pallas_tpu.py, specs.py, README.md). This package holds what they share:

@@ -1,14 +1,18 @@
-"""fft_conv and causal_conv1d: every implementation against the fp32 direct-convolution spec."""
+"""fft_conv: every implementation against the fp32 direct-convolution spec."""
 
+import ast
 import functools
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxblocks
 from jaxblocks.kernels import UnsupportedImplementationError, interpret
-from jaxblocks.kernels.long_conv import causal_conv1d, fft_conv, monarch, specs
+from jaxblocks.kernels.long_conv import _common, api, fft_conv, monarch, specs
+from jaxblocks.kernels.long_conv.api import BlockSizes
 from tests.kernels.harness import (
     assert_close,
     check_custom_vjp_matches_autodiff,
@@ -42,7 +46,7 @@ def _fft_check(case, impl, **kw):
 
 @pytest.mark.parametrize("name", ["L1", "L7", "L64", "L1000", "L4096", "L1000_bf16"])
 def test_xla_matches_reference(name):
-    _fft_check(specs.FFT_CONV_CASES[name], "xla")
+    _fft_check(specs.TEST_CASES[name], "xla")
 
 
 def test_xla_ungated_and_user_fft_size():
@@ -66,7 +70,7 @@ def test_circular_convolution(impl, n):
 
 def test_xla_largest_length_against_float64_fft():
     """L = 16384: the O(L²) direct reference is too slow for CI; numpy's fp64 FFT is the oracle."""
-    u, k, D, pre, post = specs.FFT_CONV_CASES["L16384"].make()
+    u, k, D, pre, post = specs.TEST_CASES["L16384"].make()
     L = u.shape[-1]
     n = 2 * L
     uf, kf = np.asarray(u, np.float64), np.asarray(k, np.float64)
@@ -87,9 +91,9 @@ def test_xla_largest_length_against_float64_fft():
 
 
 @pytest.mark.parametrize("impl", PALLAS)
-@pytest.mark.parametrize("name", list(specs.PALLAS_INTERPRET_CASES))
+@pytest.mark.parametrize("name", list(specs.INTERPRET_TEST_CASES))
 def test_pallas_interpret_matches_reference(impl, name):
-    case = specs.PALLAS_INTERPRET_CASES[name]
+    case = specs.INTERPRET_TEST_CASES[name]
     with interpret():
         _fft_check(case, impl)
 
@@ -120,13 +124,13 @@ def test_pallas_custom_vjp_matches_autodiff_of_reference(impl):
 
 
 @pytest.mark.parametrize("platform,impl", [("cuda", "pallas_gpu"), ("tpu", "pallas_tpu")])
-@pytest.mark.parametrize("L", specs.LOWERING_LENGTHS)
-def test_pallas_lowering(platform, impl, L):
-    B, H = 2, 16
-    u = jnp.ones((B, H, L), jnp.bfloat16)
-    k = jnp.ones((H, L), jnp.float32)
+@pytest.mark.parametrize("case", specs.LOWERING_CASES, ids=lambda c: f"L{c.L}")
+def test_pallas_lowering(platform, impl, case):
+    B, H, L = case.B, case.H, case.L
+    u = jnp.ones((B, H, L), case.dtype)
+    k = jnp.ones((H, case.Lk), jnp.float32)
     D = jnp.ones((H,), jnp.float32)
-    g = jnp.ones((B, H, L), jnp.bfloat16)
+    g = jnp.ones((B, H, L), case.dtype)
 
     def loss(u, k, D, pre, post):
         return jnp.sum(_fft(impl)(u, k, D, pre, post).astype(jnp.float32))
@@ -201,69 +205,133 @@ def test_pallas_rejects_unsupported_fft_size():
         fft_conv(u, k, causal=False, fft_size=100, implementation="pallas_tpu")
 
 
-# ------------------------------------------------------------------------------ causal_conv1d
+# ---------------------------------------------------------------------------------------------
+# block_sizes through the public function, its validation, the cost model, the backends' layout.
 
 
-def _short(impl, act):
-    return jax.jit(lambda x, w, b: causal_conv1d(x, w, b, act, implementation=impl))
+def _pallas_calls(jaxpr) -> dict[str, list[dict]]:
+    """{kernel name: [pallas_call params, ...]} over ``jaxpr`` and its sub-jaxprs."""
+    calls: dict[str, list[dict]] = {}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            calls.setdefault(eqn.params["name"], []).append(eqn.params)
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, tuple | list) else (p,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    for name, ps in _pallas_calls(sub).items():
+                        calls.setdefault(name, []).extend(ps)
+    return calls
 
 
-@pytest.mark.parametrize("act", [None, "silu"])
-@pytest.mark.parametrize("name", list(specs.SHORT_CONV_CASES))
-def test_causal_conv1d_xla_matches_reference(name, act):
-    case = specs.SHORT_CONV_CASES[name]
-    check_forward_and_vjp(
-        _short("xla", act), _short("reference", act), case.make(), dtype=case.dtype
-    )
+# Non-default launch parameters and what each backend's compiler params must show.
+PUBLIC_BLOCKS = {
+    "pallas_gpu": (BlockSizes(num_warps=2, num_stages=2), dict(num_warps=2, num_stages=2)),
+    "pallas_tpu": (BlockSizes(vmem_limit_bytes=24 * 2**20), dict(vmem_limit_bytes=24 * 2**20)),
+}
 
 
 @pytest.mark.parametrize("impl", PALLAS)
-@pytest.mark.parametrize("name,act", [("W4", "silu"), ("W8_long", None)])
-def test_causal_conv1d_pallas_interpret(impl, name, act):
-    case = specs.SHORT_CONV_CASES[name]
+def test_block_sizes_pass_through_public_function(impl):
+    blocks, want = PUBLIC_BLOCKS[impl]
+    case = specs.INTERPRET_TEST_CASES["L7_N256"]
+    args = list(case.make(jax.random.key(5)))
     with interpret():
         check_forward_and_vjp(
-            _short(impl, act), _short("reference", act), case.make(), dtype=case.dtype
+            _fft(impl, block_sizes=blocks), _fft("reference"), args, dtype=case.dtype
         )
+        loss = lambda *a: jnp.sum(_fft(impl, block_sizes=blocks)(*a) ** 2)
+        jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(*args).jaxpr
+    calls = _pallas_calls(jaxpr)
+    suffix = impl[-3:]
+    # forward (pre-postgate, fp32) and dv convolutions, dk correlation
+    assert {n: len(p) for n, p in calls.items()} == {
+        f"fft_conv_monarch_{suffix}": 2,
+        f"fft_xcorr_monarch_{suffix}": 1,
+    }
+    for p in (p for ps in calls.values() for p in ps):
+        assert tuple(p["grid_mapping"].grid) == (case.B, case.H)
+        assert {k: getattr(p["compiler_params"], k) for k in want} == want
 
 
-def test_causal_conv1d_is_causal_and_takes_no_bias():
-    x, w, _ = specs.SHORT_CONV_CASES["W4"].make()
-    y = causal_conv1d(x, w)
-    y2 = causal_conv1d(x.at[:, 20:].set(100.0), w)
-    np.testing.assert_array_equal(y[:, :20], y2[:, :20])
-    assert not np.allclose(y[:, 20:], y2[:, 20:])
+def test_default_block_sizes_give_the_default_launch_parameters():
+    u, k, *_ = specs.FFTConvCase(1, 2, 3000, 3000, gated=False).make()  # N = 8192 > 4096
+    for impl, want in (
+        ("pallas_gpu", dict(num_warps=8, num_stages=1)),
+        ("pallas_tpu", dict(vmem_limit_bytes=48 * 2**20)),
+    ):
+        with interpret():
+            jaxpr = jax.make_jaxpr(functools.partial(fft_conv, implementation=impl))(u, k)
+        (p,) = _pallas_calls(jaxpr.jaxpr)[f"fft_conv_monarch_{impl[-3:]}"]
+        assert {key: getattr(p["compiler_params"], key) for key in want} == want
 
 
-@pytest.mark.parametrize("platform,impl", [("cuda", "pallas_gpu"), ("tpu", "pallas_tpu")])
-def test_causal_conv1d_lowering(platform, impl):
-    x = jnp.ones((4, 4096, 512), jnp.bfloat16)
-    w, b = jnp.ones((4, 512)), jnp.ones((512,))
-
-    def loss(x, w, b):
-        return jnp.sum(causal_conv1d(x, w, b, "silu", implementation=impl).astype(jnp.float32))
-
-    check_pallas_lowering(loss, [x, w, b], platform, op="causal_conv1d", min_kernels=2)
+def test_kernel_cost_estimates_use_the_common_formulas():
+    case = specs.FFTConvCase(2, 3, 300, 300, gated=False)  # N = 1024: 32 x 32 rows
+    u, k, *_ = case.make()
+    with interpret():
+        jaxpr = jax.make_jaxpr(functools.partial(fft_conv, implementation="pallas_tpu"))(u, k)
+    (p,) = _pallas_calls(jaxpr.jaxpr)["fft_conv_monarch_tpu"]
+    rows, n = case.B * case.H, 1024
+    io = 2 * rows * n * 4 + 2 * case.H * n * 4  # u and y rows, the filter spectrum (re, im)
+    factors = 4 * (2 * 32 * 32 + 2 * 32 * 32 + 2 * n)
+    assert p["cost_estimate"].flops == _common.flops(rows, n) == rows * (12 * n * 64 + 16 * n)
+    assert p["cost_estimate"].bytes_accessed == _common.bytes_accessed(n, io) == io + factors
+    assert case.flops() == _common.flops(rows, n)
+    assert specs.BENCHMARK_CASES[0].flops() == _common.flops(16, 512)
 
 
 @pytest.mark.parametrize(
-    "args,kw,match",
+    ("field", "value"),
     [
-        ((jnp.ones((2, 5)), jnp.ones((4, 5))), {}, r"x must have rank 3"),
-        ((jnp.ones((2, 5, 3)), jnp.ones((9, 3))), {}, r"1 <= W <= 8"),
-        ((jnp.ones((2, 5, 3)), jnp.ones((4, 2))), {}, r"w must have shape \(.\?., 3\)"),
-        ((jnp.ones((2, 5, 3)), jnp.ones((4, 3)), jnp.ones((2,))), {}, r"bias must have shape"),
-        ((jnp.ones((2, 5, 3)), jnp.ones((4, 3)), None, "relu"), {}, r"activation must be"),
-        ((jnp.ones((2, 0, 3)), jnp.ones((4, 3))), {}, r"non-empty time axis"),
+        ("num_warps", 3),
+        ("num_warps", 0),
+        ("num_warps", 4.0),
+        ("num_stages", 0),
+        ("num_stages", True),
+        ("vmem_limit_bytes", -1),
     ],
 )
-def test_causal_conv1d_bad_inputs(args, kw, match):
-    with pytest.raises((ValueError, TypeError), match=match):
-        causal_conv1d(*args, **kw)
+def test_block_sizes_field_errors_name_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"BlockSizes\.{field} must be .*got {value!r}"):
+        BlockSizes(**{field: value})
 
 
-def test_causal_conv1d_non_finite_propagates_forward_only():
-    x, w, b = specs.SHORT_CONV_CASES["W4"].make()
-    y = np.asarray(causal_conv1d(x.at[0, 10, 2].set(jnp.inf), w, b))
-    assert not np.isfinite(y[0, 10:14, 2]).all()
-    assert np.isfinite(y[0, :10]).all() and np.isfinite(y[1]).all()
+def test_block_sizes_of_the_wrong_type_raise_type_error():
+    u, k = _ok_args()
+    with pytest.raises(TypeError, match="block_sizes must be None or a .*BlockSizes, got str"):
+        fft_conv(u, k, block_sizes="x")
+    with pytest.raises(TypeError, match="block_sizes .* got dict"):
+        fft_conv(u, k, block_sizes={"num_warps": 4}, implementation="xla")
+
+
+def test_public_names():
+    assert jaxblocks.fft_conv is fft_conv
+    assert jaxblocks.kernels.long_conv.BlockSizes is BlockSizes
+    assert not hasattr(jaxblocks.kernels.long_conv, "causal_conv1d")
+
+
+def _function_bodies(path: pathlib.Path) -> dict[str, str]:
+    tree = ast.parse(path.read_text())
+    return {
+        ast.dump(ast.Module(body=node.body, type_ignores=[])): node.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef) and len(node.body) >= 3
+    }
+
+
+def test_backends_share_no_function_body_and_import_only_common():
+    folder = pathlib.Path(api.__file__).parent
+    gpu = _function_bodies(folder / "pallas_gpu.py")
+    tpu = _function_bodies(folder / "pallas_tpu.py")
+    assert not gpu.keys() & tpu.keys(), sorted(gpu[k] for k in gpu.keys() & tpu.keys())
+    for name in ("pallas_gpu.py", "pallas_tpu.py"):
+        tree = ast.parse((folder / name).read_text())
+        own = {
+            (node.module, alias.name)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom)
+            and (node.module or "").startswith("jaxblocks.kernels.long_conv")
+            for alias in node.names
+        }
+        assert own == {("jaxblocks.kernels.long_conv", "_common")}, (name, own)

@@ -1,4 +1,8 @@
-"""Long convolutions: `fft_conv` (FFT / Monarch-DFT convolution) and `causal_conv1d`."""
+"""Long convolution by FFT: `fft_conv` (FFT / Monarch-DFT convolution, FlashFFTConv).
 
-from jaxblocks.kernels.long_conv.api import causal_conv1d as causal_conv1d
+Public entry: `jaxblocks.kernels.long_conv.api.fft_conv` (and its `BlockSizes`). The short
+causal convolution is its own op, `jaxblocks.kernels.causal_conv1d`.
+"""
+
+from jaxblocks.kernels.long_conv.api import BlockSizes as BlockSizes
 from jaxblocks.kernels.long_conv.api import fft_conv as fft_conv

@@ -1,4 +1,4 @@
-"""The specification of the long-convolution ops: direct convolutions in fp32.
+"""The specification of `fft_conv`: direct convolutions in fp32.
 
 `fft_conv_reference` computes, for every batch b and channel h,
 
@@ -10,12 +10,6 @@
 where ``v_N`` is ``v`` zero-padded to length N. Both forms are direct (O(L·Lk)) convolutions:
 the input is extended on the left by Lk − 1 samples — zeros (causal) or the tail of ``v_N``
 (circular) — and a depthwise "valid" convolution runs over it.
-
-`causal_conv1d_reference` is the short depthwise causal convolution, channels last:
-
-    y[b, t, c] = act(bias[c] + Σ_{j=0}^{W-1} w[j, c] · x[b, t − (W − 1) + j, c])
-
-(x[t] = 0 for t < 0; W ≤ 8; act ∈ {None, "silu"}), written as a loop over the W taps.
 """
 
 from __future__ import annotations
@@ -61,19 +55,3 @@ def fft_conv_reference(u, k, D=None, pregate=None, postgate=None, *, causal=True
     if postgate is not None:
         y = y * f32(postgate)
     return y.astype(u.dtype)
-
-
-def causal_conv1d_reference(x, w, bias=None, activation=None):
-    """Tap loop in fp32; see the module docstring. x: [B, T, C], w: [W, C]. Returns ``x.dtype``."""
-    T = x.shape[1]
-    W = w.shape[0]
-    x32 = x.astype(jnp.float32)
-    xp = jnp.pad(x32, ((0, 0), (W - 1, 0), (0, 0)))  # [B, T + W - 1, C]
-    y = jnp.zeros_like(x32)
-    for j in range(W):
-        y = y + w[j].astype(jnp.float32)[None, None, :] * xp[:, j : j + T, :]
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)[None, None, :]
-    if activation == "silu":
-        y = jax.nn.silu(y)
-    return y.astype(x.dtype)

@@ -1,4 +1,5 @@
-"""Named shape/dtype cases for the long-convolution ops, shared by tests and benchmarks."""
+"""Named shape/dtype cases for `fft_conv`, shared by the tests and the benchmark; the FLOP count
+is the kernels' cost model (`_common.flops`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+
+from jaxblocks.kernels.long_conv._common import default_fft_size, kernel_fft_size
+from jaxblocks.kernels.long_conv._common import flops as flops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,9 +36,14 @@ class FFTConvCase:
         gate = lambda kk: jax.nn.sigmoid(jax.random.normal(kk, u.shape, jnp.float32) * 2)
         return u, k, D, gate(ks[3]).astype(self.dtype), gate(ks[4]).astype(self.dtype)
 
+    def flops(self, causal: bool = True) -> int:
+        """FLOPs of the Monarch forward kernel at the default FFT size (`_common.flops`)."""
+        n = kernel_fft_size(default_fft_size(self.L, self.Lk, causal), causal)
+        return flops(self.B * self.H, n)
+
 
 # The issue's lengths; odd B/H; Lk both = L and < L.
-FFT_CONV_CASES: dict[str, FFTConvCase] = {
+TEST_CASES: dict[str, FFTConvCase] = {
     "L1": FFTConvCase(3, 5, 1, 1),
     "L7": FFTConvCase(3, 5, 7, 5),
     "L64": FFTConvCase(3, 5, 64, 64),
@@ -45,40 +54,19 @@ FFT_CONV_CASES: dict[str, FFTConvCase] = {
 }
 
 # Small shapes for the Pallas interpreters (FFT sizes 256 and 1024, odd L).
-PALLAS_INTERPRET_CASES: dict[str, FFTConvCase] = {
+INTERPRET_TEST_CASES: dict[str, FFTConvCase] = {
     "L7_N256": FFTConvCase(3, 3, 7, 7),
     "L1000_N1024": FFTConvCase(1, 3, 1000, 25),
     "L130_N256_bf16": FFTConvCase(2, 3, 130, 127, jnp.bfloat16),
 }
 
-# Realistic lowering shapes: FFT sizes 4096 ... 65536.
-LOWERING_LENGTHS = (2048, 8192, 32768)
+# Realistic lowering shapes: FFT sizes 4096 ... 65536 (Lk = L, bf16 input).
+LOWERING_CASES: tuple[FFTConvCase, ...] = tuple(
+    FFTConvCase(2, 16, L, L, jnp.bfloat16) for L in (2048, 8192, 32768)
+)
 
-# Benchmarks: FlashFFTConv's table uses B 64, H 768; the CPU runs use B 1, H 64.
-BENCH_LENGTHS = (256, 1024, 4096, 16384, 65536)
-BENCH_LENGTHS_QUICK = (256, 1024, 4096)
-
-
-@dataclasses.dataclass(frozen=True)
-class ShortConvCase:
-    B: int
-    T: int
-    C: int
-    W: int
-    dtype: jnp.dtype = jnp.float32
-
-    def make(self, key=None):
-        key = jax.random.key(1) if key is None else key
-        ks = jax.random.split(key, 3)
-        x = jax.random.normal(ks[0], (self.B, self.T, self.C), jnp.float32).astype(self.dtype)
-        w = jax.random.normal(ks[1], (self.W, self.C), jnp.float32) / self.W**0.5
-        b = jax.random.normal(ks[2], (self.C,), jnp.float32)
-        return x, w, b
-
-
-SHORT_CONV_CASES: dict[str, ShortConvCase] = {
-    "W4": ShortConvCase(2, 37, 20, 4),
-    "W1": ShortConvCase(1, 9, 3, 1),
-    "W8_long": ShortConvCase(1, 300, 33, 8),
-    "W4_bf16": ShortConvCase(2, 37, 20, 4, jnp.bfloat16),
-}
+# Benchmarks (ungated, Lk = L): FlashFFTConv's table uses B 64, H 768; the CPU runs B 1, H 16.
+BENCHMARK_CASES: tuple[FFTConvCase, ...] = tuple(
+    FFTConvCase(1, 16, L, L, gated=False) for L in (256, 1024, 4096, 16384, 65536)
+)
+QUICK_BENCHMARK_CASES: tuple[FFTConvCase, ...] = BENCHMARK_CASES[:3]

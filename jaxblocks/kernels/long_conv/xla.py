@@ -1,4 +1,4 @@
-"""Fast pure-JAX long convolutions: `jnp.fft.rfft/irfft` (FFT size N) and a shifted-sum short conv.
+"""Fast pure-JAX `fft_conv`: `jnp.fft.rfft/irfft` with FFT size N.
 
 Autodiff goes through XLA's FFT (the transpose of an rfft is an irfft), so no custom_vjp is
 needed here; everything is computed in fp32 and cast back to ``u.dtype``.
@@ -6,7 +6,6 @@ needed here; everything is computed in fp32 and cast back to ``u.dtype``.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 
@@ -29,22 +28,3 @@ def fft_conv_xla(u, k, D=None, pregate=None, postgate=None, *, causal=True, fft_
     if postgate is not None:
         y = y * postgate.astype(jnp.float32)
     return y.astype(u.dtype)
-
-
-def causal_conv1d_xla(x, w, bias=None, activation=None):
-    """Depthwise causal conv as one grouped ``conv_general_dilated`` (channels last)."""
-    W, C = w.shape
-    y = jax.lax.conv_general_dilated(
-        x.astype(jnp.float32),  # [B, T, C]
-        w.astype(jnp.float32)[:, None, :],  # [W, 1, C]  (W, I/g, O)
-        window_strides=(1,),
-        padding=((W - 1, 0),),
-        dimension_numbers=("NWC", "WIO", "NWC"),
-        feature_group_count=C,
-        precision=jax.lax.Precision.HIGHEST,
-    )
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)[None, None, :]
-    if activation == "silu":
-        y = jax.nn.silu(y)
-    return y.astype(x.dtype)
