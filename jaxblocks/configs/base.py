@@ -116,6 +116,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 50
     c.checkpoint.keep = 2
     c.checkpoint.async_save = True
+    # Resuming a workdir whose saved config (workdir/config.json) differs in a field that changes
+    # the run is an error unless this is True (`jaxblocks.train.checkpoint.check_config`; CLI
+    # --allow-config-change). Logging, evaluation, checkpoint cadence and the mesh may always
+    # differ (`jaxblocks.train.checkpoint.RESUME_FREE_FIELDS`).
+    c.allow_config_change = False
 
     c.step_delay_s = 0.0  # sleep after each step: makes preemption tests deterministic
     c.log_every = 10
