@@ -135,11 +135,6 @@ def supports(backend: str, x, w, bias=None, activation=None, *, block_sizes=None
 # --------------------------------------------------------------------------------------------
 
 
-def pad_channels(a, cp: int):
-    """Zero-pad the last (channel) axis of ``a`` to ``cp``."""
-    return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, cp - a.shape[-1])])
-
-
 def bias_row(bias, cp: int):
     """The bias as a [1, cp] row, zero-padded (zeros in fp32 without a bias)."""
     if bias is None:
