@@ -10,7 +10,7 @@ from jaxblocks.kernels.causal_conv1d.api import causal_conv1d as causal_conv1d
 from jaxblocks.kernels.conv_bn.api import pointwise_conv_bn as pointwise_conv_bn
 from jaxblocks.kernels.gla.api import chunk_gla as chunk_gla
 from jaxblocks.kernels.gla.api import fused_recurrent_gla as fused_recurrent_gla
-from jaxblocks.kernels.long_conv import fft_conv as fft_conv
+from jaxblocks.kernels.long_conv.api import fft_conv as fft_conv
 from jaxblocks.kernels.rnn.api import flashrnn as flashrnn
 from jaxblocks.kernels.selective_scan.api import selective_scan as selective_scan
 from jaxblocks.layers import ConvBN as ConvBN
