@@ -13,7 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxblocks.kernels.rnn.cells import CELLS
+from jaxblocks.kernels.rnn.api import CELLS
 from jaxblocks.layers.recurrent import FlashRNN
 from jaxblocks.registry import register_model
 from jaxblocks.typing import Array, Float, Int
