@@ -13,6 +13,9 @@ Switches: ``smoke``, ``ring``, ``transformer``, ``long_conv``.
 from jaxblocks.configs.base import base_config, parse_switches
 from jaxblocks.registry import list_models
 
+# The switches documented above (the trainer rejects any other).
+SWITCHES = ("smoke", "ring", "transformer", "long_conv")
+
 
 def get_config(arg: str | None = None):
     sw = parse_switches(arg)

@@ -12,6 +12,9 @@ time), which the CLI prints.
 
 from jaxblocks.configs.base import base_config, parse_switches
 
+# The switches documented above (the trainer rejects any other).
+SWITCHES = ("smoke",)
+
 
 def get_config(arg: str | None = None):
     sw = parse_switches(arg)

@@ -1,6 +1,8 @@
-"""Large-batch recipe: LARS (or LAMB with ``get_config("lamb")``) with Ghost BatchNorm, the
-square-root learning-rate scaling rule, warm-up + cosine and Hoffer et al.'s regime adaptation,
-on all ten digits with a small BN CNN.
+"""Large-batch recipe on all ten digits: LARS or LAMB, Ghost BN, sqrt LR scaling, regime adaptation.
+
+LARS (or LAMB with ``get_config("lamb")``) with Ghost BatchNorm, the square-root learning-rate
+scaling rule, warm-up + cosine and Hoffer et al.'s regime adaptation (every step count times
+``ceil(batch_size / regime_base_batch_size)``), on all ten digits with a small BN CNN.
 
 Switches (comma separated): ``lamb``, ``agvm`` (AGVM per-module LR multipliers), ``conadv``
 (ConAdv adversarial step with auxiliary BN), ``bn_only`` (Frankle et al.: train only BN),
@@ -8,6 +10,9 @@ Switches (comma separated): ``lamb``, ``agvm`` (AGVM per-module LR multipliers),
 """
 
 from jaxblocks.configs.base import base_config, parse_switches
+
+# The switches documented above (the trainer rejects any other).
+SWITCHES = ("smoke", "lamb", "agvm", "conadv", "bn_only")
 
 
 def get_config(arg: str | None = None):

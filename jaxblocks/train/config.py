@@ -7,6 +7,10 @@ changes what it needs. Command-line overrides are ``dotted.key=value`` strings p
 literals and checked against the existing field's type (an unknown key is an error, so typos do
 not silently do nothing).
 
+A config is named by its path or, for the ones shipped in ``jaxblocks/configs/``, by its name
+(``convbn_digits:smoke``) from any directory (`resolve_config`). A config module may declare
+``SWITCHES``, the switches its docstring documents; `load_config` rejects any other switch.
+
 A config may have ``stages``: a list of override dicts, each a training run of its own that
 starts from the previous stage's final parameters (pretrain then transfer).
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -22,6 +27,7 @@ from typing import Any
 
 import ml_collections
 
+import jaxblocks.configs as configs_pkg
 from jaxblocks.configs.base import (
     FREEZE,
     LR_SCALING,
@@ -34,37 +40,106 @@ from jaxblocks.configs.base import (
 
 # The schema lives in `jaxblocks.configs.base`; the trainer and its tests read it from here too.
 __all__ = [
+    "DATASETS",
     "FREEZE",
     "LR_SCALING",
     "OPTIMIZERS",
     "SCHEDULES",
     "TASKS",
     "apply_overrides",
+    "available_configs",
     "base_config",
     "check_batch_divisible",
     "check_known_fields",
+    "check_model_kwargs",
     "check_param_groups",
     "check_workdir",
+    "describe_config",
     "load_config",
     "parse_switches",
+    "resolve_config",
     "stage_configs",
     "validate",
 ]
 
 
+# The shipped experiment configs (`available_configs`); modules here that are not experiments.
+CONFIGS_DIR = os.path.dirname(os.path.abspath(configs_pkg.__file__))
+_NOT_EXPERIMENTS = ("__init__", "base")
+# `jaxblocks.train.data.make_datasets`'s data sets.
+DATASETS = ("synthetic", "digits", "stdlib_text")
+
+
+def available_configs() -> dict[str, str]:
+    """``{name: path}`` of every experiment config in ``jaxblocks/configs/``, sorted by name."""
+    names = (
+        f[:-3]
+        for f in os.listdir(CONFIGS_DIR)
+        if f.endswith(".py") and not f.startswith("_") and f[:-3] not in _NOT_EXPERIMENTS
+    )
+    return {n: os.path.join(CONFIGS_DIR, n + ".py") for n in sorted(names)}
+
+
+def describe_config(path: str) -> tuple[str, tuple[str, ...] | None]:
+    """``(summary, switches)`` of a config file, read without importing it: the first line of
+    its module docstring and its ``SWITCHES`` tuple (None if it declares none)."""
+    with open(path) as f:
+        tree = ast.parse(f.read(), filename=path)
+    doc = (ast.get_docstring(tree) or "").strip()
+    summary = doc.splitlines()[0].strip() if doc else ""
+    switches = None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "SWITCHES" for t in node.targets
+        ):
+            switches = tuple(ast.literal_eval(node.value))
+    return summary, switches
+
+
+def resolve_config(spec: str) -> tuple[str, str | None]:
+    """``"path[:arg]"`` or ``"name[:arg]"`` (a config in ``jaxblocks/configs/``) ->
+    ``(path, arg)``; a file that exists wins over a name. `FileNotFoundError` naming the known
+    configs if it is neither."""
+    path, arg = spec, None
+    if ":" in os.path.basename(spec):
+        path, arg = spec.rsplit(":", 1)
+    if os.path.isfile(path):
+        return path, arg
+    known = available_configs()
+    name = path[:-3] if path.endswith(".py") else path
+    if os.sep not in path and "/" not in path and name in known:
+        return known[name], arg
+    raise FileNotFoundError(
+        f"config: no such file {path!r} and no config of that name; "
+        f"known configs: {', '.join(known)} (or give a path to a config file)"
+    )
+
+
 def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """Import ``path`` (a ``jaxblocks/configs/<name>.py`` file, optionally ``path:arg``) and call
-    its ``get_config(arg)``."""
-    if arg is None and ":" in os.path.basename(path):
-        path, arg = path.rsplit(":", 1)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config: no such file {path!r}")
+    """Import the config ``path`` (a file, or a name in ``jaxblocks/configs/``; either
+    optionally ``:arg``, see `resolve_config`) and call its ``get_config(arg)``.
+
+    A module that declares ``SWITCHES`` accepts only those switches in ``arg``.
+    """
+    if arg is None:
+        path, arg = resolve_config(path)
+    else:
+        path, _ = resolve_config(path)
+    name = os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(f"_jaxblocks_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise AttributeError(f"config: {path!r} defines no get_config(arg)")
+    switches = getattr(module, "SWITCHES", None)
+    if switches is not None:
+        unknown = sorted(parse_switches(arg) - set(switches))
+        if unknown:
+            raise ValueError(
+                f"config {name}: unknown switch {unknown[0]!r} in {arg!r}; "
+                f"its switches are {', '.join(switches)} (comma separated)"
+            )
     return module.get_config(arg) if arg is not None else module.get_config()
 
 
@@ -202,11 +277,28 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def validate(cfg: ml_collections.ConfigDict, workdir: str | None = None) -> None:
-    """Clear errors for bad configs before anything compiles."""
+def validate(
+    cfg: ml_collections.ConfigDict,
+    workdir: str | None = None,
+    *,
+    num_devices: int | None = None,
+) -> None:
+    """Clear errors for bad configs before anything compiles (or any directory is created).
+
+    Checks every field's choices and ranges, and with ``num_devices`` that ``mesh`` fits that
+    many devices and the batch divides over it. A staged config is checked per stage
+    (`stage_configs`); its durations are the stages'. `check_model_kwargs` is separate (the
+    trainer's tests validate configs with free ``model.kwargs``).
+    """
     from jaxblocks.registry import list_models
 
     check_known_fields(cfg)
+    if tuple(cfg.get("stages", ()) or ()):
+        for _, stage in stage_configs(cfg):
+            validate(stage, num_devices=num_devices)
+        if workdir is not None:
+            check_workdir(workdir)
+        return
     if cfg.task not in TASKS:
         raise ValueError(f"config.task must be one of {TASKS}, got {cfg.task!r}")
     if cfg.optimizer.name not in OPTIMIZERS:
@@ -215,11 +307,22 @@ def validate(cfg: ml_collections.ConfigDict, workdir: str | None = None) -> None
             f"choose one of {OPTIMIZERS}"
         )
     if cfg.optimizer.schedule not in SCHEDULES:
-        raise ValueError(f"config.optimizer.schedule must be one of {SCHEDULES}")
+        raise ValueError(
+            f"config.optimizer.schedule must be one of {SCHEDULES}, got {cfg.optimizer.schedule!r}"
+        )
     if cfg.optimizer.lr_scaling not in LR_SCALING:
-        raise ValueError(f"config.optimizer.lr_scaling must be one of {LR_SCALING}")
+        raise ValueError(
+            f"config.optimizer.lr_scaling must be one of {LR_SCALING}, "
+            f"got {cfg.optimizer.lr_scaling!r}"
+        )
     if cfg.optimizer.freeze not in FREEZE:
-        raise ValueError(f"config.optimizer.freeze must be one of {FREEZE}")
+        raise ValueError(
+            f"config.optimizer.freeze must be one of {FREEZE}, got {cfg.optimizer.freeze!r}"
+        )
+    if cfg.data.name not in DATASETS:
+        raise ValueError(
+            f"config.data.name: unknown dataset {cfg.data.name!r}; choose one of {DATASETS}"
+        )
     models = list_models()
     if cfg.model.name not in models:
         raise ValueError(f"config.model.name: unknown model {cfg.model.name!r}; known: {models}")
@@ -230,19 +333,55 @@ def validate(cfg: ml_collections.ConfigDict, workdir: str | None = None) -> None
             f"config.batch_size={cfg.batch_size} is not divisible by "
             f"config.accum_steps={cfg.accum_steps}"
         )
+    for key in ("eval_batch_size", "log_every"):
+        if cfg[key] < 1:
+            raise ValueError(f"config.{key} must be >= 1, got {cfg[key]}")
+    if cfg.eval_every < 0:
+        raise ValueError(
+            f"config.eval_every must be >= 0 (0: at the end only), got {cfg.eval_every}"
+        )
+    durations = {k: cfg[k] for k in ("train_steps", "train_epochs", "train_examples")}
+    if sum(v >= 0 for v in durations.values()) != 1:
+        raise ValueError(
+            "config: set exactly one of train_steps, train_epochs, train_examples (>= 0; the "
+            f"others -1), got {durations}"
+        )
     if cfg.model.convbn_mode not in CONVBN_MODE_CHOICES:
         raise ValueError(
             f"config.model.convbn_mode must be one of {CONVBN_MODE_CHOICES}, "
             f"got {cfg.model.convbn_mode!r}"
         )
+    if cfg.agvm.enabled and cfg.conadv.enabled:
+        raise ValueError("config: agvm and conadv are separate step variants; enable one")
     check_param_groups(cfg.optimizer.param_groups)
     for name in tuple(cfg.reports):
         from jaxblocks.train.reports import REPORTS
 
         if name not in REPORTS:
             raise ValueError(f"config.reports: unknown report {name!r}; known: {sorted(REPORTS)}")
+    if num_devices is not None:
+        from jaxblocks.train import sharding
+
+        sizes = sharding.mesh_shape(dict(cfg.mesh), num_devices)
+        shape = dict(zip(sharding.MESH_AXES, sizes, strict=True))
+        check_batch_divisible(cfg, math.prod(shape[a] for a in sharding.BATCH_AXES))
     if workdir is not None:
         check_workdir(workdir)
+
+
+def check_model_kwargs(cfg: ml_collections.ConfigDict) -> None:
+    """`ValueError` if ``model.name`` does not accept ``model.kwargs`` (of any stage): the model
+    is constructed, which for a Linen module runs nothing."""
+    from jaxblocks.registry import create_model
+
+    for _, scfg in stage_configs(cfg):
+        kwargs = dict(scfg.model.kwargs)
+        try:
+            create_model(scfg.model.name, **kwargs)
+        except TypeError as e:
+            raise ValueError(
+                f"config.model.kwargs {kwargs} do not fit model {scfg.model.name!r}: {e}"
+            ) from e
 
 
 # "" and "train" are ordinary training; the others are ConvBN's running-statistics modes.

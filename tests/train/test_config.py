@@ -1,13 +1,11 @@
-"""Configs, overrides, clear errors for bad configs, and every shipped config in smoke mode."""
+"""Configs, overrides, clear errors for bad configs (every shipped config runs in
+test_configs_smoke.py)."""
 
 import os
 
-import jax
 import pytest
 
-from jaxblocks.train import cli, loop
 from jaxblocks.train import config as config_lib
-from jaxblocks.train.metrics import read_metrics
 from tests.train.helpers import tiny_config
 
 CONFIGS = os.path.join(os.path.dirname(config_lib.__file__), "..", "configs")
@@ -64,46 +62,6 @@ def test_stages_split_into_configs():
     assert stages[1][1].data.classes == (5, 6, 7, 8, 9)
 
 
-@pytest.mark.parametrize(
-    "arg",
-    # LAMB and BN-only are checked in closed form in test_optim; their end-to-end runs are slow.
-    [
-        "smoke",
-        pytest.param("smoke,lamb", marks=pytest.mark.slow),
-        "smoke,agvm",
-        pytest.param("smoke,bn_only", marks=pytest.mark.slow),
-    ],
-)
-def test_large_batch_config_smoke(tmp_path, arg):
-    cfg = config_lib.load_config(os.path.join(CONFIGS, "large_batch.py"), arg)
-    cfg = config_lib.apply_overrides(cfg, ["progress=False"])
-    # One device: sharding is covered in test_sharding, compiling for 8 costs more here.
-    res = loop.train(cfg, str(tmp_path), devices=jax.devices()[:1])
-    # 3 steps, times ceil(64 / 32) = 2 by regime adaptation.
-    assert res.final_step == res.num_steps == 6 and 0.0 <= res.eval_metrics["accuracy"] <= 1.0
-    assert os.path.exists(tmp_path / "curves.png")
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
-    recs = read_metrics(str(tmp_path / "metrics.jsonl"))
-    assert {r["split"] for r in recs} == {"train", "eval"}
-    assert "examples_per_s" in [r for r in recs if r["split"] == "train"][-1]
-
-
-def test_cli_char_lm_smoke_with_ring_attention(tmp_path, capsys):
-    rc = cli.main(
-        [
-            "--config",
-            os.path.join(CONFIGS, "char_lm.py") + ":smoke,ring",
-            "--workdir",
-            str(tmp_path),
-            "progress=False",
-        ]
-    )
-    assert rc == 0
-    out = capsys.readouterr().out
-    assert "test accuracy" in out
-    assert os.path.isdir(tmp_path / "checkpoints" / "3")
-
-
 def test_one_convbn_mode_key_and_removed_fields_are_clear_errors():
     cfg = config_lib.base_config()
     assert "train_kwargs" not in cfg.model and "eval_kwargs" not in cfg.model
@@ -128,3 +86,98 @@ def test_one_convbn_mode_key_and_removed_fields_are_clear_errors():
     ok = config_lib.apply_overrides(cfg, ["model.kwargs.width=8", "model.convbn_mode='tune'"])
     config_lib.validate(ok)
     assert ok.model.convbn_mode == "tune"
+
+
+def test_configs_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    found = config_lib.available_configs()
+    assert set(found) == {
+        f[:-3]
+        for f in os.listdir(CONFIGS)
+        if f.endswith(".py") and f not in ("base.py", "__init__.py")
+    }
+    path, arg = config_lib.resolve_config("convbn_digits:smoke")
+    assert os.path.samefile(path, os.path.join(CONFIGS, "convbn_digits.py")) and arg == "smoke"
+    assert config_lib.resolve_config("large_batch") == (found["large_batch"], None)
+    by_name = config_lib.load_config("convbn_digits:smoke")
+    by_path = config_lib.load_config(os.path.join(CONFIGS, "convbn_digits.py"), "smoke")
+    assert by_name.to_dict() == by_path.to_dict() and by_name.smoke
+    # A file in the working directory wins over a shipped name; it needs no SWITCHES.
+    (tmp_path / "large_batch.py").write_text(
+        "from jaxblocks.configs.base import base_config\n\n"
+        "def get_config(arg=None):\n    c = base_config()\n    c.seed = 7\n    return c\n"
+    )
+    assert config_lib.load_config("large_batch.py:anything").seed == 7
+    assert config_lib.load_config("large_batch:smoke").seed == 0
+    with pytest.raises(FileNotFoundError, match=r"'nope'.*known configs: char_lm, convbn_digits"):
+        config_lib.load_config("nope:smoke")
+    with pytest.raises(FileNotFoundError, match="no such file 'sub/large_batch'"):
+        config_lib.load_config("sub/large_batch")
+
+
+def test_describe_config_reads_summary_and_switches_without_importing(tmp_path):
+    summary, switches = config_lib.describe_config(os.path.join(CONFIGS, "large_batch.py"))
+    assert summary.startswith("Large-batch recipe") and "\n" not in summary
+    assert switches == ("smoke", "lamb", "agvm", "conadv", "bn_only")
+    f = tmp_path / "mine.py"
+    f.write_text('"""Mine.\n\nMore."""\nraise RuntimeError("imported")\n')
+    assert config_lib.describe_config(str(f)) == ("Mine.", None)
+
+
+def test_unknown_switch_is_an_error_naming_the_known_ones():
+    with pytest.raises(
+        ValueError,
+        match=r"config char_lm: unknown switch 'rign' in 'smoke,rign'.*"
+        r"smoke, ring, transformer, long_conv",
+    ):
+        config_lib.load_config("char_lm", "smoke,rign")
+    with pytest.raises(ValueError, match="unknown switch 'lmab'"):
+        config_lib.load_config("large_batch:lmab")
+
+
+def test_validate_checks_before_anything_runs():
+    def bad(match, num_devices=None, **over):
+        with pytest.raises(ValueError, match=match):
+            config_lib.validate(tiny_config(**over), num_devices=num_devices)
+
+    bad(r"exactly one of train_steps, train_epochs, train_examples", train_epochs=2.0)
+    bad(r"exactly one of train_steps", train_steps=-1)
+    bad(r"config.data.name: unknown dataset 'imagenet'", data__name="imagenet")
+    bad(r"config.log_every must be >= 1, got 0", log_every=0)
+    bad(r"config.eval_batch_size must be >= 1", eval_batch_size=0)
+    bad(r"config.eval_every must be >= 0", eval_every=-2)
+    bad(r"config.optimizer.schedule must be one of .*got 'linear'", optimizer__schedule="linear")
+    bad(r"agvm and conadv are separate", agvm__enabled=True, conadv__enabled=True)
+    # With the device count: the mesh and the batch split over it.
+    bad(
+        r"mesh: .*3 devices", num_devices=3, mesh={"data": 2, "fsdp": 1, "tensor": 1, "sequence": 1}
+    )
+    bad(
+        r"batch_size=32 .* not divisible by the data-parallel mesh size data\*fsdp=3", num_devices=3
+    )
+    config_lib.validate(tiny_config(), num_devices=8)
+
+
+def test_validate_checks_every_stage():
+    cfg = config_lib.load_config("convbn_digits", "smoke")
+    config_lib.validate(cfg, num_devices=1)
+    cfg.stages = (dict(cfg.stages[0]), dict(cfg.stages[1], optimizer={"name": "adamx"}))
+    with pytest.raises(ValueError, match="unknown optimizer 'adamx'"):
+        config_lib.validate(cfg)
+    cfg.stages = (dict(cfg.stages[0], train_epochs=2.0),)
+    with pytest.raises(ValueError, match="exactly one of train_steps"):
+        config_lib.validate(cfg)
+
+
+def test_model_kwargs_are_checked_against_the_model():
+    with pytest.raises(
+        ValueError,
+        match=r"config.model.kwargs \{'widht': 3\} do not fit model "
+        r"'mlp_tiny'.*'widht'",
+    ):
+        config_lib.check_model_kwargs(tiny_config(model__kwargs={"widht": 3}))
+    staged = config_lib.load_config("convbn_digits", "smoke")
+    config_lib.check_model_kwargs(staged)
+    staged.stages = (dict(staged.stages[0], model={"kwargs": {"depth": 3}}),)
+    with pytest.raises(ValueError, match="'resnet18'.*'depth'"):
+        config_lib.check_model_kwargs(staged)
