@@ -37,8 +37,9 @@ test-slow: $(STAMP)
 train: $(STAMP)
 	$(PY) -m jaxblocks.train.cli $(ARGS)
 
+# Appends to BENCHMARKS.md (`python -m benchmarks.run NAME` alone only prints); ARGS=--quick.
 bench: $(STAMP)
-	$(PY) -m benchmarks.run $(NAME)
+	$(PY) -m benchmarks.run $(NAME) --append BENCHMARKS.md $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

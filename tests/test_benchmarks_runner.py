@@ -1,0 +1,118 @@
+"""The benchmark runner's arguments (with a fake benchmark) and running it from any directory."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import types
+
+import pytest
+
+from benchmarks import run
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """A registered benchmark ``fake`` that records its calls and returns a one-row table."""
+    calls = []
+
+    def bench(quick: bool) -> str:
+        calls.append(quick)
+        return f"| case | quick |\n|---|---|\n| tiny | {quick} |"
+
+    module = types.ModuleType("benchmarks.fake")
+    module.run = bench
+    monkeypatch.setitem(sys.modules, "benchmarks.fake", module)
+    monkeypatch.setattr(run, "available", lambda: ["fake", "other"])
+    return calls
+
+
+def test_prints_only_by_default(fake, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = run.DEFAULT_APPEND.read_text() if run.DEFAULT_APPEND.exists() else None
+    assert run.main(["fake", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "## fake (quick)" in out and "| tiny | True |" in out and "appended" not in out
+    assert fake == [True]
+    assert os.listdir(tmp_path) == []
+    after = run.DEFAULT_APPEND.read_text() if run.DEFAULT_APPEND.exists() else None
+    assert after == before
+    assert run.main(["fake", "--no-append"]) == 0  # the old flag: still print only
+    assert fake == [True, False]
+
+
+def test_append_to_a_path(fake, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "B.md").write_text("# Benchmarks\n")
+    assert run.main(["fake", "--append", "B.md"]) == 0
+    assert run.main(["fake", "--quick", "--append", str(tmp_path / "B.md")]) == 0
+    text = (tmp_path / "B.md").read_text()
+    assert text.startswith("# Benchmarks\n")
+    assert text.count("## fake\n") == 1 and text.count("## fake (quick)") == 1
+    assert "| tiny | False |" in text and "| tiny | True |" in text
+    assert f"(appended to {tmp_path / 'B.md'})" in capsys.readouterr().out
+
+
+def test_bare_append_means_the_repository_file(fake, monkeypatch, tmp_path):
+    target = tmp_path / "BENCHMARKS.md"
+    monkeypatch.setattr(run, "DEFAULT_APPEND", target)  # not the real file
+    monkeypatch.chdir(tmp_path / "..")
+    assert run.main(["fake", "--append"]) == 0
+    assert target.read_text().startswith("\n## fake\n")
+
+
+def test_bare_append_default_is_the_repositorys_benchmarks_md():
+    assert run.DEFAULT_APPEND == ROOT / "BENCHMARKS.md"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["nope"], "unknown benchmark 'nope'; choose from fake, other"),
+        ([], "name a benchmark (one of fake, other) or pass --list"),
+        (["fake", "--append", "no/such/dir/B.md"], "does not exist"),
+        (["fake", "--append", "."], "is a directory"),
+        (["fake", "--append", "B.md", "--no-append"], "contradict"),
+    ],
+)
+def test_bad_arguments_exit_2_before_running(fake, capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        run.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert fake == [] and os.listdir(tmp_path) == []
+
+
+def test_list_and_help_name_the_benchmarks(fake, capsys):
+    assert run.main(["--list"]) == 0
+    assert capsys.readouterr().out.split() == ["fake", "other"]
+    with pytest.raises(SystemExit):
+        run.main(["--help"])
+    out = capsys.readouterr().out
+    assert "benchmarks: fake, other" in out and "--append [PATH]" in out
+
+
+def test_available_finds_the_real_benchmarks():
+    names = run.available()
+    assert {"gla", "rnn", "norms", "convbn_modes"} <= set(names)
+    assert not {"run", "common", "__init__"} & set(names)
+    for name in names:
+        assert callable(run.load(name).run), name
+
+
+@pytest.mark.parametrize("how", ["file", "pythonpath"])
+def test_runs_from_any_directory(tmp_path, how):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    if how == "file":
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--list"]
+        env.pop("PYTHONPATH", None)
+    else:
+        cmd = [sys.executable, "-m", "benchmarks.run", "--list"]
+        env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == run.available()
+    assert os.listdir(tmp_path) == []
