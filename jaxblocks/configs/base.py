@@ -116,6 +116,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 50
     c.checkpoint.keep = 2
     c.checkpoint.async_save = True
+    # Resume even if a field that changes the run differs from the config saved in the workdir
+    # (`jaxblocks.train.checkpoint.check_config`); the CLI's --allow-config-change sets it.
+    c.allow_config_change = False
     # Resuming a workdir whose saved config (workdir/config.json) differs in a field that changes
     # the run is an error unless this is True (`jaxblocks.train.checkpoint.check_config`; CLI
     # --allow-config-change). Logging, evaluation, checkpoint cadence and the mesh may always
