@@ -580,3 +580,146 @@ def test_default_scale_and_dispatch_on_cpu():
     assert_close(o, o2)
     jitted = jax.jit(functools.partial(chunk_gla, implementation="xla"))
     assert_close(jitted(q, k, v, g)[0], o2)
+
+
+# ---------------------------------------------------------------------------------------------
+# −inf gates (hard resets, log 0): every implementation resets the state as the token loop does.
+
+
+def _reset_gates(g):
+    """g with −inf at the first token, mid-chunk, on both sides of a chunk boundary (chunk 16)
+    and a whole position (every head and channel); per head and key channel, as a gate is."""
+    g = g.at[:, 0, 0, :3].set(-jnp.inf)  # first token, three channels of head 0
+    g = g.at[:, 5, 1, :].set(-jnp.inf)  # mid-chunk, every channel of head 1
+    g = g.at[:, 15, 0, 4:9].set(-jnp.inf)  # last row of the first chunk
+    g = g.at[:, 16, 1, 2].set(-jnp.inf)  # first row of the second chunk
+    return g.at[:, 27].set(-jnp.inf)  # a full reset
+
+
+def test_reference_resets_on_minus_inf_gates():
+    # The specification itself against an independent float64 loop (np.exp(-inf) = 0).
+    q, k, v, g, h0 = specs.Case("inf", 2, 40, 2, 16, 12).make(30)
+    g = _reset_gates(g)
+    o, final = REF(q, k, v, g, h0)
+    o64, final64 = _np_gla(q, k, v, g, 16**-0.5, h0)
+    assert_close((o, final), (o64, final64), tol=1e-5)
+    # Full reset at 27: what follows does not depend on what came before.
+    o2, _ = REF(q, k.at[:, :27].set(0.0), v, g, h0 * 0)
+    np.testing.assert_allclose(o2[:, 27:], o[:, 27:], rtol=1e-5, atol=1e-6)
+    _all_grads_finite(REF, (q, k, v, g, h0))
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize("segments", [False, True], ids=["dense", "segments"])
+def test_minus_inf_gates_match_reference(impl, segments):
+    # Forward and VJP equal to the reference (finite everywhere, asserted by assert_close),
+    # chunk 16 over T = 40: three chunks, the last one partial.
+    q, k, v, g, h0 = specs.Case("inf", 2, 40, 2, 16, 12).make(31)
+    g = _reset_gates(g)
+    seg = _segment_ids([[3, 14, 10, 13], [20, 20]]) if segments else None
+    with interpret():
+        check_forward_and_vjp(
+            _op(impl, chunk_size=16, segment_ids=seg),
+            _op("reference", chunk_size=16, segment_ids=seg),
+            [q, k, v, g, h0],
+            tol=1e-4,
+        )
+
+
+def test_minus_inf_gates_with_cu_seqlens_and_decoding():
+    cu = jnp.asarray([0, 6, 6, 30, 40], jnp.int32)
+    q, k, v, g, _ = specs.Case("infcu", 1, 40, 2, 16, 12).make(32, initial_state=False)
+    g = _reset_gates(g)
+    h0 = jax.random.normal(jax.random.key(33), (4, 2, 16, 12))
+    run = lambda impl: jax.jit(
+        lambda q, k, v, g, h0: chunk_gla(
+            q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu,
+            chunk_size=16, implementation=impl,
+        )
+    )  # fmt: skip
+    check_forward_and_vjp(run("xla"), run("reference"), [q, k, v, g, h0], tol=1e-4)
+    rec = lambda q, k, v, g, h0: fused_recurrent_gla(
+        q, k, v, g, initial_state=h0, output_final_state=True, implementation="xla"
+    )
+    q, k, v, g, h0 = specs.Case("infrec", 2, 40, 2, 16, 12).make(34)
+    check_forward_and_vjp(rec, REF, [q, k, v, _reset_gates(g), h0], tol=1e-4)
+
+
+def test_gates_below_the_floor_equal_minus_inf():
+    # Gates whose exp is 0 in fp32 are resets too; the chunked forms take them as GATE_FLOOR.
+    q, k, v, g, h0 = specs.Case("floor", 1, 40, 2, 16, 12).make(35)
+    inf = _reset_gates(g)
+    big = jnp.where(jnp.isneginf(inf), -1e30, inf)
+    xla = _op("xla", chunk_size=16)
+    assert xla_gla.GATE_FLOOR < -104  # exp(GATE_FLOOR) == 0 in fp32
+    np.testing.assert_array_equal(np.exp(np.float32(xla_gla.GATE_FLOOR)), 0.0)
+    assert_close(xla(q, k, v, big, h0), xla(q, k, v, inf, h0), tol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# cu_seqlens values and argument types.
+
+
+@pytest.mark.parametrize(
+    ("cu", "match"),
+    [
+        ([1, 4, 8], r"cu_seqlens must start at 0, got cu_seqlens\[0\]=1 in \[1, 4, 8\]"),
+        ([0, 5, 3, 8], r"non-decreasing, got cu_seqlens\[1\]=5 > cu_seqlens\[2\]=3"),
+        ([0, 4, 7], r"must end at T=8 .*got cu_seqlens\[-1\]=7 in \[0, 4, 7\]"),
+        ([0, 4, 9], r"must end at T=8 .*got cu_seqlens\[-1\]=9"),
+    ],
+)
+def test_cu_seqlens_values_are_validated(cu, match):
+    q, k, v, g, _ = specs.Case("cu", 1, 8, 2, 16, 8).make(36, initial_state=False)
+    for as_array in (np.asarray, jnp.asarray):  # numpy and concrete jax arrays
+        with pytest.raises(ValueError, match=match):
+            chunk_gla(q, k, v, g, cu_seqlens=as_array(np.asarray(cu, np.int32)))
+
+
+def test_traced_cu_seqlens_with_bad_values_give_nan():
+    # Under jit the values cannot be checked at trace time: they are checked on device and
+    # invalid ones make every output NaN rather than silently wrong.
+    q, k, v, g, _ = specs.Case("cu", 1, 8, 2, 16, 8).make(37, initial_state=False)
+    fn = jax.jit(lambda cu: chunk_gla(q, k, v, g, cu_seqlens=cu, output_final_state=True))
+    o, final = fn(jnp.asarray([0, 3, 8], jnp.int32))
+    assert np.all(np.isfinite(o)) and np.all(np.isfinite(final))
+    assert_close(o, chunk_gla(q, k, v, g, cu_seqlens=np.asarray([0, 3, 8]))[0])
+    for bad in ([1, 3, 8], [0, 5, 3], [0, 3, 7]):
+        o, final = fn(jnp.asarray(bad, jnp.int32))
+        assert np.all(np.isnan(o)) and np.all(np.isnan(final)), bad
+
+
+@pytest.mark.parametrize(
+    ("kw", "exc", "match"),
+    [
+        (dict(scale="abc"), TypeError, "scale must be None or a real number, got str 'abc'"),
+        (dict(scale=True), TypeError, "scale must be None or a real number, got bool"),
+        (dict(scale=[1.0]), TypeError, "scale must be None or a real number, got list"),
+        (dict(scale=float("nan")), ValueError, "scale must be finite, got nan"),
+        (dict(scale=float("inf")), ValueError, "scale must be finite, got inf"),
+        (dict(output_final_state="no"), TypeError, "output_final_state must be a bool, got str"),
+        (dict(output_final_state=1), TypeError, "output_final_state must be a bool, got int"),
+        (dict(chunk_size=16.0), TypeError, "chunk_size must be an int .* got float 16.0"),
+        (dict(chunk_size="64"), TypeError, "chunk_size must be an int .* got str '64'"),
+        (dict(implementation=3), TypeError, "implementation must be None or a str, got int 3"),
+    ],
+)
+def test_wrong_argument_types_name_the_argument(kw, exc, match):
+    q, k, v, g, _ = specs.Case("types", 1, 8, 2, 16, 8).make(38)
+    with pytest.raises(exc, match=f"^chunk_gla: {match}"):
+        chunk_gla(q, k, v, g, **kw)
+    if "chunk_size" not in kw:
+        with pytest.raises(exc, match=f"^fused_recurrent_gla: {match}"):
+            fused_recurrent_gla(q, k, v, g, **kw)
+
+
+def test_scale_accepts_numbers_and_concrete_scalars():
+    q, k, v, g, _ = specs.Case("scale", 1, 8, 2, 16, 8).make(39)
+    want, _ = chunk_gla(q, k, v, g, scale=0.5)
+    for s in (np.float32(0.5), jnp.float32(0.5), 1 / 2):
+        np.testing.assert_array_equal(chunk_gla(q, k, v, g, scale=s)[0], want)
+    np.testing.assert_array_equal(
+        chunk_gla(q, k, v, g, scale=1)[0], chunk_gla(q, k, v, g, scale=1.0)[0]
+    )
+    with pytest.raises(TypeError, match="scale must be a concrete number"):
+        jax.jit(lambda s: chunk_gla(q, k, v, g, scale=s))(0.5)

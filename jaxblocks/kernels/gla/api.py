@@ -8,14 +8,18 @@ ones), `fused_recurrent_gla` over `FUSED_RECURRENT_GLA_IMPLEMENTATIONS` (``refer
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxblocks.kernels.dispatch import Implementation, select_implementation
 from jaxblocks.kernels.gla import pallas_gpu, pallas_tpu
 from jaxblocks.kernels.gla._common import BlockSizes as BlockSizes
 from jaxblocks.kernels.gla.reference import gla_reference, segment_starts
-from jaxblocks.kernels.gla.xla import gla_xla, recurrent_xla
+from jaxblocks.kernels.gla.xla import floor_gates, gla_xla, recurrent_xla
 from jaxblocks.kernels.validation import check_array
 from jaxblocks.typing import Array, Float, Int
 
@@ -52,6 +56,80 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
 }
 
 
+def _check_flag(op, name, value):
+    """A boolean argument is a bool (``"no"`` or ``0`` would otherwise be taken as truthy)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def _check_scale(op, scale) -> float | None:
+    """None, or a finite real number (Python or a concrete 0-d array) as a float."""
+    if scale is None:
+        return None
+    is_real = isinstance(scale, numbers.Real) or (
+        hasattr(scale, "dtype")
+        and np.ndim(scale) == 0
+        and (jnp.issubdtype(scale.dtype, jnp.floating) or jnp.issubdtype(scale.dtype, jnp.integer))
+    )
+    if isinstance(scale, (bool, np.bool_)) or not is_real:
+        raise TypeError(
+            f"{op}: scale must be None or a real number, got {type(scale).__name__} {scale!r}"
+        )
+    if isinstance(scale, jax.core.Tracer):
+        raise TypeError(
+            f"{op}: scale must be a concrete number (it is static to the kernels), got a traced "
+            f"value {scale}; close over it or mark it static under jit"
+        )
+    value = float(scale)
+    if not math.isfinite(value):
+        raise ValueError(f"{op}: scale must be finite, got {value!r}")
+    return value
+
+
+def _check_implementation(op, implementation):
+    if implementation is not None and not isinstance(implementation, str):
+        raise TypeError(
+            f"{op}: implementation must be None or a str, "
+            f"got {type(implementation).__name__} {implementation!r}"
+        )
+
+
+def _short(values) -> str:
+    values = np.asarray(values).tolist()
+    return (
+        str(values) if len(values) <= 12 else f"{values[:6]} ... {values[-6:]} (N+1={len(values)})"
+    )
+
+
+def _check_cu_seqlens_values(op, cu_seqlens, T):
+    """0 first, non-decreasing, last = T; on concrete values only (see `chunk_gla`)."""
+    if isinstance(cu_seqlens, jax.core.Tracer):
+        return
+    cu = np.asarray(cu_seqlens).astype(np.int64)
+    if cu[0] != 0:
+        raise ValueError(
+            f"{op}: cu_seqlens must start at 0, got cu_seqlens[0]={cu[0]} in {_short(cu)}"
+        )
+    bad = np.flatnonzero(np.diff(cu) < 0)
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"{op}: cu_seqlens must be non-decreasing, got cu_seqlens[{i}]={cu[i]} > "
+            f"cu_seqlens[{i + 1}]={cu[i + 1]} in {_short(cu)}"
+        )
+    if cu[-1] != T:
+        raise ValueError(
+            f"{op}: cu_seqlens must end at T={T} (the length of q), got cu_seqlens[-1]={cu[-1]} "
+            f"in {_short(cu)}"
+        )
+
+
+def _cu_seqlens_valid(cu_seqlens, T):
+    """The same conditions on traced values, as a scalar bool (the outputs are NaN when False)."""
+    cu = cu_seqlens.astype(jnp.int32)
+    return (cu[0] == 0) & jnp.all(cu[1:] >= cu[:-1]) & (cu[-1] == T)
+
+
 def _check_qkvg(op, q, k, v, g):
     check_array(op, "q", q, ndim=4, min_size=None)
     B, T, H, K = q.shape
@@ -75,7 +153,7 @@ def _segment_final_states(q, k, v, g, seg, h0, scale, N):
     Dense in (T, N), which is what a packed batch of a few sequences needs.
     """
     starts = segment_starts(seg)[0]  # [T]
-    g32 = g[0].astype(jnp.float32)  # [T, H, K]
+    g32 = floor_gates(g[0])  # [T, H, K] fp32, −inf gates finite (see xla.GATE_FLOOR)
 
     def combine(a, b):  # segmented sum: restart where b starts a segment
         return jnp.where(b[1][:, None, None], b[0], a[0] + b[0]), a[1] | b[1]
@@ -118,19 +196,35 @@ def chunk_gla(
     ``chunk_gla`` API and layout). ``g`` is the per-key-channel log forget gate (normally ≤ 0,
     e.g. ``logsigmoid``; positive values are allowed but may overflow, as in the recurrence).
 
+    Non-finite inputs, in every implementation: a gate of ``−inf`` (``log 0``, a hard reset)
+    zeroes that key channel of the state, exactly as the token loop does (forward and gradients
+    stay finite; gates under ``xla.GATE_FLOOR = −256``, whose ``exp`` is 0 in fp32, are taken as
+    that floor). A NaN (or an infinite ``q``, ``k``, ``v``, or a ``+inf`` gate, which overflows
+    the state) makes the later outputs of its batch row and head NaN, and never reaches another
+    row or head. In the chunked implementations (``xla``, Pallas) it also reaches the earlier
+    positions of its chunk and, with ``segment_ids``/``cu_seqlens``, the other segments of its
+    row (masked products are 0 · NaN); the reference keeps it in its segment. A NaN in
+    ``initial_state`` reaches the outputs of its row and head.
+
     Args:
       q, k, g: ``[B, T, H, K]``; v: ``[B, T, H, V]``. Any float dtype; bf16 runs bf16 matmuls
         with fp32 accumulation, the output has ``v``'s dtype.
-      scale: query scale, default ``K ** -0.5``.
+      scale: query scale, a finite real number (static); default ``K ** -0.5``.
       initial_state: fp32 ``[B, H, K, V]`` state before position 0 (with ``cu_seqlens``:
         ``[N, H, K, V]``, one per sequence).
-      output_final_state: also return the final state (fp32).
+      output_final_state: a bool: also return the final state (fp32).
       segment_ids: int ``[B, T]``; the state is reset to zero wherever the id changes, so packed
         sequences are independent. ``initial_state`` then belongs to the first segment of each
         row and the final state (``[B, H, K, V]``) is that of the last segment of each row.
       cu_seqlens: int ``[N + 1]`` cumulative sequence lengths (fla/FlashAttention convention,
         requires ``B == 1``); converted to segment ids. States are then per sequence: the final
-        state has shape ``[N, H, K, V]`` (an empty sequence returns its initial state).
+        state has shape ``[N, H, K, V]`` (an empty sequence returns its initial state). It must
+        start at 0, be non-decreasing and end at T: concrete values (numpy, or jax arrays
+        outside ``jit``) are checked here and a violation raises ``ValueError`` naming the
+        offending entries. A traced ``cu_seqlens`` (an argument of a jitted function) can only
+        have its rank, dtype and length checked at trace time; its values are checked on device
+        and, when they are invalid, ``o`` and the final state are all NaN instead of silently
+        wrong.
       chunk_size: one of 16, 32, 64, 128 (sub-chunks are 16 wide).
       implementation: ``None`` (automatic), ``"reference"``, ``"xla"``, ``"pallas_gpu"`` or
         ``"pallas_tpu"``.
@@ -153,8 +247,17 @@ def chunk_gla(
         )
     block_sizes = BlockSizes() if block_sizes is None else block_sizes
     B, T, H, K, V = _check_qkvg(op, q, k, v, g)
+    scale = _check_scale(op, scale)
+    _check_flag(op, "output_final_state", output_final_state)
+    _check_implementation(op, implementation)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
+        raise TypeError(
+            f"{op}: chunk_size must be an int in {list(CHUNK_SIZES)}, "
+            f"got {type(chunk_size).__name__} {chunk_size!r}"
+        )
     if chunk_size not in CHUNK_SIZES:
         raise ValueError(f"{op}: chunk_size must be one of {list(CHUNK_SIZES)}, got {chunk_size!r}")
+    chunk_size = int(chunk_size)
     if segment_ids is not None and cu_seqlens is not None:
         raise ValueError(f"{op}: pass segment_ids or cu_seqlens, not both")
     N = None
@@ -164,6 +267,7 @@ def chunk_gla(
             raise ValueError(f"{op}: cu_seqlens requires batch size B == 1, got q {tuple(q.shape)}")
         if cu_seqlens.shape[0] < 2:
             raise ValueError(f"{op}: cu_seqlens must have at least 2 entries, got {cu_seqlens}")
+        _check_cu_seqlens_values(op, cu_seqlens, T)
         N = cu_seqlens.shape[0] - 1
         # Token t belongs to sequence n when cu[n] <= t < cu[n+1] (empty sequences own no token).
         pos = jnp.arange(T)
@@ -174,7 +278,7 @@ def chunk_gla(
     if initial_state is not None:
         check_array(op, "initial_state", initial_state, dtypes=(jnp.float32,))
         check_array(op, "initial_state", initial_state, shape=(state_rows, H, K, V))
-    scale = float(K**-0.5) if scale is None else float(scale)
+    scale = float(K**-0.5) if scale is None else scale
 
     if T == 0:
         o = jnp.zeros((B, 0, H, V), v.dtype)
@@ -224,6 +328,10 @@ def chunk_gla(
     o_extra, final = _segment_final_states(q, k, v, g, segment_ids, initial_state, scale, N)
     if o_extra is not None:
         o = (o.astype(jnp.float32) + o_extra).astype(o.dtype)
+    if isinstance(cu_seqlens, jax.core.Tracer):  # values unchecked above: NaN, not silently wrong
+        ok = _cu_seqlens_valid(cu_seqlens, T)
+        o = jnp.where(ok, o, jnp.nan).astype(o.dtype)
+        final = jnp.where(ok, final, jnp.nan)
     return o, final if output_final_state else None
 
 
@@ -264,10 +372,13 @@ def fused_recurrent_gla(
     """
     op = "fused_recurrent_gla"
     B, T, H, K, V = _check_qkvg(op, q, k, v, g)
+    scale = _check_scale(op, scale)
+    _check_flag(op, "output_final_state", output_final_state)
+    _check_implementation(op, implementation)
     if initial_state is not None:
         check_array(op, "initial_state", initial_state, dtypes=(jnp.float32,))
         check_array(op, "initial_state", initial_state, shape=(B, H, K, V))
-    scale = float(K**-0.5) if scale is None else float(scale)
+    scale = float(K**-0.5) if scale is None else scale
     h0 = jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None else initial_state
     if T == 0:
         return jnp.zeros((B, 0, H, V), v.dtype), (h0 if output_final_state else None)

@@ -30,6 +30,18 @@ import jax.numpy as jnp
 from jaxblocks.kernels.gla.reference import segment_starts
 
 SUB_CHUNK = 16
+# Log gates are floored here before any cumsum. exp(GATE_FLOOR) is 0 in fp32 (below -104), so a
+# gate at or under the floor, −inf (a hard reset, ``log 0``) included, already decays the state
+# to exactly 0 in the token loop: flooring changes nothing there, while it keeps the chunked
+# forms' cumsums finite (−inf − (−inf) is NaN) and small (fp32 cumsums lose 2^-24 |G| per
+# step). Across a reset the chunked forms see e^{GATE_FLOOR + s} with s the other gates in
+# between, 0 for s < 150; larger s (positive gates) overflows the token loop itself (e^{88}).
+GATE_FLOOR = -256.0
+
+
+def floor_gates(g: jax.Array) -> jax.Array:
+    """``g`` in fp32, floored at `GATE_FLOOR` (−inf gates become finite resets; NaN stays NaN)."""
+    return jnp.maximum(g.astype(jnp.float32), GATE_FLOOR)
 
 
 def effective_chunk(T: int, chunk_size: int) -> int:
@@ -38,9 +50,10 @@ def effective_chunk(T: int, chunk_size: int) -> int:
 
 
 def chunk_gates(g: jax.Array, C: int) -> jax.Array:
-    """Chunk-local inclusive cumulative sum of ``g [..., T, K]`` in fp32, T a multiple of C."""
+    """Chunk-local inclusive cumulative sum of the floored ``g [..., T, K]`` in fp32 (T a
+    multiple of C)."""
     *lead, T, K = g.shape
-    G = jnp.cumsum(g.astype(jnp.float32).reshape(*lead, T // C, C, K), axis=-2)
+    G = jnp.cumsum(floor_gates(g).reshape(*lead, T // C, C, K), axis=-2)
     return G.reshape(*lead, T, K)
 
 
@@ -184,7 +197,7 @@ def _gla_loop(q, k, v, g, h0, seg, scale, chunk_size, with_segments):
         """One group: slabs ``q, k, v, g [B, W, H, D]`` (and segment counts ``[B, W]``,
         ``[B, Gs]``) -> (state after the group, outputs ``[B, W, H, V]``)."""
         qs, ks, vs, gs = (local(x) for x in slabs[:4])
-        G = jnp.cumsum(gs.astype(jnp.float32), axis=-2)  # chunk-local gate cumsum, fp32
+        G = jnp.cumsum(floor_gates(gs), axis=-2)  # chunk-local gate cumsum, fp32
         Glast = G[..., -1:, :]  # [Gs, B, H, 1, K]
         if with_segments:
             cn, pv = slabs[4:]
