@@ -3,7 +3,10 @@
 `train(cfg, workdir)` runs one stage; `run(cfg, workdir)` runs every stage of a staged config
 (each in ``workdir/<stage>``), the later ones starting from the previous stage's parameters.
 Re-running on the same ``workdir`` resumes from the latest checkpoint, bit-for-bit: the step's
-RNG is ``fold_in(seed_key, step)`` and the data order is a pure function of the step.
+RNG is ``fold_in(seed_key, step)`` and the data order is a pure function of the step. Resuming
+checks the config saved in the workdir, skips (and sets aside) unreadable checkpoints and drops
+metric records past the restored step (see `train`). SIGTERM ends a stage early with a checkpoint
+and ``TrainResult.preempted=True``, which callers use to tell it from a finished one.
 """
 
 from __future__ import annotations
@@ -31,13 +34,31 @@ from jaxblocks.train import optim
 from jaxblocks.train import sharding as shd
 from jaxblocks.train import state as state_lib
 from jaxblocks.train import step as step_lib
-from jaxblocks.train.checkpoint import Checkpointer, PreemptionGuard
+from jaxblocks.train.checkpoint import (
+    Checkpointer,
+    PreemptionGuard,
+    check_config,
+    save_config,
+)
 from jaxblocks.train.metrics import MetricWriter, Progress, plot_curves
 
 
 @dataclasses.dataclass
 class TrainResult:
-    """What a finished (or preempted) stage hands back."""
+    """What a finished (or preempted) stage hands back.
+
+    Attributes:
+      state: the final `TrainState`.
+      final_step: the step the stage stopped at (``num_steps`` when finished).
+      num_steps: the stage's total steps.
+      eval_metrics: the last evaluation (``{}`` when preempted before any).
+      train_losses: ``{step: loss}`` for the steps logged by this call.
+      preempted: True when SIGTERM (or the multi-host preemption service) stopped the stage
+        early after saving a checkpoint at ``final_step``; re-running resumes from it. The CLI
+        maps it to its own exit code.
+      workdir: the stage's output directory.
+      timings: ``build_s`` (build, compile, restore) and ``step_s`` (median step time).
+    """
 
     state: Any
     final_step: int
@@ -271,111 +292,156 @@ def train(
 ) -> TrainResult:
     """Train one stage in ``workdir`` (resuming from its latest checkpoint if any).
 
+    Resuming prints ``resumed from step N (workdir ...)``. It checks the config saved in
+    ``workdir/config.json`` (written when the run started fresh): fields that change the run
+    must be unchanged unless ``cfg.allow_config_change`` (see `checkpoint.check_config` and
+    `checkpoint.RESUME_FREE_FIELDS`); a checkpoint whose parameter shapes differ from the model's
+    raises `checkpoint.CheckpointMismatchError` naming them; an unreadable latest checkpoint is
+    set aside for the newest one that restores (`checkpoint.Checkpointer.restore`). Records of
+    ``metrics.jsonl`` (and TensorBoard events) after the restored step are dropped, so each
+    step appears once.
+
+    SIGTERM (preemption) at any point of the stage stops it after the current step: the state
+    is saved once (unless that step was already saved) and the result has ``preempted=True``
+    and ``final_step`` the step it stopped at. Callers tell a preempted stage from a finished
+    one by ``result.preempted`` (the CLI exits with a distinct code so schedulers requeue it);
+    re-running on the same workdir resumes.
+
+    Without a terminal (or with ``cfg.progress=False``) a line with the loss and throughput is
+    printed every ``cfg.log_every`` steps (`metrics.Progress`).
+
     Args:
       cfg: a (single-stage) config.
-      workdir: output directory: ``checkpoints/``, ``metrics.jsonl``, ``tb/``, ``curves.png``.
+      workdir: output directory: ``checkpoints/``, ``config.json``, ``metrics.jsonl``, ``tb/``,
+        ``curves.png``.
       init_from: a variables dict ``{"params": ..., **collections}`` to start from (transfer),
         ignored when resuming; leaves are copied where path and shape match.
       devices: restrict the mesh to these devices (tests).
       stop_after: stop (with a checkpoint) after this many steps of this call (tests).
       description: progress-bar label.
+
+    Returns:
+      A `TrainResult`; ``preempted`` says whether SIGTERM stopped the stage early.
     """
     config_lib.check_workdir(workdir)
-    timings: dict[str, float] = {}
     t_build = time.perf_counter()
-    tr = build(cfg, devices)
-    writer = MetricWriter(workdir, tensorboard=cfg.tensorboard)
-    ckpt = Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        cfg.checkpoint.every_steps,
-        cfg.checkpoint.keep,
-        cfg.checkpoint.async_save,
-    )
-    try:
-        return _train(
-            cfg, tr, workdir, writer, ckpt, init_from, stop_after, description, timings, t_build
+    with PreemptionGuard() as guard:  # from here on, SIGTERM stops the stage cleanly
+        tr = build(cfg, devices)
+        ckpt = Checkpointer(
+            os.path.join(workdir, "checkpoints"),
+            cfg.checkpoint.every_steps,
+            cfg.checkpoint.keep,
+            cfg.checkpoint.async_save,
         )
-    finally:
-        writer.close()
-        ckpt.close()
+        try:
+            return _train(
+                cfg, tr, workdir, ckpt, guard, init_from, stop_after, description, t_build
+            )
+        finally:
+            ckpt.close()
 
 
-def _train(cfg, tr, workdir, writer, ckpt, init_from, stop_after, description, timings, t_build):
+def _say(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def _train(cfg, tr, workdir, ckpt, guard, init_from, stop_after, description, t_build):
     with tr.mesh_context():
         state, state_sh, abstract = state_lib.create_state(
             tr.init_fn, cfg.seed, tr.boxed_variables, tr.mesh
         )
         steps = compile_steps(tr, state_sh)
         target = state_lib.abstract_with_shardings(abstract, state_sh)
-        restored = ckpt.restore(target)
+        new_config = True
+        if ckpt.all_steps():
+            new_config = check_config(workdir, cfg, log=_say)
+        restored = ckpt.restore(target, log=_say)
         start = 0
         if restored is not None:
             state, pos = restored
             start = int(jax.device_get(state.step))
             if pos.get("step", start) != start:
                 raise RuntimeError(f"checkpoint: data position {pos} disagrees with step {start}")
+            _say(f"resumed from step {start} (workdir {workdir})")
         elif init_from is not None:
             state = state_lib.start_from(
                 state, init_from, tuple(cfg.get("transfer_reinit", ())), state_sh
             )
-        if cfg.conadv.enabled and start == 0:
-            b0 = _global_batch(tr, 0)
-            state = steps["adv_init"](state, {"x": b0["x"], "y": b0["y"]})
-        timings["build_s"] = time.perf_counter() - t_build
+        if restored is None or new_config:
+            save_config(workdir, cfg)
+        writer = MetricWriter(workdir, tensorboard=cfg.tensorboard, start_step=start)
+        try:
+            result = _loop(
+                cfg, tr, ckpt, guard, writer, steps, state, start, stop_after, description, t_build
+            )
+        finally:
+            writer.close()
+    if cfg.plot and not result.preempted:
+        plot_curves(writer.path, os.path.join(workdir, "curves.png"), title=description)
+    return result
 
-        n = tr.num_steps
-        end = n if stop_after is None else min(n, start + stop_after)
-        progress = Progress(n, start, cfg.batch_size, enabled=cfg.progress, description=description)
-        losses: dict[int, float] = {}
-        preempted = False
-        eval_metrics: dict[str, float] = {}
-        step_times: list[float] = []
-        with PreemptionGuard() as guard:
-            step = start
-            while step < end:
-                batch = _global_batch(tr, step)
-                variant = "conadv" if cfg.conadv.enabled else "default"
-                if (
-                    cfg.agvm.enabled
-                    and step % cfg.agvm.interval == 0
-                    and step >= tr.agvm_start_step
-                ):
-                    variant = "agvm"
-                t0 = time.perf_counter()
-                state, m = steps[variant](state, batch)
-                step += 1
-                last = step == end
-                logged = step % cfg.log_every == 0 or last or step == start + 1
-                if logged:
-                    m = jax.device_get(m)
-                    if step > start + 1:  # the first step compiles
-                        step_times.append(time.perf_counter() - t0)
-                r = progress.update(step, {"loss": float(m["loss"])} if logged else None)
-                if logged:
-                    vals = writer.write(step, "train", {**m, **r})
-                    losses[step] = vals["loss"]
-                if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == n):
-                    eval_metrics = evaluate(tr, steps, state)
-                    writer.write(step, "eval", eval_metrics)
-                ckpt.save(step, state, tr.train_data.position(step), force=(step == n))
-                if cfg.step_delay_s > 0:
-                    time.sleep(cfg.step_delay_s)
-                if guard.requested or ckpt.reached_preemption(step):
-                    preempted = True
-                    ckpt.save(step, state, tr.train_data.position(step), force=True)
-                    break
-            if stop_after is not None and not preempted and step < n:
-                ckpt.save(step, state, tr.train_data.position(step), force=True)
-        progress.close()
-        ckpt.wait()
-        if not preempted and step == n and not eval_metrics:
+
+def _loop(cfg, tr, ckpt, guard, writer, steps, state, start, stop_after, description, t_build):
+    workdir = os.path.dirname(writer.path)
+    timings: dict[str, float] = {}
+    if cfg.conadv.enabled and start == 0:
+        b0 = _global_batch(tr, 0)
+        state = steps["adv_init"](state, {"x": b0["x"], "y": b0["y"]})
+    timings["build_s"] = time.perf_counter() - t_build
+
+    n = tr.num_steps
+    end = n if stop_after is None else min(n, start + stop_after)
+    progress = Progress(n, start, cfg.batch_size, enabled=cfg.progress, description=description)
+    losses: dict[int, float] = {}
+    # A SIGTERM while building or restoring: nothing new to save (the state is the checkpoint's
+    # or a fresh initialisation).
+    preempted = guard.requested
+    eval_metrics: dict[str, float] = {}
+    step_times: list[float] = []
+    step = start
+    while step < end and not preempted:
+        batch = _global_batch(tr, step)
+        variant = "conadv" if cfg.conadv.enabled else "default"
+        if cfg.agvm.enabled and step % cfg.agvm.interval == 0 and step >= tr.agvm_start_step:
+            variant = "agvm"
+        t0 = time.perf_counter()
+        state, m = steps[variant](state, batch)
+        step += 1
+        last = step == end
+        logged = step % cfg.log_every == 0 or last or step == start + 1
+        if logged:
+            m = jax.device_get(m)
+            if step > start + 1:  # the first step compiles
+                step_times.append(time.perf_counter() - t0)
+        r = progress.update(step, {"loss": float(m["loss"])} if logged else None)
+        if logged:
+            vals = writer.write(step, "train", {**m, **r})
+            losses[step] = vals["loss"]
+        if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == n):
             eval_metrics = evaluate(tr, steps, state)
             writer.write(step, "eval", eval_metrics)
-    if cfg.plot and not preempted:
-        plot_curves(writer.path, os.path.join(workdir, "curves.png"), title=description)
+            progress.log(step, "eval", eval_metrics)
+        # `save` skips a step already saved, so the preemption save below never writes a step
+        # the interval just saved (orbax would raise StepAlreadyExistsError).
+        ckpt.save(step, state, tr.train_data.position(step), force=(step == n))
+        if cfg.step_delay_s > 0:
+            time.sleep(cfg.step_delay_s)
+        if guard.requested or ckpt.reached_preemption(step):
+            preempted = True
+            ckpt.save(step, state, tr.train_data.position(step), force=True)
+    if stop_after is not None and not preempted and step < n:
+        ckpt.save(step, state, tr.train_data.position(step), force=True)
+    progress.close()
+    ckpt.wait()  # inside the guard: a second SIGTERM does not cut the last save short
+    if not preempted and step == n and not eval_metrics:
+        eval_metrics = evaluate(tr, steps, state)
+        if not writer.logged(step, "eval"):  # a finished run re-run logs nothing twice
+            writer.write(step, "eval", eval_metrics)
+            progress.log(step, "eval", eval_metrics)
     if step_times:
         timings["step_s"] = float(np.median(step_times))
-    return TrainResult(state, step, tr.num_steps, eval_metrics, losses, preempted, workdir, timings)
+    return TrainResult(state, step, n, eval_metrics, losses, preempted, workdir, timings)
 
 
 def run(
@@ -387,6 +453,9 @@ def run(
 ) -> list[tuple[str, TrainResult]]:
     """Run every stage of ``cfg`` (see `jaxblocks.train.config.stage_configs`), then the report
     hooks named in ``cfg.reports`` (`jaxblocks.train.reports`) unless a stage was preempted.
+
+    A preempted stage (SIGTERM, see `train`) ends the run: the returned list stops at it and
+    its result has ``preempted=True`` (``results[-1][1].preempted``); re-running resumes it.
 
     Args:
       cfg: the (possibly staged) config.

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TextIO
 
 import jax
 import numpy as np
@@ -26,20 +26,54 @@ def _scalar(v: Any) -> float:
 
 class MetricWriter:
     """Writes ``{"step", "split", **metrics}`` lines to ``workdir/metrics.jsonl`` and the same
-    scalars to TensorBoard under ``workdir/tb`` (``split/name`` tags)."""
+    scalars to TensorBoard under ``workdir/tb`` (``split/name`` tags).
 
-    def __init__(self, workdir: str, tensorboard: bool = True):
+    ``start_step`` is the step the run starts from (the restored checkpoint's, 0 for a fresh
+    run): records of later steps, written by an earlier run after its last checkpoint (killed
+    before it could save again), are dropped from the JSONL file (and an unfinished last line
+    with them), and TensorBoard is told to purge its events after ``start_step``, so every step
+    appears once after the resumed run logs it again.
+    """
+
+    def __init__(self, workdir: str, tensorboard: bool = True, start_step: int | None = None):
         self.active = jax.process_index() == 0
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
+        self._logged: set[tuple[int, str]] = set()
         if not self.active:
             return
         os.makedirs(workdir, exist_ok=True)
+        if start_step is not None:
+            self._truncate(start_step)
         self._f = open(self.path, "a")  # noqa: SIM115 - closed in close()
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            purge = None if start_step is None else int(start_step) + 1
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge)
+
+    def _truncate(self, step: int) -> None:
+        if not os.path.exists(self.path):
+            return
+        kept = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                    s, split = int(r["step"]), str(r["split"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by a kill
+                if s <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+                    self._logged.add((s, split))
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+
+    def logged(self, step: int, split: str) -> bool:
+        """Whether a ``split`` record for ``step`` is in the file (kept or written)."""
+        return (int(step), split) in self._logged
 
     def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> dict[str, float]:
         vals = {k: _scalar(v) for k, v in metrics.items()}
@@ -47,6 +81,7 @@ class MetricWriter:
             return vals
         self._f.write(json.dumps({"step": int(step), "split": split, **vals}) + "\n")
         self._f.flush()
+        self._logged.add((int(step), split))
         if self._tb is not None:
             for k, v in vals.items():
                 self._tb.add_scalar(f"{split}/{k}", v, int(step))
@@ -77,7 +112,14 @@ def read_metrics(path: str) -> list[dict]:
 class Progress:
     """A rich progress bar with steps/s, examples/s and ETA excluding the first (compiling) step.
 
-    Falls back to a log line every ``log_every`` steps when disabled or not on a terminal.
+    The bar is drawn only when ``enabled`` and both stdout and stderr are terminals. Otherwise
+    (``progress=False``, output captured to a file or a pipe, as under a scheduler) each
+    `update` given metrics, i.e. every ``log_every`` steps, prints one flushed line to
+    ``stream`` (default stdout)::
+
+        [train] step 20/100  loss=0.4721  51.3 steps/s  1642 ex/s  ETA 2s
+
+    Only process 0 draws or prints.
     """
 
     def __init__(
@@ -87,9 +129,13 @@ class Progress:
         batch_size: int,
         enabled: bool = True,
         description: str = "train",
+        stream: TextIO | None = None,
     ):
         self.total, self.start, self.batch_size = total, start, batch_size
-        self.enabled = enabled and jax.process_index() == 0
+        self.stream = sys.stdout if stream is None else stream
+        main = jax.process_index() == 0
+        self.enabled = enabled and main and _isatty(self.stream) and _isatty(sys.stderr)
+        self.lines = main and not self.enabled
         self._t0: float | None = None
         self._n0 = start
         self._bar = None
@@ -123,21 +169,41 @@ class Progress:
 
     def update(self, step: int, metrics: Mapping[str, float] | None = None) -> dict[str, float]:
         r = self.rates(step)
+        text = ""
+        if r:
+            text = (
+                f"{r['steps_per_s']:.1f} steps/s  {r['examples_per_s']:.0f} ex/s  "
+                f"ETA {r['eta_s']:.0f}s"
+            )
+        shown = "  ".join(f"{k}={v:.4g}" for k, v in (metrics or {}).items())
         if self._bar is not None:
-            text = ""
-            if r:
-                text = (
-                    f"{r['steps_per_s']:.1f} steps/s  {r['examples_per_s']:.0f} ex/s  "
-                    f"ETA {r['eta_s']:.0f}s"
-                )
-            if metrics:
-                text += "  " + "  ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-            self._bar.update(self._task, completed=step, rate=text)
+            self._bar.update(
+                self._task, completed=step, rate="  ".join(filter(None, (text, shown)))
+            )
+        elif self.lines and metrics is not None:
+            head = f"[{self.description}] step {step}/{self.total}"
+            self._print("  ".join(filter(None, (head, shown, text))))
         return r
+
+    def log(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
+        """One line for another split's metrics (evaluation) in line mode."""
+        if self.lines:
+            shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+            self._print(f"[{self.description}] step {step}/{self.total}  {split}  {shown}")
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed file
+        return False
 
 
 def plot_curves(jsonl_path: str, png_path: str, title: str = "") -> str | None:
