@@ -7,7 +7,11 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxblocks.layers.linear_attention import GatedLinearAttention
+from jaxblocks.layers.linear_attention import (
+    GatedLinearAttention,
+    check_bools,
+    check_sequence_input,
+)
 from jaxblocks.layers.mlp import SwiGLU, swiglu_hidden_size
 from jaxblocks.typing import Array, Float
 
@@ -17,6 +21,9 @@ class GLABlock(nn.Module):
 
     Gated linear attention (https://arxiv.org/abs/2312.06635) replaces softmax attention in an
     otherwise LLaMA-style block, as in the paper's GLA Transformer and fla's ``GLABlock``.
+
+    ``x [B, T, D]`` is a float array with B, D >= 1; T = 0 gives an empty output (see
+    `GatedLinearAttention` for that and for non-finite inputs).
 
     Attributes:
       num_heads, expand_k, expand_v, use_short_conv: passed to `GatedLinearAttention`.
@@ -43,6 +50,8 @@ class GLABlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        check_sequence_input(type(self).__name__, x)
+        check_bools(type(self).__name__, use_short_conv=self.use_short_conv, decode=self.decode)
         norm = lambda name: nn.RMSNorm(
             epsilon=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )

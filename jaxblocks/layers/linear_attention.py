@@ -7,11 +7,35 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxblocks.kernels.gla.api import chunk_gla, fused_recurrent_gla
 from jaxblocks.typing import Array, Float
 
 _INIT = nn.initializers.variance_scaling(2**-5, "fan_avg", "uniform")  # xavier, gain 2^-2.5
+
+
+def check_sequence_input(layer: str, x) -> None:
+    """``x`` is a float ``[B, T, D]`` array with B, D >= 1 (T = 0 is an empty sequence)."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{layer}: x must be a float array [B, T, D], got {type(x).__name__}")
+    got = f"shape {tuple(x.shape)} dtype {jnp.dtype(x.dtype).name}"
+    if x.ndim != 3:
+        raise ValueError(f"{layer}: x must be [B, T, D] (rank 3), got {got}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{layer}: x must be a float array [B, T, D] (embeddings; embed integer ids "
+            f"first), got {got}"
+        )
+    if x.shape[0] == 0 or x.shape[2] == 0:
+        raise ValueError(f"{layer}: x must be [B, T, D] with B >= 1 and D >= 1, got {got}")
+
+
+def check_bools(layer: str, **flags) -> None:
+    """Each flag is a bool (a string such as ``"no"`` would otherwise count as True)."""
+    for name, value in flags.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{layer}: {name} must be a bool, got {type(value).__name__} {value!r}")
 
 
 def causal_depthwise_conv1d(
@@ -88,6 +112,12 @@ class GatedLinearAttention(nn.Module):
     ``cache`` collection: ``init`` creates a zero cache, each ``apply(..., mutable=["cache"])``
     continues from it (chunked for a prompt, token loop for single tokens).
 
+    Input ``x [B, T, D]`` is a float array with B, D >= 1. T = 0 is an empty sequence: the
+    output is ``[B, 0, D]`` and a decode cache is left as it was. A NaN or inf in ``x`` at
+    position t makes the later outputs of its batch row NaN and, as the chunked kernel
+    multiplies masked zeros by it, the earlier positions of its chunk (``chunk_size`` tokens);
+    it never reaches another batch row.
+
     Attributes:
       num_heads: heads; expand_k, expand_v: key / value width relative to the input.
       gate_low_rank_dim: rank of the gate projection; gate_logit_normalizer: divides logsigmoid.
@@ -132,14 +162,34 @@ class GatedLinearAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-        B, T, D = x.shape
+        layer = type(self).__name__
+        check_sequence_input(layer, x)
+        check_bools(
+            layer,
+            use_short_conv=self.use_short_conv,
+            use_output_gate=self.use_output_gate,
+            decode=self.decode,
+        )
         H = self.num_heads
+        if isinstance(H, bool) or not isinstance(H, (int, np.integer)) or H < 1:
+            raise ValueError(f"{layer}: num_heads must be a positive int, got {H!r}")
+        B, T, D = x.shape
         key_dim, value_dim = int(D * self.expand_k), int(D * self.expand_v)
-        if key_dim % H or value_dim % H:
+        if key_dim < H or value_dim < H or key_dim % H or value_dim % H:
             raise ValueError(
-                f"GatedLinearAttention: key_dim {key_dim} and value_dim {value_dim} must be "
-                f"divisible by num_heads {H} (input width {D})"
+                f"{layer}: key_dim {key_dim} and value_dim {value_dim} must be positive and "
+                f"divisible by num_heads {H} (input width {D}, expand_k {self.expand_k}, "
+                f"expand_v {self.expand_v})"
             )
+        if self.decode and self.has_variable("cache", "state"):
+            want = (B, H, key_dim // H, value_dim // H)
+            have = tuple(self.get_variable("cache", "state").shape)
+            if have != want:
+                raise ValueError(
+                    f"{layer}: the decode cache holds a state of shape {have} ([B, H, K, V]) but "
+                    f"x of shape {tuple(x.shape)} needs {want}; initialise the cache with an "
+                    f"input of the same batch size and width"
+                )
         x = x.astype(self.dtype)
         q = self._dense(key_dim, ("embed", "kv"), "q_proj")(x)
         k = self._dense(key_dim, ("embed", "kv"), "k_proj")(x)
@@ -155,7 +205,7 @@ class GatedLinearAttention(nn.Module):
         if self.clamp_min is not None:
             gk = jnp.maximum(gk, self.clamp_min)
 
-        heads = lambda t: t.reshape(B, T, H, -1)
+        heads = lambda t: t.reshape(B, T, H, t.shape[-1] // H)  # explicit: T may be 0
         q, k, v, gk = heads(q), heads(k), heads(v), heads(gk)
         o = self._attend(q, k, v, gk)  # [B, T, H, V/H]
         o = nn.RMSNorm(

@@ -25,6 +25,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxblocks.kernels.rnn.api import CELLS, flashrnn
 from jaxblocks.typing import Array, Float
@@ -44,6 +45,51 @@ __all__ = [
 ]
 
 Initializer = Callable[..., Array]
+
+
+def _shape(x) -> str:
+    return f"shape {tuple(x.shape)} dtype {jnp.dtype(x.dtype).name}"
+
+
+def _check_bool(layer: str, name: str, value) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{layer}: {name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def _check_positive_int(layer: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(
+            f"{layer}: {name} must be a positive int, got {type(value).__name__} {value!r}"
+        )
+
+
+def _check_input(layer: str, x) -> None:
+    """``x`` is a float ``[B, T, F]`` array with B, F >= 1 (T = 0 is an empty sequence)."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{layer}: x must be a float array [B, T, F], got {type(x).__name__}")
+    if x.ndim != 3:
+        raise ValueError(f"{layer}: x must be [B, T, F] (rank 3), got {_shape(x)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{layer}: x must be a float array [B, T, F] (features; embed integer ids first), "
+            f"got {_shape(x)}"
+        )
+    if x.shape[0] == 0 or x.shape[2] == 0:
+        raise ValueError(f"{layer}: x must be [B, T, F] with B >= 1 and F >= 1, got {_shape(x)}")
+
+
+def _check_states(layer: str, name: str, states, want: tuple[int, ...], what: str) -> None:
+    """``states`` is None or a float array of shape ``want`` (``what`` spells out its axes)."""
+    if states is None:
+        return
+    if not hasattr(states, "shape") or not hasattr(states, "dtype"):
+        raise TypeError(
+            f"{layer}: {name} must be None or an array {what} = {want}, got {type(states).__name__}"
+        )
+    if tuple(states.shape) != want:
+        raise ValueError(f"{layer}: {name} must have shape {what} = {want}, got {_shape(states)}")
+    if not jnp.issubdtype(states.dtype, jnp.floating):
+        raise TypeError(f"{layer}: {name} must be a float array, got {_shape(states)}")
 
 
 def _headwise(init: Initializer) -> Initializer:
@@ -135,7 +181,13 @@ class FlashRNN(nn.Module):
         each head's ``[D, D]`` block of ``R`` and of ``b [Gb, N, D]``.
 
     Call: ``(x [B, T, F], initial_states [S, B, N, D] | None)`` ->
-    ``(outputs, final_states [S, B, N, D])`` (states in the layout of `flashrnn`).
+    ``(outputs, final_states [S, B, N, D])`` (states in the layout of `flashrnn`). With
+    ``bidirectional=True``, ``initial_states`` is None or a ``(forward, backward)`` pair, each
+    None or ``[S, B, N, D]``. ``x`` is a float array with B, F >= 1; T = 0 (an empty sequence)
+    gives ``[B, 0, features]`` outputs (with ``return_sequences=False``: the initial h, zeros
+    when None) and the initial states back. A NaN or inf in ``x`` at step t reaches every later
+    step of its batch row, in every head (the input projection mixes the features into all
+    heads), and no other row.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -173,6 +225,56 @@ class FlashRNN(nn.Module):
             name=name,
         )
 
+    def _check(self, x, initial_states):
+        """Validate the attributes and the inputs; the (forward, backward) initial states."""
+        layer = type(self).__name__
+        if not isinstance(self.function, str) or self.function not in CELLS:
+            raise ValueError(
+                f"{layer}: function must be one of {list(CELLS)}, got {self.function!r}"
+            )
+        _check_positive_int(layer, "features", self.features)
+        _check_positive_int(layer, "num_heads", self.num_heads)
+        _check_bool(layer, "return_sequences", self.return_sequences)
+        _check_bool(layer, "bidirectional", self.bidirectional)
+        if self.implementation is not None and not isinstance(self.implementation, str):
+            raise TypeError(
+                f"{layer}: implementation must be None or a str, "
+                f"got {type(self.implementation).__name__} {self.implementation!r}"
+            )
+        if self.features % self.num_heads:
+            raise ValueError(
+                f"{layer}: features={self.features} is not divisible by num_heads={self.num_heads}"
+            )
+        _check_input(layer, x)
+        N = self.num_heads
+        want = (CELLS[self.function].S, x.shape[0], N, self.features // N)
+        what = "[S, B, N, D]"
+        if not self.bidirectional:
+            if isinstance(initial_states, (tuple, list)):
+                raise TypeError(
+                    f"{layer}: initial_states must be None or one array {what} = {want} "
+                    f"(a (forward, backward) pair is for bidirectional=True), got a "
+                    f"{type(initial_states).__name__} of {len(initial_states)}"
+                )
+            _check_states(layer, "initial_states", initial_states, want, what)
+            return initial_states, None
+        if initial_states is None:
+            return None, None
+        if not isinstance(initial_states, (tuple, list)) or len(initial_states) != 2:
+            if hasattr(initial_states, "shape"):
+                got = f"one array of {_shape(initial_states)}"
+            elif isinstance(initial_states, (tuple, list)):
+                got = f"a {type(initial_states).__name__} of {len(initial_states)}"
+            else:
+                got = type(initial_states).__name__
+            raise ValueError(
+                f"{layer}: with bidirectional=True, initial_states must be None or a (forward, "
+                f"backward) pair, each None or {what} = {want}, got {got}"
+            )
+        for i, side in enumerate(("forward", "backward")):
+            _check_states(layer, f"initial_states[{i}] ({side})", initial_states[i], want, what)
+        return tuple(initial_states)
+
     def _outputs(self, states_all, last):
         h = states_all[0] if self.return_sequences else last[0]  # [B, T, N, D] or [B, N, D]
         return h.reshape(*h.shape[:-2], self.features)
@@ -181,20 +283,7 @@ class FlashRNN(nn.Module):
     def __call__(
         self, x: Float[Array, "B T F"], initial_states=None
     ) -> tuple[Array, Array | tuple[Array, Array]]:
-        if self.function not in CELLS:
-            raise ValueError(f"{type(self).__name__}: function must be one of {list(CELLS)}")
-        if self.features % self.num_heads:
-            raise ValueError(
-                f"{type(self).__name__}: features={self.features} is not divisible by "
-                f"num_heads={self.num_heads}"
-            )
-        if x.ndim != 3:
-            raise ValueError(f"{type(self).__name__}: x must be [B, T, F], got {x.shape}")
-        init_f, init_b = (
-            initial_states if self.bidirectional and initial_states is not None else (None, None)
-        )
-        if not self.bidirectional:
-            init_f = initial_states
+        init_f, init_b = self._check(x, initial_states)
         sa, last = self._direction("forward")(x, init_f)
         out = self._outputs(sa, last)
         if not self.bidirectional:
@@ -342,6 +431,14 @@ class _LayerNormRNN(nn.Module):
     gates: int = 4
     num_states: int = 2
 
+    def _check(self, x, initial_states):
+        layer = type(self).__name__
+        _check_positive_int(layer, "features", self.features)
+        _check_bool(layer, "return_sequences", self.return_sequences)
+        _check_input(layer, x)
+        want = (self.num_states, x.shape[0], self.features)
+        _check_states(layer, "initial_states", initial_states, want, "[S, B, H]")
+
     def _params(self, in_features):
         H, G = self.features, self.gates
         ones, zeros = nn.initializers.ones_init(), nn.initializers.zeros_init()
@@ -397,6 +494,7 @@ class LayerNormLSTM(_LayerNormRNN):
 
     @nn.compact
     def __call__(self, x: Float[Array, "B T F"], initial_states=None):
+        self._check(x, initial_states)
         p = self._params(x.shape[-1])
         dtype = self.dtype or jnp.result_type(x, p["kernel"])
         B, T, _ = x.shape
@@ -435,6 +533,7 @@ class LayerNormGRU(_LayerNormRNN):
 
     @nn.compact
     def __call__(self, x: Float[Array, "B T F"], initial_states=None):
+        self._check(x, initial_states)
         p = self._params(x.shape[-1])
         dtype = self.dtype or jnp.result_type(x, p["kernel"])
         B, T, _ = x.shape

@@ -126,3 +126,14 @@ def test_gla_block_residual_shapes():
     y, v = block.init_with_output(jax.random.key(0), x)
     assert y.shape == x.shape and np.all(np.isfinite(y))
     assert set(nn.unbox(v["params"])) == {"attn_norm", "attn", "mlp_norm", "mlp"}
+
+
+def test_empty_sequence_and_bad_input_shapes():
+    layer = GatedLinearAttention(num_heads=2)
+    x = _x(3, 4, 32)
+    params = layer.init(jax.random.key(0), x)
+    assert layer.apply(params, x[:, :0]).shape == (3, 0, 32)  # T = 0: an empty output
+    with pytest.raises(ValueError, match=r"x must be \[B, T, D\] \(rank 3\), got shape \(4, 32\)"):
+        layer.apply(params, x[0])
+    with pytest.raises(ValueError, match=r"B >= 1 and D >= 1, got shape \(0, 4, 32\)"):
+        layer.apply(params, x[:0])

@@ -184,3 +184,25 @@ def test_layer_norm_rnn_is_invariant_to_weight_scale(cls):
     assert_close(y2, y, tol=1e-3)
     g = jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x)[0]))(p)
     assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(g))
+
+
+def test_bidirectional_initial_states_pair_and_errors():
+    x = _x(7)
+    layer = LSTM(features=H, num_heads=2, bidirectional=True)
+    params = layer.init(jax.random.key(0), x)
+    s_f = jax.random.normal(jax.random.key(1), (2, B, 2, H // 2))
+    s_b = jax.random.normal(jax.random.key(2), (2, B, 2, H // 2))
+    y, (last_f, last_b) = layer.apply(params, x, (s_f, s_b))
+    one = LSTM(features=H, num_heads=2)
+    p = params["params"]
+    yf, lf = one.apply({"params": {"forward": p["forward"]}}, x, s_f)
+    yb, lb = one.apply({"params": {"forward": p["backward"]}}, x[:, ::-1], s_b)
+    assert_close(y, jnp.concatenate([yf, yb[:, ::-1]], -1), tol=1e-6)
+    assert_close((last_f, last_b), (lf, lb), tol=1e-6)
+    y_none_f, _ = layer.apply(params, x, (None, s_b))  # either side may be None (zeros)
+    assert_close(y_none_f[..., H:], y[..., H:], tol=1e-6)
+    # One array where a pair is expected: the message names what was passed, not a slice of it.
+    with pytest.raises(ValueError, match=r"initial_states must be None or a \(forward, backward"):
+        layer.apply(params, x, s_f)
+    with pytest.raises(ValueError, match=r"initial_states\[0\] \(forward\) must have shape"):
+        layer.apply(params, x, (s_f[:1], s_b))

@@ -43,6 +43,11 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
 
 
 def _validate(op, Wx, R, b, states, function, *, step=False):
+    if not isinstance(function, str):
+        raise TypeError(
+            f"{op}: function must be one of {list(CELLS)}, got {type(function).__name__} "
+            f"{function!r}"
+        )
     check_choice(op, "function", function, list(CELLS))
     cell = CELLS[function]
     if step:
@@ -98,6 +103,12 @@ def flashrnn(
       ``(states_all [S, B, T, N, D], last_states [S, B, N, D])`` in ``Wx.dtype``: the states after
       every step and after the last one (the initial states when T = 0).
 
+    Non-finite values are IEEE arithmetic, not checked: a NaN or inf in ``Wx`` at step t (or in
+    ``states``) reaches the states of its batch row and head from that step on (heads are
+    independent: ``R`` is block-diagonal), never another row or head; a NaN in ``R`` or ``b``
+    reaches every row of its head. Empty batches (B = 0) and heads (N or D = 0) are errors; an
+    empty sequence (T = 0) is not.
+
     Example:
       >>> import jax.numpy as jnp
       >>> Wx = jnp.ones((2, 5, 4, 3, 16)); R = jnp.zeros((4, 3, 16, 16)); b = jnp.zeros((4, 3, 16))
@@ -105,6 +116,11 @@ def flashrnn(
       (2, 2, 5, 3, 16)
     """
     _validate(OP, Wx, R, b, states, function)
+    if implementation is not None and not isinstance(implementation, str):
+        raise TypeError(
+            f"{OP}: implementation must be None or a str, "
+            f"got {type(implementation).__name__} {implementation!r}"
+        )
     if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
         raise TypeError(
             f"{OP}: block_sizes must be None or a jaxblocks.kernels.rnn.BlockSizes, "
