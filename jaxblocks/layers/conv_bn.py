@@ -29,9 +29,26 @@ Train and eval modes apply the activation and conv exactly as given: the plain F
 These are `jax.custom_vjp` functions, so tune and deploy modes support reverse-mode autodiff
 only (no ``jax.jvp``/``jacfwd``); train and eval support both.
 
-The mode is chosen by the call argument, else the innermost `convbn_mode` context, else the
-``mode`` attribute, else ``"train"``. `convbn_mode` is a `jax.make_user_context`, so a ``jax.jit``
-function traced under one mode is re-traced (not wrongly reused) under another.
+Which mode runs is decided in one place, `resolve_convbn_mode`, used by `ConvBN`, `LinearBN` and
+the models built from them (``ResNet``, ``MobileNetV2``). First match wins:
+
+1. the ``mode`` call argument;
+2. Flax-style ``train=``: ``True`` is ``"train"``; ``False`` is the innermost `convbn_mode`
+   context, else the ``mode`` attribute, when that is a running-statistics mode
+   (``eval``/``tune``/``deploy``), otherwise ``"eval"``;
+3. the innermost ``with convbn_mode(...)`` context;
+4. the module's ``mode`` attribute;
+5. nothing asked: ``"train"`` when the ``batch_stats`` collection is mutable (or while
+   initializing); otherwise a ValueError naming the layer. This follows ``flax.linen.BatchNorm``,
+   which raises rather than silently normalising with batch statistics and dropping the update:
+   ask for evaluation with ``mode="eval"``, ``train=False`` or ``convbn_mode("eval")``, for
+   training with ``mutable=["batch_stats"]`` (or ``mode="train"`` / ``train=True``).
+
+`convbn_mode` is a `jax.make_user_context`, so a ``jax.jit`` function traced under one mode is
+re-traced (not wrongly reused) under another.
+
+Inputs are promoted as ``flax.linen.Conv`` promotes them: integer (and bool) inputs compute in
+float32 unless ``dtype`` is set, never truncated; floating inputs keep their dtype.
 """
 
 from __future__ import annotations
@@ -50,6 +67,8 @@ from jax import lax
 from jaxblocks.typing import Array, Float
 
 CONVBN_MODES: tuple[str, ...] = ("train", "eval", "tune", "deploy")
+# The modes that normalise with the running statistics (what ``train=False`` may keep).
+RUNNING_STATS_MODES: tuple[str, ...] = ("eval", "tune", "deploy")
 DEFAULT_EPSILON = 1e-5
 
 # Logical axis names of the parameters (mapped to mesh axes by the trainer's rules).
@@ -279,21 +298,81 @@ def _activate(z: Array, activation: Callable | None, lean: bool) -> Array:
 # The shared mode logic of ConvBN and LinearBN.
 
 
+def compute_dtype(dtype: Any, x: Array) -> Any:
+    """The compute dtype of a layer with ``dtype`` attribute on input ``x``.
+
+    ``dtype`` when set; else a floating ``x`` keeps its dtype and an integer or bool ``x`` is
+    promoted to float32 (as ``flax.linen.Conv`` promotes it with its float32 kernel), so integer
+    images are never truncated.
+    """
+    if dtype is not None:
+        return dtype
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return x.dtype
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
 def _path(module: nn.Module) -> str:
     path = "/".join(module.scope.path) if module.scope is not None else ""
     return f"{type(module).__name__} at {path!r}" if path else type(module).__name__
 
 
-def _resolve_mode(module: nn.Module, call_mode: str | None) -> str:
+def resolve_convbn_mode(
+    module: nn.Module, mode: str | None = None, train: bool | None = None
+) -> str:
+    """The ConvBN mode a call of ``module`` runs in: the one precedence of this package.
+
+    First match wins: (1) ``mode``; (2) ``train``: True is "train", False is the innermost
+    `convbn_mode` context, else the module's ``mode`` attribute, when that is a running-statistics
+    mode (eval/tune/deploy), otherwise "eval"; (3) the innermost `convbn_mode` context; (4) the
+    module's ``mode`` attribute; (5) "train" when the ``batch_stats`` collection is mutable or the
+    module is initializing, otherwise a ValueError that names the module and says how to ask.
+
+    Args:
+      module: the bound module being called (`ConvBN`, `LinearBN`, or a model such as ``ResNet``
+        whose ``mode`` attribute is the default of its layers); named in errors.
+      mode: the ``mode`` call argument (None: not given).
+      train: the Flax-style ``train`` call argument (None: not given).
+
+    Returns:
+      One of `CONVBN_MODES`.
+
+    Example::
+
+        class MyNet(nn.Module):
+            mode: str | None = None
+
+            @nn.compact
+            def __call__(self, x, mode=None, *, train=None):
+                mode = resolve_convbn_mode(self, mode, train)
+                return ConvBN(8, (3, 3))(x, mode)
+    """
     where = _path(module)
-    if call_mode is not None:
-        return _check_mode(f"{where}: the `mode` call argument", call_mode)
+    if mode is not None:
+        return _check_mode(f"{where}: the `mode` call argument", mode)
     ctx = active_convbn_mode()
+    attr = getattr(module, "mode", None)
+    if attr is not None:
+        _check_mode(f"{where}: the `mode` attribute", attr)
+    if train is not None:
+        if not isinstance(train, bool):
+            raise TypeError(f"{where}: train must be a bool or None, got {train!r}")
+        if train:
+            return "train"
+        kept = ctx if ctx is not None else attr
+        return kept if kept in RUNNING_STATS_MODES else "eval"
     if ctx is not None:
-        return _check_mode(f"{where}: convbn_mode(...)", ctx)
-    if module.mode is not None:
-        return _check_mode(f"{where}: the `mode` attribute", module.mode)
-    return "train"
+        return ctx
+    if attr is not None:
+        return attr
+    if module.is_initializing() or module.is_mutable_collection("batch_stats"):
+        return "train"
+    raise ValueError(
+        f"{where}: no ConvBN mode was asked for and the 'batch_stats' collection is not mutable, "
+        "so train mode could not update the running statistics. To evaluate, pass mode='eval' "
+        "(or train=False, or run under `with convbn_mode('eval'):`); to train, apply with "
+        "mutable=['batch_stats'] (or pass mode='train' / train=True)."
+    )
 
 
 def _check_variables(module: nn.Module, mode: str, bias_name: str, use_bias: bool) -> None:
@@ -358,7 +437,7 @@ def _apply_modes(
 ) -> Array:
     """Everything but the linear map itself, which ``linear(x, kernel)`` supplies."""
     features = kernel_shape[-1]
-    dtype = module.dtype if module.dtype is not None else x.dtype
+    dtype = compute_dtype(module.dtype, x)
     out_axes = (kernel_axes[-1],)
     if not isinstance(use_aux, bool):
         raise TypeError(f"{_path(module)}: use_aux must be a bool, got {use_aux!r}")
@@ -506,10 +585,13 @@ class ConvBN(nn.Module):
       feature_group_count: groups (``C`` for depthwise); must divide ``C`` and ``features``.
       use_conv_bias: add a conv bias ``conv_bias`` before the BN (redundant with BN, default off).
       activation: optional callable after the BN (and after ``residual``), e.g. ``nn.relu``.
-      mode: ``"train"``, ``"eval"``, ``"tune"`` or ``"deploy"``; None means ``"train"``.
+      mode: ``"train"``, ``"eval"``, ``"tune"`` or ``"deploy"``, the default when the call asks
+        for none (see `resolve_convbn_mode`); None: ``"train"`` when ``batch_stats`` is mutable,
+        otherwise an error.
       momentum: decay of the running statistics (Flax convention; PyTorch's 0.1 is 0.9 here).
       epsilon: BN epsilon.
-      dtype: compute dtype (None: the input's); statistics and the fold are always fp32.
+      dtype: compute dtype (None: the input's, integer inputs promoted to float32); statistics
+        and the fold are always fp32.
       param_dtype: parameter storage dtype.
       kernel_init, scale_init, bias_init: initializers (``bias_init`` also for ``conv_bias``).
       implementation: passed to ``pointwise_conv_bn`` (1x1, stride-1, ungrouped, tune mode).
@@ -555,13 +637,16 @@ class ConvBN(nn.Module):
         x: Float[Array, "B *S C"],
         mode: str | None = None,
         *,
+        train: bool | None = None,
         residual: Float[Array, "B *S2 F"] | None = None,
         use_aux: bool = False,
     ) -> Float[Array, "B *S2 F"]:
-        """Apply the layer; ``residual`` (output-shaped) is added before the activation;
-        ``use_aux`` normalises with the auxiliary BatchNorm (needs ``aux_bn=True``)."""
+        """Apply the layer in ``mode`` (or Flax-style ``train``; see `resolve_convbn_mode`).
+
+        ``residual`` (output-shaped) is added before the activation; ``use_aux`` normalises with
+        the auxiliary BatchNorm (needs ``aux_bn=True``)."""
         where = _path(self)
-        mode = _resolve_mode(self, mode)
+        mode = resolve_convbn_mode(self, mode, train)
         if isinstance(self.kernel_size, int):
             raise TypeError(f"{where}: kernel_size must be a sequence of ints, e.g. (3, 3)")
         ks = _tuple("kernel_size", self.kernel_size, len(self.kernel_size), where)
@@ -662,13 +747,16 @@ class LinearBN(nn.Module):
         x: Float[Array, "*B C"],
         mode: str | None = None,
         *,
+        train: bool | None = None,
         residual: Float[Array, "*B F"] | None = None,
         use_aux: bool = False,
     ) -> Float[Array, "*B F"]:
-        """Apply the layer; ``residual`` (output-shaped) is added before the activation;
-        ``use_aux`` normalises with the auxiliary BatchNorm (needs ``aux_bn=True``)."""
+        """Apply the layer in ``mode`` (or Flax-style ``train``; see `resolve_convbn_mode`).
+
+        ``residual`` (output-shaped) is added before the activation; ``use_aux`` normalises with
+        the auxiliary BatchNorm (needs ``aux_bn=True``)."""
         where = _path(self)
-        mode = _resolve_mode(self, mode)
+        mode = resolve_convbn_mode(self, mode, train)
         if not hasattr(x, "ndim") or x.ndim < 2:
             shape = getattr(x, "shape", type(x).__name__)
             raise ValueError(

@@ -19,6 +19,7 @@ from jaxblocks.layers.conv_bn import (
     fold_for_deploy,
     relu6_saving_output,
     relu_saving_output,
+    resolve_convbn_mode,
 )
 from tests.kernels.harness import assert_close, rel_rms
 
@@ -311,17 +312,158 @@ def test_mode_is_part_of_the_jit_cache_key():
     assert rel_rms(y_train, y_eval) > 1e-2
 
 
-def test_mode_resolution_order():
-    layer, x, variables = _setup(dict(features=4, kernel_size=(3, 3)), (2, 5, 5, 3))
-    stats_only = lambda m: layer.clone(mode=m)
+class _Probe(nn.Module):
+    """Returns the mode `resolve_convbn_mode` picks for its call (no variables)."""
+
+    mode: str | None = None
+
+    @nn.compact
+    def __call__(self, mode=None, *, train=None):
+        return resolve_convbn_mode(self, mode, train)
+
+
+# (call mode, train, context, attribute, mutable batch_stats) -> resolved mode: every level.
+PRECEDENCE = [
+    # 1. the call argument wins over everything
+    (("tune", True, "eval", "deploy", False), "tune"),
+    (("train", False, "eval", "eval", False), "train"),
+    # 2. train=True is train; train=False keeps a running-statistics context, else attribute
+    ((None, True, "eval", "tune", False), "train"),
+    ((None, False, "tune", None, False), "tune"),
+    ((None, False, "deploy", "eval", False), "deploy"),
+    ((None, False, None, "deploy", False), "deploy"),
+    ((None, False, "train", "tune", True), "eval"),
+    ((None, False, None, "train", True), "eval"),
+    ((None, False, None, None, True), "eval"),
+    # 3. the context wins over the attribute
+    ((None, None, "eval", "train", True), "eval"),
+    ((None, None, "train", "deploy", False), "train"),
+    # 4. the attribute
+    ((None, None, None, "tune", False), "tune"),
+    ((None, None, None, "train", False), "train"),
+    # 5. nothing asked: train only when batch_stats is mutable
+    ((None, None, None, None, True), "train"),
+]
+
+
+@pytest.mark.parametrize("case,want", PRECEDENCE)
+def test_mode_precedence_every_level(case, want):
+    mode, train, ctx, attr, mutable = case
+    probe = _Probe(mode=attr)
+    kwargs = {"mutable": ["batch_stats"]} if mutable else {}
+
+    def run():
+        out = probe.apply({}, mode, train=train, **kwargs)
+        return out[0] if mutable else out
+
+    if ctx is None:
+        assert run() == want
+    else:
+        with convbn_mode(ctx):
+            assert run() == want
+        with convbn_mode("train" if ctx != "train" else "eval"), convbn_mode(ctx):
+            assert run() == want  # the innermost context
+
+
+def test_nothing_asked_without_mutable_batch_stats_is_an_error():
+    probe = _Probe()
+    with pytest.raises(ValueError, match=r"_Probe: no ConvBN mode was asked for"):
+        probe.apply({})
+    assert probe.init_with_output(jax.random.key(0))[0] == "train"  # initializing: train
+    assert probe.apply({}, mutable=True)[0] == "train"
+    with pytest.raises(TypeError, match=r"train must be a bool or None, got 1"):
+        probe.apply({}, train=1)
+
+
+def _layer_cases():
+    conv = ConvBN(4, (3, 3), activation=nn.relu)
+    dense = LinearBN(4, activation=nn.relu)
+    return {"ConvBN": (conv, (2, 5, 5, 3)), "LinearBN": (dense, (6, 3))}
+
+
+@pytest.mark.parametrize("kind", ["ConvBN", "LinearBN"])
+def test_layer_mode_precedence(kind):
+    layer, shape = _layer_cases()[kind]
+    x = jax.random.normal(jax.random.key(1), shape)
+    variables = _randomize(layer.init(jax.random.key(0), x))
+    folded = fold_for_deploy(variables)
+    y_train, upd = layer.apply(variables, x, "train", mutable=["batch_stats"])
     y_eval = layer.apply(variables, x, "eval")
-    y_train = layer.apply(variables, x, "train")
-    np.testing.assert_allclose(stats_only("eval").apply(variables, x), y_eval)  # attribute
-    np.testing.assert_allclose(layer.apply(variables, x), y_train)  # default: train
-    with convbn_mode("eval"):  # context wins over attribute
-        np.testing.assert_allclose(stats_only("train").apply(variables, x), y_eval)
-        np.testing.assert_allclose(layer.apply(variables, x, "train"), y_train)  # call wins
+    assert rel_rms(y_train, y_eval) > 1e-2  # the two statistics really differ
+    same = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # 1. call argument over train=, context and attribute
+    with convbn_mode("eval"):
+        same(layer.clone(mode="eval").apply(variables, x, "train", train=False), y_train)
+    # 2. train=True / train=False
+    with convbn_mode("eval"):
+        same(layer.apply(variables, x, train=True), y_train)
+    same(layer.apply(variables, x, train=False), y_eval)
+    same(layer.clone(mode="train").apply(variables, x, train=False), y_eval)
+    with convbn_mode("deploy"):  # train=False keeps deploy: folded variables work
+        same(layer.apply(folded, x, train=False), y_eval)
+    same(layer.clone(mode="deploy").apply(folded, x, train=False), y_eval)
+    # 3. context over attribute
+    with convbn_mode("eval"):
+        same(layer.clone(mode="train").apply(variables, x), y_eval)
+    with convbn_mode("train"), convbn_mode("eval"):  # innermost
+        same(layer.apply(variables, x), y_eval)
+    # 4. attribute
+    same(layer.clone(mode="eval").apply(variables, x), y_eval)
+    # 5. nothing asked: train with mutable batch_stats (updated), else an error naming the layer
+    y, upd5 = layer.apply(variables, x, mutable=["batch_stats"])
+    same(y, y_train)
+    assert_close(upd5, upd, tol=1e-6)
+    assert not np.allclose(upd5["batch_stats"]["mean"], variables["batch_stats"]["mean"])
+    with pytest.raises(
+        ValueError,
+        match=rf"{kind}: no ConvBN mode .*mode='eval' .*train=False.*convbn_mode\('eval'\).*"
+        r"mutable=\['batch_stats'\]",
+    ):
+        layer.apply(variables, x)
     assert CONVBN_MODES == ("train", "eval", "tune", "deploy")
+
+
+def test_mode_error_names_the_nested_layer():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return ConvBN(4, (3, 3), name="stem")(x)
+
+    net = Net()
+    x = jnp.ones((1, 4, 4, 2))
+    variables = net.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"ConvBN at 'stem': no ConvBN mode was asked for"):
+        net.apply(variables, x)
+    with convbn_mode("eval"):
+        assert net.apply(variables, x).shape == (1, 4, 4, 4)
+
+
+@pytest.mark.parametrize("int_dtype", [jnp.int8, jnp.int32, jnp.uint8, jnp.bool_])
+@pytest.mark.parametrize("mode", ["train", "eval", "tune"])
+def test_integer_inputs_are_promoted_not_truncated(int_dtype, mode):
+    key = jax.random.key(3)
+    if int_dtype == jnp.bool_:
+        x_int = jax.random.bernoulli(key, 0.5, (2, 6, 6, 3))
+    else:
+        hi = 100 if int_dtype != jnp.uint8 else 255
+        lo = -100 if int_dtype != jnp.uint8 else 0
+        x_int = jax.random.randint(key, (2, 6, 6, 3), lo, hi).astype(int_dtype)
+    x_f = x_int.astype(jnp.float32)
+    for layer, xi, xf in (
+        (ConvBN(4, (3, 3), activation=nn.relu), x_int, x_f),
+        (LinearBN(4), x_int[:, 0, 0], x_f[:, 0, 0]),
+    ):
+        variables = _randomize(layer.init(jax.random.key(0), xi))
+        y_int = layer.apply(variables, xi, mode)
+        y_f = layer.apply(variables, xf, mode)
+        assert y_int.dtype == jnp.float32
+        np.testing.assert_array_equal(y_int, y_f)
+        # the fractional part survives (an int compute dtype would truncate it)
+        assert not np.allclose(y_f, np.round(y_f))
+    # an explicit dtype still wins
+    conv = ConvBN(4, (3, 3))
+    variables = conv.init(jax.random.key(0), x_int)
+    assert conv.clone(dtype=jnp.bfloat16).apply(variables, x_int, mode).dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("mode", ["train", "eval", "tune"])
@@ -420,7 +562,7 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"x must have rank 4 .*kernel_size of length 2"):
         layer.init(jax.random.key(0), jnp.ones((2, 5, 3)))
     with pytest.raises(ValueError, match=r"x has 5 channels.*params\['kernel'\].*\(3, 3, 3, 4\)"):
-        layer.apply(variables, jnp.ones((2, 5, 5, 5)))
+        layer.apply(variables, jnp.ones((2, 5, 5, 5)), "eval")
     with pytest.raises(ValueError, match=r"feature_group_count=2 must .*x.shape\[-1\]=3"):
         ConvBN(4, (3, 3), feature_group_count=2).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"strides must be .* 2 positive ints"):
@@ -431,7 +573,7 @@ def test_errors_name_the_argument():
         ConvBN(4, 3).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"x has 5 features .*params\['kernel'\]"):
         head = LinearBN(3)
-        head.apply(head.init(jax.random.key(0), jnp.ones((2, 4))), jnp.ones((2, 5)))
+        head.apply(head.init(jax.random.key(0), jnp.ones((2, 4))), jnp.ones((2, 5)), "eval")
     with pytest.raises(ValueError, match=r"LinearBN.*x must have rank >= 2"):
         LinearBN(3).init(jax.random.key(0), jnp.ones((4,)))
 
