@@ -119,3 +119,31 @@ def test_harness_catches_a_wrong_gradient():
     check_forward_and_vjp(lambda x: x * x, functools.partial(jnp.square), [x])
     with pytest.raises(AssertionError, match="grad"):
         check_forward_and_vjp(bad_square, jnp.square, [x])
+
+
+def test_resource_estimates_and_limits():
+    from jaxblocks.kernels.resources import H100, TPU_V5E, GpuWorkingSet, TpuWorkingSet, nbytes
+
+    assert nbytes((128, 64), "float32") == 32768 and nbytes((3, 5), "bfloat16") == 30
+    # A [128, 128] fp32 block over 4 warps: 16384 / 128 = 128 registers + overhead: fits.
+    small = GpuWorkingSet("k", live_bytes=nbytes((128, 128), "float32"), num_warps=4)
+    assert small.registers_per_thread == 128 + 32 and small.check() is None
+    big = GpuWorkingSet("k", live_bytes=2 * nbytes((128, 128), "float32"), num_warps=4)
+    assert "registers per thread" in big.check(H100) and big.check(H100).startswith("k:")
+    smem = GpuWorkingSet("k", live_bytes=0, num_warps=4, shared_memory_bytes=300 * 1024)
+    assert "shared memory" in smem.check()
+    tpu = TpuWorkingSet("t", block_bytes=5 * 2**20, scratch_bytes=2**20)
+    assert tpu.vmem_bytes == 11 * 2**20 and tpu.check() is None
+    assert "VMEM" in TpuWorkingSet("t", block_bytes=9 * 2**20).check(TPU_V5E)
+
+
+def test_precision_names():
+    from jax import lax
+
+    from jaxblocks.kernels.precision import resolve_precision
+
+    assert resolve_precision("op", "highest") == lax.Precision.HIGHEST
+    assert resolve_precision("op", "tf32") == lax.Precision.DEFAULT
+    for bad in ("fp32", None, lax.Precision.HIGHEST):
+        with pytest.raises(ValueError, match=r"op: precision must be one of"):
+            resolve_precision("op", bad)
