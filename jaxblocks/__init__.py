@@ -17,8 +17,13 @@ from jaxblocks.layers import ConvBN as ConvBN
 from jaxblocks.layers import LinearBN as LinearBN
 from jaxblocks.layers import convbn_mode as convbn_mode
 from jaxblocks.layers import fold_for_deploy as fold_for_deploy
+from jaxblocks.registry import ModelInfo as ModelInfo
+from jaxblocks.registry import Paper as Paper
 from jaxblocks.registry import create_model as create_model
+from jaxblocks.registry import example_input as example_input
 from jaxblocks.registry import list_models as list_models
+from jaxblocks.registry import model_info as model_info
 from jaxblocks.registry import register_model as register_model
+from jaxblocks.registry import register_presets as register_presets
 
 __version__ = "0.1.0"

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxblocks.layers.long_conv import LongConv
-from jaxblocks.registry import register_model
+from jaxblocks.registry import Paper, register_presets
 from jaxblocks.typing import Array, Float, Int
 
 __all__ = ["LongConvLM", "LongConvLMConfig"]
@@ -64,11 +64,20 @@ class LongConvLM(nn.Module):
         return nn.Dense(c.vocab_size, dtype=self.dtype, name="head")(x)
 
 
-def _example_tokens():
-    return jnp.arange(2 * 64, dtype=jnp.int32).reshape(2, 64) % 256
+def _example_tokens(config: LongConvLMConfig) -> Array:
+    return jnp.arange(2 * 64, dtype=jnp.int32).reshape(2, 64) % config.vocab_size
 
 
-@register_model("long_conv_lm_tiny", example_input=_example_tokens)
-def long_conv_lm_tiny(**kwargs: Any) -> LongConvLM:
-    """LongConv byte LM: width 128, 2 blocks, kernels up to 1024 (≈0.9M parameters)."""
-    return LongConvLM(**kwargs)
+register_presets(
+    LongConvLM,
+    {"long_conv_lm_tiny": LongConvLMConfig()},
+    example_input=_example_tokens,
+    doc="LongConv byte LM: width 128, 2 blocks, kernels up to 1024 (≈0.9M parameters); "
+    "config fields and module attributes as kwargs.",
+    paper=Paper(
+        "Simple Hardware-Efficient Long Convolutions for Sequence Modeling",
+        arxiv="2302.06646",
+        code="https://github.com/HazyResearch/safari",
+    ),
+    params_source="no published count: a jaxblocks demo size of the paper's long-conv mixer",
+)

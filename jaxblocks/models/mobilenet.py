@@ -15,16 +15,14 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from jaxblocks.layers.conv_bn import ConvBN
+from jaxblocks.layers.conv_bn import ConvBN, resolve_convbn_mode
 from jaxblocks.models.resnet import (
     ACTIVATION_AXES,
     HEAD_KERNEL_AXES,
     conv_kernel_init,
     global_avg_pool,
-    module_kwargs,
-    resolve_call_mode,
 )
-from jaxblocks.registry import register_model
+from jaxblocks.registry import Paper, config_fields_module, register_presets
 
 # (expansion t, output channels c, repeats n, first stride s): the paper's Table 2.
 INVERTED_RESIDUAL_SETTING: tuple[tuple[int, int, int, int], ...] = (
@@ -105,16 +103,21 @@ class MobileNetV2(nn.Module):
 
     Differs from `ResNet` in its inverted residual blocks: a depthwise 3x3 `ConvBN`
     (``feature_group_count`` = channels) between 1x1 expansion and linear projection layers,
-    ReLU6, and a width multiplier. All ConvBN modes apply (https://arxiv.org/abs/2305.11624):
-    ``with convbn_mode("tune"): model.apply(...)``, the ``mode`` attribute or call argument
-    (or ``train=True/False``).
+    ReLU6, and a width multiplier. All ConvBN modes apply (https://arxiv.org/abs/2305.11624),
+    resolved once per call by `resolve_convbn_mode` and passed to every layer; first match wins:
+    the ``mode`` call argument; ``train=True`` ("train") / ``train=False`` (the context or the
+    attribute when it is eval/tune/deploy, else "eval"); ``with convbn_mode(...)``; the ``mode``
+    attribute; else "train" when applied with ``mutable=["batch_stats"]`` (and in ``init``),
+    otherwise a ValueError (as ``flax.linen.BatchNorm``). Integer images are promoted to
+    float32 unless ``dtype`` is set.
     Topology and counts follow torchvision (3,504,872 parameters at 1000 classes) except the
     classifier dropout, which is left out (no parameters; add it in the head if needed).
 
     Attributes:
       num_classes, width_multiplier, stem_strides: see `MobileNetV2Config`.
-      mode: default ConvBN mode of every layer (None: the `convbn_mode` context, else "train").
-      dtype: compute dtype (None: the input's); param_dtype: parameter storage dtype.
+      mode: default ConvBN mode of every layer (None: decided per call, see above).
+      dtype: compute dtype (None: the input's, integers promoted to float32); param_dtype:
+        parameter storage dtype.
       implementation: kernel implementation passed to every `ConvBN` (None: automatic).
       aux_bn: give every `ConvBN` an auxiliary BatchNorm, selected per call with
         ``use_aux=True`` (ConAdv's adversarial inputs; `fold_for_deploy` drops it).
@@ -140,10 +143,8 @@ class MobileNetV2(nn.Module):
     implementation: str | None = None
     aux_bn: bool = False
 
-    @classmethod
-    def from_config(cls, config: MobileNetV2Config, **kwargs: Any) -> MobileNetV2:
-        """Build from a config; ``kwargs`` override config fields and module attributes."""
-        return cls(**module_kwargs(config, kwargs))
+    # Build from a `MobileNetV2Config`; kwargs override config fields and module attributes.
+    from_config = classmethod(config_fields_module)
 
     @nn.compact
     def __call__(
@@ -159,10 +160,10 @@ class MobileNetV2(nn.Module):
         Args:
           x: NHWC images.
           mode: ConvBN mode for every layer of this call (wins over context and attribute).
-          train: Flax-style alternative to ``mode`` (see `resolve_call_mode`).
+          train: Flax-style alternative to ``mode`` (see the precedence above).
           use_aux: normalise with every layer's auxiliary BatchNorm (needs ``aux_bn=True``).
         """
-        mode = resolve_call_mode(mode, train, self.mode)
+        mode = resolve_convbn_mode(self, mode, train)
         if x.ndim != 4:
             raise ValueError(
                 f"MobileNetV2: x must be NHWC [batch, height, width, channels], got {x.shape}"
@@ -173,7 +174,6 @@ class MobileNetV2(nn.Module):
             )
         conv = functools.partial(
             ConvBN,
-            mode=self.mode,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             kernel_init=conv_kernel_init,
@@ -222,11 +222,23 @@ class MobileNetV2(nn.Module):
 MOBILENET_PRESETS: dict[str, MobileNetV2Config] = {"mobilenet_v2": MobileNetV2Config()}
 
 
-def _example_image() -> Array:
+def _example_image(config: MobileNetV2Config) -> Array:
+    del config
     return jnp.linspace(-1.0, 1.0, 2 * 32 * 32 * 3, dtype=jnp.float32).reshape(2, 32, 32, 3)
 
 
-@register_model("mobilenet_v2", example_input=_example_image)
-def mobilenet_v2(**kwargs: Any) -> MobileNetV2:
-    """torchvision's ``mobilenet_v2`` topology built from ConvBN; kwargs override fields."""
-    return MobileNetV2.from_config(MOBILENET_PRESETS["mobilenet_v2"], **kwargs)
+register_presets(
+    MobileNetV2.from_config,
+    MOBILENET_PRESETS,
+    example_input=_example_image,
+    doc="torchvision's {name} topology built from ConvBN; kwargs override fields.",
+    paper=Paper(
+        "MobileNetV2: Inverted Residuals and Linear Bottlenecks",
+        arxiv="1801.04381",
+        code="https://github.com/pytorch/vision",
+    ),
+    published_params={"mobilenet_v2": 3_504_872},
+    params_source="torchvision.models.mobilenet_v2(num_classes=1000): sum of numel() "
+    "(the paper's Table 4 rounds it to 3.4M)",
+    tiny={"width_multiplier": 0.25, "num_classes": 10},
+)

@@ -195,19 +195,31 @@ def _example_tokens() -> Array:
     return (jnp.arange(2 * 16, dtype=jnp.int32) % 256).reshape(2, 16)
 
 
-@register_model("mlp_tiny", example_input=_example_image)
+@register_model(
+    "mlp_tiny",
+    example_input=_example_image,
+    params_source="no published count: a jaxblocks demo model for tests and smoke runs",
+)
 def mlp_tiny(**kwargs: Any) -> MLP:
     """A 1-hidden-layer MLP (32 units)."""
     return MLP(**kwargs)
 
 
-@register_model("cnn_tiny", example_input=_example_image)
+@register_model(
+    "cnn_tiny",
+    example_input=_example_image,
+    params_source="no published count: a jaxblocks demo model for tests and smoke runs",
+)
 def cnn_tiny(**kwargs: Any) -> CNN:
     """A 2-conv BatchNorm CNN (8, 16 channels)."""
     return CNN(**kwargs)
 
 
-@register_model("char_lm_tiny", example_input=_example_tokens)
+@register_model(
+    "char_lm_tiny",
+    example_input=_example_tokens,
+    params_source="no published count: a jaxblocks demo model for tests and smoke runs",
+)
 def char_lm_tiny(**kwargs: Any) -> CharLM:
     """A 1-block byte-level Transformer LM (width 32, 2 heads)."""
     return CharLM(**kwargs)

@@ -1,9 +1,12 @@
 """The registry test: every registered model, whoever added it.
 
-For each name in `list_models()`: `jax.eval_shape` of init (no allocation) and the parameter
-count. For models up to `FULL_CHECK_MAX_PARAMS`: init, apply under `jit`, finite (and not all
-zero) gradients of a scalar loss, and ``dtype=jnp.bfloat16`` followed by the outputs and the
-activations (parameters stay fp32). Models built from `ConvBN`/`LinearBN` are also switched
+For each name in `list_models()`: `jax.eval_shape` of the preset's init (no allocation), its
+parameter count equal to the published one its registration declares (`ModelInfo`), and the
+metadata itself. Then, on the model built with its registration's ``tiny`` overrides (at most
+`FULL_CHECK_MAX_PARAMS`, so every preset's structure runs, however large the preset): init,
+apply under `jit`, finite (and not all zero) gradients of a scalar loss, and
+``dtype=jnp.bfloat16`` followed by the outputs and the activations (parameters stay fp32).
+Models built from `ConvBN`/`LinearBN` are also switched
 between modes with `convbn_mode`: train updates the running statistics, tune gives eval's
 outputs, and deploy after `fold_for_deploy` gives eval's outputs.
 
@@ -22,11 +25,11 @@ import numpy as np
 import pytest
 
 from jaxblocks.layers.conv_bn import ConvBN, LinearBN, convbn_mode, fold_for_deploy
-from jaxblocks.registry import create_model, example_input, list_models
+from jaxblocks.registry import ModelInfo, create_model, example_input, list_models, model_info
 from tests.kernels.harness import assert_close
 
 MODELS = list_models()
-FULL_CHECK_MAX_PARAMS = 30_000_000
+FULL_CHECK_MAX_PARAMS = 2_000_000
 # Tune folds BN into the kernel (reassociated fp32 sums), deploy stores the fold: ~1e-6 apart.
 MODE_TOL = 1e-4
 # Models whose final output is fp32 by design even with dtype=bf16 (their activations are still
@@ -38,14 +41,20 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
 
 
+def _tiny(name: str):
+    """(model, example input) of ``name`` with its registration's ``tiny`` overrides."""
+    tiny = model_info(name).tiny
+    return create_model(name, **tiny), example_input(name, **tiny)
+
+
 def _float_leaves(tree) -> list[jax.Array]:
     return [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
 
 
 @functools.cache
-def _abstract(name: str):
+def _abstract(name: str, tiny: bool = False):
     """(abstract variables, uses ConvBN/LinearBN) from one `eval_shape` of init."""
-    model = create_model(name)
+    model, x = _tiny(name) if tiny else (create_model(name), example_input(name))
     uses_convbn = []
 
     def spy(next_fun, args, kwargs, context):
@@ -54,37 +63,30 @@ def _abstract(name: str):
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(spy):
-        abstract = jax.eval_shape(model.init, jax.random.key(0), example_input(name))
+        abstract = jax.eval_shape(model.init, jax.random.key(0), x)
     return nn.unbox(abstract), bool(uses_convbn)
 
 
-def _n_params(name: str) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(_abstract(name)[0]["params"]))
-
-
-def _is_small(name: str) -> bool:
-    try:
-        return _n_params(name) <= FULL_CHECK_MAX_PARAMS
-    except Exception:  # a broken model fails in the per-model tests, not at collection
-        return True
+def _n_params(name: str, tiny: bool = False) -> int:
+    params = _abstract(name, tiny)[0]["params"]
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
 def _uses_convbn(name: str) -> bool:
     try:
-        return _abstract(name)[1]
-    except Exception:
+        return _abstract(name, tiny=True)[1]
+    except Exception:  # a broken model fails in the per-model tests, not at collection
         return False
 
 
-SMALL_MODELS = [n for n in MODELS if _is_small(n)]
-CONVBN_MODELS = [n for n in SMALL_MODELS if _uses_convbn(n)]
+CONVBN_MODELS = [n for n in MODELS if _uses_convbn(n)]
 
 
 @functools.cache
 def _initialized(name: str):
-    """Real (jitted) init, shared by the tests of one model in a worker."""
-    model = create_model(name)
-    return nn.unbox(jit(model.init)(jax.random.key(0), example_input(name)))
+    """Real (jitted) init of the tiny model, shared by the tests of one model in a worker."""
+    model, x = _tiny(name)
+    return nn.unbox(jit(model.init)(jax.random.key(0), x))
 
 
 def _apply(model, variables, x, **kwargs):
@@ -107,6 +109,50 @@ def test_expected_models_are_registered():
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_published_param_count(name):
+    info = model_info(name)
+    assert isinstance(info, ModelInfo) and info.name == name
+    assert info.params_source.strip(), f"{name}: say where the parameter count comes from"
+    if info.published_params is None:
+        assert "no " in info.params_source.lower(), (
+            f"{name}: published_params=None needs params_source to say why there is none"
+        )
+        return
+    assert info.paper is not None, f"{name}: a published count needs its Paper"
+    n = _n_params(name)
+    tol = info.params_rtol * info.published_params
+    assert abs(n - info.published_params) <= tol, (
+        f"{name}: {n:,} parameters, published {info.published_params:,} "
+        f"({info.params_source}; rtol {info.params_rtol})"
+    )
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_tiny_overrides_give_a_small_model_of_the_same_family(name):
+    n = _n_params(name, tiny=True)
+    assert n <= FULL_CHECK_MAX_PARAMS, (
+        f"{name}: {n:,} parameters with tiny={dict(model_info(name).tiny)}; register tiny= "
+        f"overrides giving at most {FULL_CHECK_MAX_PARAMS:,} so the runtime checks stay cheap"
+    )
+    assert type(_tiny(name)[0]) is type(create_model(name))
+
+
+def test_list_models_filters_and_describes():
+    assert list_models("resnet5*") == sorted(n for n in MODELS if n.startswith("resnet5"))
+    assert "resnet50" in list_models("resnet5*") and "resnet18" not in list_models("resnet5*")
+    assert list_models("no_such_model*") == []
+    infos = list_models("resnet*", describe=True)
+    assert [i.name for i in infos] == list_models("resnet*")
+    r50 = model_info("resnet50")
+    assert r50.arxiv == "1512.03385" and r50.published_params == 25_557_032
+    assert r50.paper.url == "https://arxiv.org/abs/1512.03385"
+    with pytest.raises(KeyError, match="model_info: unknown model 'resnet5'"):
+        model_info("resnet5")
+    # overrides reach the example input where it depends on the config
+    assert int(example_input("gla_lm_tiny", vocab_size=7).max()) < 7
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_eval_shape_param_count(name, record_property):
     abstract, _ = _abstract(name)
     assert "params" in abstract
@@ -124,13 +170,13 @@ def test_eval_shape_param_count(name, record_property):
     assert all(x.shape[0] == batch for x in jax.tree.leaves(out))
 
 
-@pytest.mark.parametrize("name", SMALL_MODELS)
+@pytest.mark.parametrize("name", MODELS)
 def test_init_apply_jit_finite_grads(name):
-    model, x = create_model(name), example_input(name)
+    model, x = _tiny(name)
     variables = _initialized(name)
     params = variables["params"]
     rest = {c: v for c, v in variables.items() if c != "params"}
-    assert jax.tree.structure(params) == jax.tree.structure(_abstract(name)[0]["params"])
+    assert jax.tree.structure(params) == jax.tree.structure(_abstract(name, True)[0]["params"])
 
     @jit
     def loss_and_grad(params, rest, x):
@@ -149,10 +195,11 @@ def test_init_apply_jit_finite_grads(name):
     assert any(float(jnp.max(jnp.abs(leaf))) > 0 for leaf in g), f"{name}: all gradients zero"
 
 
-@pytest.mark.parametrize("name", SMALL_MODELS)
+@pytest.mark.parametrize("name", MODELS)
 def test_dtype_bf16_followed(name):
-    x = example_input(name)
-    model = create_model(name, dtype=jnp.bfloat16)
+    tiny = model_info(name).tiny
+    x = example_input(name, **tiny)
+    model = create_model(name, dtype=jnp.bfloat16, **tiny)
     abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), x))
     for leaf in jax.tree.leaves(abstract["params"]):
         assert leaf.dtype == jnp.float32, f"{name}: params must stay fp32 with dtype=bf16"
@@ -182,7 +229,7 @@ def _perturb(tree, seed: int):
 
 @pytest.mark.parametrize("name", CONVBN_MODELS)
 def test_convbn_mode_switching(name):
-    model, x = create_model(name), example_input(name)
+    model, x = _tiny(name)
     variables = _initialized(name)
     params = _perturb(variables["params"], seed=1)
 

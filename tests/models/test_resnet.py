@@ -12,7 +12,7 @@ import pytest
 
 from jaxblocks.layers.conv_bn import convbn_mode, fold_for_deploy
 from jaxblocks.models.mobilenet import InvertedResidual, MobileNetV2, make_divisible
-from jaxblocks.models.resnet import RESNET_PRESETS, ResNet, ResNetConfig, resolve_call_mode
+from jaxblocks.models.resnet import RESNET_PRESETS, ResNet, ResNetConfig
 from jaxblocks.registry import create_model
 from tests.kernels.harness import assert_close
 
@@ -191,11 +191,55 @@ def test_train_kwarg_and_mode_precedence():
     assert_close(out, model.apply(v, x, mode="eval"), tol=MODE_TOL)
     with pytest.raises(ValueError, match="deploy"):
         model.apply(folded, x, train=False)
-    assert resolve_call_mode("tune", True, None) == "tune"
-    assert resolve_call_mode(None, None, "tune") is None
-    assert resolve_call_mode(None, False, "tune") == "tune"
-    assert resolve_call_mode(None, False, "train") == "eval"
-    assert resolve_call_mode(None, True, "eval") == "train"
+    out_eval = model.apply(v, x, mode="eval")
+    # 1. the call argument wins over train=, the context and the attribute
+    with convbn_mode("train"):
+        np.testing.assert_array_equal(model.clone(mode="train").apply(v, x, "eval", train=True),
+                                      out_eval)  # fmt: skip
+    # 2. train=True over context and attribute; train=False keeps a running-statistics attribute
+    with convbn_mode("eval"):
+        out, _ = model.clone(mode="eval").apply(v, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_array_equal(out, out_train)
+    assert_close(model.clone(mode="tune").apply(v, x, train=False), out_eval, tol=MODE_TOL)
+    np.testing.assert_array_equal(model.clone(mode="train").apply(v, x, train=False), out_eval)
+    # 3. the context over the attribute; 4. the attribute
+    with convbn_mode("eval"):
+        np.testing.assert_array_equal(model.clone(mode="train").apply(v, x), out_eval)
+    np.testing.assert_array_equal(model.clone(mode="eval").apply(v, x), out_eval)
+    # 5. nothing asked: train with mutable batch_stats, else an error naming the model
+    out, _ = model.apply(v, x, mutable=["batch_stats"])
+    np.testing.assert_array_equal(out, out_train)
+    with pytest.raises(ValueError, match=r"ResNet: no ConvBN mode .*mode='eval'"):
+        model.apply(v, x)
+    mb = MobileNetV2(num_classes=3, width_multiplier=0.25)
+    xm = jnp.zeros((1, 32, 32, 3))
+    vm = _abstract_init(mb, xm.shape)
+    with pytest.raises(ValueError, match=r"MobileNetV2: no ConvBN mode .*train=False"):
+        jax.eval_shape(lambda v: mb.apply(v, xm), vm)
+
+
+def test_registry_resnet_without_a_mode_or_mutable_is_an_error():
+    model, x = (
+        create_model("resnet18", num_classes=3, width=8, stem="small"),
+        jnp.ones((1, 8, 8, 3)),
+    )
+    v = _abstract_init(model, x.shape)
+    with pytest.raises(ValueError, match=r"ResNet: no ConvBN mode was asked for.*mutable="):
+        jax.eval_shape(lambda v: model.apply(v, x), v)
+    out = jax.eval_shape(lambda v: model.apply(v, x, train=False), v)
+    assert out.shape == (1, 3)
+
+
+@pytest.mark.parametrize("int_dtype", [jnp.uint8, jnp.int32])
+def test_integer_images_are_promoted_like_float32(int_dtype):
+    model = _small_models()["resnet50"]  # imagenet stem: the max-pool sees the promoted input
+    x_int = jax.random.randint(jax.random.key(0), (2, 16, 16, 3), 0, 255).astype(int_dtype)
+    v = _init(model, x_int.astype(jnp.float32))
+    for kw in ({"mode": "eval"}, {"mode": "tune"}, {"train": True}):
+        got = model.apply(v, x_int, **kw)
+        want = model.apply(v, x_int.astype(jnp.float32), **kw)
+        assert got.dtype == jnp.float32
+        np.testing.assert_array_equal(got, want)
 
 
 def test_bf16_compute_fp32_params():
@@ -232,3 +276,42 @@ def test_bad_inputs():
     v = _init(model, jnp.zeros((1, 8, 8, 3)))
     with pytest.raises(ValueError, match="mode"):
         model.apply(v, jnp.zeros((1, 8, 8, 3)), mode="inference")
+
+
+NORM_VARIANTS = ("ghost_batch", "evonorm_b0", "evonorm_s0", "group_ws", "bcn_ws")
+
+
+@pytest.mark.parametrize("norm", NORM_VARIANTS)
+def test_norm_variants_train_eval_and_errors(norm):
+    from jaxblocks.models.resnet import NORMS_WITH_RUNNING_STATS
+
+    model = ResNet(stage_sizes=(1, 1), block="bottleneck", width=8, num_classes=3,
+                   stem="small", norm=norm, ghost_batch_size=2)  # fmt: skip
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+    v = _init(model, x)
+    assert "conv1" in v["params"] and set(v["params"]["conv1"]) == {"conv", "norm"}
+    stateful = norm in NORMS_WITH_RUNNING_STATS
+    assert ("batch_stats" in v) == stateful
+    out_eval = model.apply(v, x, train=False)
+    assert out_eval.shape == (4, 3) and np.all(np.isfinite(out_eval))
+    if stateful:
+        out_train, upd = model.apply(v, x, train=True, mutable=["batch_stats"])
+        moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), upd["batch_stats"],
+                             v["batch_stats"])  # fmt: skip
+        assert all(jax.tree.leaves(moved)), f"{norm}: train did not update the statistics"
+        assert float(jnp.max(jnp.abs(out_train - out_eval))) > 1e-4
+        with pytest.raises(ValueError, match=r"mutable=\['batch_stats'\]"):
+            model.apply(v, x, train=True)
+        with pytest.raises(ValueError, match="deploy"):
+            model.apply(v, x, mode="deploy")
+    else:  # stateless norms: the mode changes nothing
+        np.testing.assert_array_equal(model.apply(v, x, train=True), out_eval)
+    with pytest.raises(ValueError, match="aux_bn=True needs norm='batch'"):
+        model.clone(aux_bn=True).apply(v, x, train=False)
+
+
+def test_bad_norm_name_and_variant_presets():
+    with pytest.raises(ValueError, match=r"ResNet: norm must be one of .*'layer'"):
+        ResNet(norm="layer", num_classes=2).init(jax.random.key(0), jnp.ones((1, 8, 8, 3)))
+    assert RESNET_PRESETS["resnet50_evonorm_s0"].norm == "evonorm_s0"
+    assert RESNET_PRESETS["resnet18_ghost_bn"].ghost_batch_size == 128
