@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: test test-slow lint format train bench clean
+.PHONY: test test-slow test-torch lint format train bench clean
 
 $(STAMP): pyproject.toml constraints.txt tools/find_python312.sh
 	@set -e; \
@@ -33,6 +33,18 @@ test: lint
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# The oracle tests against torch.nn / timm on the same weights (marker `torch`; `make test` skips
+# them when torch is absent). Installs the `torch` extra, with torch's CPU-only wheels.
+TORCH_STAMP := $(VENV)/.installed-torch
+$(TORCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check \
+	  --index-url https://download.pytorch.org/whl/cpu -c constraints.txt torch
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,torch]'
+	touch $(TORCH_STAMP)
+
+test-torch: $(TORCH_STAMP)
+	JAXBLOCKS_REQUIRE_TORCH=1 $(PY) -m pytest -q -m torch -n $(PYTEST_WORKERS)
 
 train: $(STAMP)
 	$(PY) -m jaxblocks.train.cli $(ARGS)

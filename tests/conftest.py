@@ -1,5 +1,6 @@
 """Test-wide JAX settings: strict rank promotion, several CPU devices, deterministic keys."""
 
+import importlib.util
 import os
 
 # Several CPU devices so sharding code paths run on a laptop and in CI (must precede backend init).
@@ -21,3 +22,20 @@ def key():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`torch`-marked tests skip when torch or timm is missing, except under `make test-torch`
+    (``JAXBLOCKS_REQUIRE_TORCH=1``), where a missing package is an error, not a skip."""
+    missing = [m for m in ("torch", "timm") if importlib.util.find_spec(m) is None]
+    if not missing:
+        return
+    if os.environ.get("JAXBLOCKS_REQUIRE_TORCH") == "1":
+        raise pytest.UsageError(f"JAXBLOCKS_REQUIRE_TORCH=1 but {missing} not installed")
+    skip = pytest.mark.skip(
+        reason=f"{' and '.join(missing)} not installed: `make test-torch` installs the torch "
+        "extra and runs these"
+    )
+    for item in items:
+        if item.get_closest_marker("torch") is not None:
+            item.add_marker(skip)
