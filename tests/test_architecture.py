@@ -42,6 +42,11 @@ ALLOWED: dict[str, set[str]] = {
     "models": {"models", "blocks", "layers", "kernel_api", "registry"},
     "data": {"data"},
     "configs": {"configs", "registry"},
+    # Post-processing (Soft-NMS) and model compression work on arrays and parameter trees.
+    "detection": {"detection", "kernel_api"},
+    "compress": {"compress", "layers", "kernel_api"},
+    # Weight import builds the registered models it converts for.
+    "interop": {"interop", "registry", "models", "layers"},
     "registry": set(),
     "typing": set(),
 }
