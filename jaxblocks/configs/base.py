@@ -14,7 +14,6 @@ OPTIMIZERS = ("sgd", "adamw", "lars", "lamb")
 SCHEDULES = ("constant", "cosine", "step")
 LR_SCALING = ("none", "linear", "sqrt")
 FREEZE = ("none", "bn_only")
-TASKS = ("classification", "lm")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -22,7 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
     ``*_epochs``, ``*_examples`` (the others ``-1``)."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.task = "classification"  # one of TASKS
+    c.task = "classification"  # a `jaxblocks.train.tasks.TASKS` name (classification, lm, ...)
     c.smoke = False
 
     # Model: built with `jaxblocks.registry.create_model(name, **kwargs)`.
@@ -41,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Data (see `jaxblocks.train.data.make_dataset`).
     c.data = ml_collections.ConfigDict()
-    c.data.name = "synthetic"  # synthetic | digits | stdlib_text
+    c.data.name = "synthetic"  # a `jaxblocks.train.data.DATASETS` name (synthetic, digits, ...)
     c.data.classes = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)
     c.data.image_size = 8
     c.data.channels = 1

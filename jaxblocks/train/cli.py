@@ -24,6 +24,7 @@ import sys
 from collections.abc import Sequence
 
 from jaxblocks.train import config as config_lib
+from jaxblocks.train.tasks import get_task
 
 DEFAULT_CONFIG = os.path.join(config_lib.CONFIGS_DIR, "convbn_digits.py")
 # 128 + SIGTERM, what a shell reports for a process ended by the signal schedulers send.
@@ -216,8 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"command to resume (exit code {args.preempted_exit_code})"
             )
             return args.preempted_exit_code
-        acc = res.eval_metrics.get("accuracy", float("nan"))
-        say(f"[{label}] {res.final_step} steps  test accuracy {acc:.4f}  -> {res.workdir}")
+        metric = get_task(cfg.task).main_metric
+        value = res.eval_metrics.get(metric, float("nan"))
+        say(f"[{label}] {res.final_step} steps  test {metric} {value:.4f}  -> {res.workdir}")
     for table in tables:
         say(table)
     return 0

@@ -33,10 +33,11 @@ from jaxblocks.configs.base import (
     LR_SCALING,
     OPTIMIZERS,
     SCHEDULES,
-    TASKS,
     base_config,
     parse_switches,
 )
+from jaxblocks.train.data import DATASETS
+from jaxblocks.train.tasks import TASKS
 
 # The schema lives in `jaxblocks.configs.base`; the trainer and its tests read it from here too.
 __all__ = [
@@ -66,8 +67,6 @@ __all__ = [
 # The shipped experiment configs (`available_configs`); modules here that are not experiments.
 CONFIGS_DIR = os.path.dirname(os.path.abspath(configs_pkg.__file__))
 _NOT_EXPERIMENTS = ("__init__", "base")
-# `jaxblocks.train.data.make_datasets`'s data sets.
-DATASETS = ("synthetic", "digits", "stdlib_text")
 
 
 def available_configs() -> dict[str, str]:
@@ -300,7 +299,7 @@ def validate(
             check_workdir(workdir)
         return
     if cfg.task not in TASKS:
-        raise ValueError(f"config.task must be one of {TASKS}, got {cfg.task!r}")
+        raise ValueError(f"config.task must be one of {tuple(TASKS)}, got {cfg.task!r}")
     if cfg.optimizer.name not in OPTIMIZERS:
         raise ValueError(
             f"config.optimizer.name: unknown optimizer {cfg.optimizer.name!r}; "
@@ -321,7 +320,7 @@ def validate(
         )
     if cfg.data.name not in DATASETS:
         raise ValueError(
-            f"config.data.name: unknown dataset {cfg.data.name!r}; choose one of {DATASETS}"
+            f"config.data.name: unknown dataset {cfg.data.name!r}; choose one of {tuple(DATASETS)}"
         )
     models = list_models()
     if cfg.model.name not in models:

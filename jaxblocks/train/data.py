@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import sysconfig
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
@@ -127,34 +128,66 @@ def stdlib_bytes(max_bytes: int) -> np.ndarray:
     return np.frombuffer(b"".join(chunks), np.uint8).copy()
 
 
+Splits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]
+# config.data.name -> builder(cfg) -> (x_train, y_train, x_test, y_test, num_classes); the
+# number of classes is 0 for tasks without classes (e.g. super-resolution).
+DATASETS: dict[str, Callable[[ml_collections.ConfigDict], Splits]] = {}
+
+
+def register_dataset(name: str) -> Callable:
+    """Decorator adding a data set builder ``fn(cfg) -> (x, y, x_test, y_test, num_classes)``
+    under ``config.data.name == name`` (a task plug-in's data; nothing may be downloaded)."""
+
+    def deco(fn: Callable[[ml_collections.ConfigDict], Splits]):
+        if name in DATASETS and DATASETS[name] is not fn:
+            raise ValueError(f"register_dataset: {name!r} is already registered")
+        DATASETS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_dataset("synthetic")
+def _synthetic(cfg: ml_collections.ConfigDict) -> Splits:
+    d = cfg.data
+    shape = (d.image_size, d.image_size, d.channels)
+    nc = len(d.classes)
+    x, y = synthetic(d.num_examples, shape, nc, seed=cfg.seed)
+    xt, yt = synthetic(max(d.num_examples // 4, 1), shape, nc, seed=cfg.seed + 1)
+    return x, y, xt, yt, nc
+
+
+@register_dataset("digits")
+def _digits(cfg: ml_collections.ConfigDict) -> Splits:
+    from jaxblocks.data.digits import load_digits
+
+    d = cfg.data
+    kw = dict(classes=tuple(d.classes), size=d.image_size, channels=d.channels)
+    x, y = load_digits("train", **kw)
+    xt, yt = load_digits("test", **kw)
+    return x, y, xt, yt, len(d.classes)
+
+
+@register_dataset("stdlib_text")
+def _stdlib_text(cfg: ml_collections.ConfigDict) -> Splits:
+    d = cfg.data
+    data = stdlib_bytes(d.max_bytes).astype(np.int32)
+    t = d.seq_len
+    n = (len(data) - 1) // t
+    x = data[: n * t].reshape(n, t)
+    y = data[1 : n * t + 1].reshape(n, t)
+    cut = max(n - max(n // 10, 1), 1)
+    return x[:cut], y[:cut], x[cut:], y[cut:], 256
+
+
 def make_datasets(cfg: ml_collections.ConfigDict):
     """``(train ArrayDataset, (x_test, y_test), num_classes)`` for ``cfg.data``."""
-    d = cfg.data
-    if d.name == "synthetic":
-        shape = (d.image_size, d.image_size, d.channels)
-        nc = len(d.classes)
-        x, y = synthetic(d.num_examples, shape, nc, seed=cfg.seed)
-        xt, yt = synthetic(max(d.num_examples // 4, 1), shape, nc, seed=cfg.seed + 1)
-    elif d.name == "digits":
-        from jaxblocks.data.digits import load_digits
-
-        kw = dict(classes=tuple(d.classes), size=d.image_size, channels=d.channels)
-        x, y = load_digits("train", **kw)
-        xt, yt = load_digits("test", **kw)
-        nc = len(d.classes)
-    elif d.name == "stdlib_text":
-        data = stdlib_bytes(d.max_bytes).astype(np.int32)
-        t = d.seq_len
-        n = (len(data) - 1) // t
-        x = data[: n * t].reshape(n, t)
-        y = data[1 : n * t + 1].reshape(n, t)
-        cut = max(n - max(n // 10, 1), 1)
-        x, xt, y, yt = x[:cut], x[cut:], y[:cut], y[cut:]
-        nc = 256
-    else:
+    name = cfg.data.name
+    if name not in DATASETS:
         raise ValueError(
-            f"config.data.name: unknown dataset {d.name!r}; choose synthetic, digits, stdlib_text"
+            f"config.data.name: unknown dataset {name!r}; choose one of {tuple(DATASETS)}"
         )
+    x, y, xt, yt, nc = DATASETS[name](cfg)
     return ArrayDataset(x, y, cfg.batch_size, seed=cfg.seed), (xt, yt), nc
 
 

@@ -41,6 +41,7 @@ from jaxblocks.train.checkpoint import (
     save_config,
 )
 from jaxblocks.train.metrics import MetricWriter, Progress, plot_curves
+from jaxblocks.train.tasks import get_task
 
 
 @dataclasses.dataclass
@@ -207,14 +208,17 @@ def compile_steps(tr: Trainer, state_sh) -> dict[str, Any]:
     """Jitted steps with declared shardings; the state argument is donated."""
     cfg, mesh = tr.cfg, tr.mesh
     rep = shd.replicated(mesh)
-    seq_axis = 1 if cfg.task == "lm" else None
+    seq_axis = get_task(cfg.task).seq_axis
     x_sh = shd.batch_sharding(mesh, tr.train_data.x.ndim, seq_axis)
     y_sh = shd.batch_sharding(mesh, tr.train_data.y.ndim, seq_axis)
     batch_sh = {"x": x_sh, "y": y_sh}
     if cfg.conadv.enabled:
         batch_sh = dict(batch_sh, x_next=x_sh, y_next=y_sh)
     common = dict(
-        train_kwargs=tr.train_kwargs, accum_steps=cfg.accum_steps, rules=shd.LOGICAL_AXIS_RULES
+        train_kwargs=tr.train_kwargs,
+        accum_steps=cfg.accum_steps,
+        rules=shd.LOGICAL_AXIS_RULES,
+        task=cfg.task,
     )
     variants = ["conadv"] if cfg.conadv.enabled else ["default"]
     if cfg.agvm.enabled:
@@ -238,14 +242,14 @@ def compile_steps(tr: Trainer, state_sh) -> dict[str, Any]:
         )
     eval_sh = {"x": x_sh, "y": y_sh, "w": shd.batch_sharding(mesh, 1)}
     steps["eval"] = jax.jit(
-        step_lib.make_eval_step(tr.model, tr.eval_kwargs, shd.LOGICAL_AXIS_RULES),
+        step_lib.make_eval_step(tr.model, tr.eval_kwargs, shd.LOGICAL_AXIS_RULES, cfg.task),
         in_shardings=(state_sh.params, state_sh.collections, eval_sh),
         out_shardings=rep,
     )
     if cfg.conadv.enabled:
         steps["adv_init"] = jax.jit(
             step_lib.make_adv_init(
-                tr.model, tr.train_kwargs, cfg.conadv.epsilon, shd.LOGICAL_AXIS_RULES
+                tr.model, tr.train_kwargs, cfg.conadv.epsilon, shd.LOGICAL_AXIS_RULES, cfg.task
             ),
             in_shardings=(state_sh, {"x": x_sh, "y": y_sh}),
             out_shardings=state_sh,
@@ -256,24 +260,25 @@ def compile_steps(tr: Trainer, state_sh) -> dict[str, Any]:
 
 
 def evaluate(tr: Trainer, steps, state) -> dict[str, float]:
+    """The task's metrics averaged over the whole test set (padding masked)."""
     x, y = tr.test_data
-    tot = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    tot: dict[str, float] = {}
     pi, pc = jax.process_index(), jax.process_count()
-    seq_axis = 1 if tr.cfg.task == "lm" else None
+    seq_axis = get_task(tr.cfg.task).seq_axis
     for b in data_lib.eval_batches(x, y, tr.cfg.eval_batch_size):
         per = tr.cfg.eval_batch_size // pc
         local = {k: v[pi * per : (pi + 1) * per] for k, v in b.items()}
         gb = shd.shard_batch(local, tr.mesh, seq_axis)
         out = jax.device_get(steps["eval"](state.params, state.collections, gb))
-        for k in tot:
-            tot[k] += float(out[k])
-    n = max(tot["count"], 1.0)
-    return {"loss": tot["loss"] / n, "accuracy": tot["correct"] / n}
+        for k, v in out.items():
+            tot[k] = tot.get(k, 0.0) + float(v)
+    n = max(tot.pop("count", 0.0), 1.0)
+    return {k: v / n for k, v in tot.items()}
 
 
 def _global_batch(tr: Trainer, step: int) -> dict:
     pi, pc = jax.process_index(), jax.process_count()
-    seq_axis = 1 if tr.cfg.task == "lm" else None
+    seq_axis = get_task(tr.cfg.task).seq_axis
     local = tr.train_data.batch(step, pi, pc)
     if tr.cfg.conadv.enabled:
         nxt = tr.train_data.batch(step + 1, pi, pc)
@@ -378,7 +383,12 @@ def _train(cfg, tr, workdir, ckpt, guard, init_from, stop_after, description, t_
         finally:
             writer.close()
     if cfg.plot and not result.preempted:
-        plot_curves(writer.path, os.path.join(workdir, "curves.png"), title=description)
+        plot_curves(
+            writer.path,
+            os.path.join(workdir, "curves.png"),
+            title=description,
+            metric=get_task(cfg.task).main_metric,
+        )
     return result
 
 

@@ -206,8 +206,11 @@ def _isatty(stream: Any) -> bool:
         return False
 
 
-def plot_curves(jsonl_path: str, png_path: str, title: str = "") -> str | None:
-    """Loss and accuracy against step (train and eval) from a metrics JSONL file, as a PNG."""
+def plot_curves(
+    jsonl_path: str, png_path: str, title: str = "", metric: str = "accuracy"
+) -> str | None:
+    """Loss and ``metric`` (the task's main one) against step, train and eval, from a metrics
+    JSONL file, as a PNG."""
     recs = read_metrics(jsonl_path)
     if not recs or jax.process_index() != 0:
         return None
@@ -217,7 +220,7 @@ def plot_curves(jsonl_path: str, png_path: str, title: str = "") -> str | None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
+    for ax, key in zip(axes, ("loss", metric), strict=True):
         for split, style in (("train", "-"), ("eval", "o-")):
             pts = [(r["step"], r[key]) for r in recs if r["split"] == split and key in r]
             if pts:

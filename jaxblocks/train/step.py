@@ -38,6 +38,7 @@ import optax
 
 from jaxblocks.layers import POWER_NORM_BACKWARD_COLLECTION
 from jaxblocks.train.state import TrainState
+from jaxblocks.train.tasks import Task, get_task
 
 Batch = Mapping[str, jax.Array]
 
@@ -45,20 +46,20 @@ Batch = Mapping[str, jax.Array]
 BACKWARD_STATE_COLLECTIONS: tuple[str, ...] = (POWER_NORM_BACKWARD_COLLECTION,)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-example softmax cross-entropy and correctness (any leading dims), fp32."""
-    logits = logits.astype(jnp.float32)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    return loss, correct
+def _task(task: Task | str) -> Task:
+    return get_task(task) if isinstance(task, str) else task
 
 
 def make_loss_fn(
     model: nn.Module,
     call_kwargs: Mapping[str, Any],
     backward_collections: Sequence[str] = BACKWARD_STATE_COLLECTIONS,
+    task: Task | str = "classification",
 ) -> Callable:
     """``loss_fn(params, collections, x, y, key) -> (loss, (new_collections, metrics))``.
+
+    The loss and metrics are the means of the `Task`'s per-example metrics
+    (`jaxblocks.train.tasks`).
 
     ``collections`` are the model's non-parameter variables by name (`TrainState.collections`).
     The model is applied with all of them; those named in ``backward_collections`` are
@@ -67,6 +68,7 @@ def make_loss_fn(
     """
     call_kwargs = dict(call_kwargs)
     backward = tuple(backward_collections)
+    task = _task(task)
 
     def loss_fn(params, collections, x, y, key, extra_kwargs=None):
         kw = dict(call_kwargs, **(extra_kwargs or {}))
@@ -80,8 +82,8 @@ def make_loss_fn(
         else:
             logits = model.apply(variables, x, rngs={"dropout": key}, **kw)
             new = dict(collections)
-        loss, correct = cross_entropy(logits, y)
-        return loss.mean(), (new, {"loss": loss.mean(), "accuracy": correct.mean()})
+        metrics = {k: v.mean() for k, v in task.metrics(logits, y).items()}
+        return metrics["loss"], (new, metrics)
 
     return loss_fn
 
@@ -167,15 +169,16 @@ def make_train_step(
     rules: Any = None,
     conadv_epsilon: float = 0.03,
     conadv_weight: float = 1.0,
+    task: Task | str = "classification",
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Build the pure train step (jit it with shardings and ``donate_argnums=(0,)``).
 
-    Batches are ``{"x": inputs, "y": integer labels}``; the ConAdv variant also needs
-    ``{"x_next", "y_next"}`` (the following batch).
+    Batches are ``{"x": inputs, "y": targets}`` (what the `Task` scores); the ConAdv variant
+    also needs ``{"x_next", "y_next"}`` (the following batch).
     """
     if variant not in ("default", "agvm", "conadv"):
         raise ValueError(f"make_train_step: variant must be default/agvm/conadv, got {variant!r}")
-    loss_fn = make_loss_fn(model, train_kwargs)
+    loss_fn = make_loss_fn(model, train_kwargs, task=task)
 
     def step(state: TrainState, batch: Batch):
         with nn.logical_axis_rules(rules or ()):
@@ -220,7 +223,7 @@ def make_train_step(
                 {"use_aux": True},
             )
             grads = jax.tree.map(lambda a, b: a + conadv_weight * b, g_clean, g_adv)
-            m = dict(m, adv_loss=m_adv["loss"], adv_accuracy=m_adv["accuracy"])
+            m = dict(m, **{f"adv_{k}": v for k, v in m_adv.items()})
             new_x_adv = fgsm(
                 loss_fn,
                 state.params,
@@ -259,9 +262,15 @@ def fgsm(loss_fn: Callable, params, collections, x, y, key, epsilon: float) -> j
     return jax.lax.stop_gradient(x + epsilon * jnp.sign(g)).astype(x.dtype)
 
 
-def make_adv_init(model: nn.Module, train_kwargs, epsilon: float, rules: Any = None) -> Callable:
+def make_adv_init(
+    model: nn.Module,
+    train_kwargs,
+    epsilon: float,
+    rules: Any = None,
+    task: Task | str = "classification",
+) -> Callable:
     """``(state, batch) -> state`` filling ``state.x_adv`` for the very first ConAdv batch."""
-    loss_fn = make_loss_fn(model, train_kwargs)
+    loss_fn = make_loss_fn(model, train_kwargs, task=task)
 
     def f(state: TrainState, batch: Batch) -> TrainState:
         with nn.logical_axis_rules(rules or ()):
@@ -274,20 +283,30 @@ def make_adv_init(model: nn.Module, train_kwargs, epsilon: float, rules: Any = N
     return f
 
 
-def make_eval_step(model: nn.Module, eval_kwargs: Mapping[str, Any], rules: Any = None):
-    """``(params, collections, batch) -> sums`` of loss, correct predictions and weights.
+def make_eval_step(
+    model: nn.Module,
+    eval_kwargs: Mapping[str, Any],
+    rules: Any = None,
+    task: Task | str = "classification",
+):
+    """``(params, collections, batch) -> {metric: weighted sum, "count": weight sum}``.
 
-    ``batch["w"]`` (0/1 per example) masks padding so the last partial batch counts exactly.
+    ``batch["w"]`` (0/1 per example) masks padding so the last partial batch counts exactly;
+    each of the `Task`'s per-example metrics is summed with it (per token for LMs).
     """
     eval_kwargs = dict(eval_kwargs)
+    task = _task(task)
 
     def f(params, collections, batch):
         with nn.logical_axis_rules(rules or ()):
-            logits = model.apply({"params": params, **collections}, batch["x"], **eval_kwargs)
-        loss, correct = cross_entropy(logits, batch["y"])
-        w = batch["w"].astype(jnp.float32)
-        w = w.reshape(w.shape + (1,) * (loss.ndim - w.ndim))
-        w = jnp.broadcast_to(w, loss.shape)
-        return {"loss": (loss * w).sum(), "correct": (correct * w).sum(), "count": w.sum()}
+            out = model.apply({"params": params, **collections}, batch["x"], **eval_kwargs)
+        metrics = task.metrics(out, batch["y"])
+        sums, count = {}, None
+        for k, v in metrics.items():
+            w = batch["w"].astype(jnp.float32)
+            w = jnp.broadcast_to(w.reshape(w.shape + (1,) * (v.ndim - w.ndim)), v.shape)
+            sums[k] = (v * w).sum()
+            count = w.sum()
+        return {**sums, "count": count}
 
     return f
