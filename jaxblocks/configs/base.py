@@ -47,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_examples = 512  # synthetic only
     c.data.seq_len = 32  # stdlib_text only
     c.data.max_bytes = 200_000  # stdlib_text only
+    c.data.scale = 3  # sr_sample_images only: high-res crops of image_size, downscaled this much
 
     c.batch_size = 64  # global batch, split over the mesh's data × fsdp axes
     c.eval_batch_size = 128

@@ -6,9 +6,11 @@ That makes resumption exact for free (the checkpointed position is just the step
 slice of a global batch without coordination. Epoch ``e`` is a permutation drawn from
 ``default_rng((seed, e))``; the last partial batch of an epoch is dropped.
 
-Sources (all local, nothing is downloaded): ``synthetic`` (Gaussian images labelled by a fixed
-random linear teacher), ``digits`` (scikit-learn's digits via `jaxblocks.data.digits`) and
-``stdlib_text`` (bytes of the Python standard library's own ``.py`` files, for character LMs).
+Sources (all local, nothing is downloaded; `DATASETS` by ``config.data.name``, extended with
+`register_dataset`): ``synthetic`` (Gaussian images labelled by a fixed random linear teacher),
+``digits`` (scikit-learn's digits via `jaxblocks.data.digits`), ``stdlib_text`` (bytes of the
+Python standard library's own ``.py`` files, for character LMs) and ``sr_sample_images``
+(super-resolution crops of scikit-learn's sample photographs, `jaxblocks.data.sr_images`).
 """
 
 from __future__ import annotations
@@ -178,6 +180,20 @@ def _stdlib_text(cfg: ml_collections.ConfigDict) -> Splits:
     y = data[1 : n * t + 1].reshape(n, t)
     cut = max(n - max(n // 10, 1), 1)
     return x[:cut], y[:cut], x[cut:], y[cut:], 256
+
+
+@register_dataset("sr_sample_images")
+def _sr_sample_images(cfg: ml_collections.ConfigDict) -> Splits:
+    """Super-resolution pairs (`jaxblocks.data.sr_images`): ``data.num_examples`` training crops
+    of scikit-learn's sample photographs and a quarter as many held-out test crops (other
+    columns), high-res crops of ``data.image_size`` pixels downscaled ``data.scale`` times
+    (x: low-res, y: high-res)."""
+    from jaxblocks.data.sr_images import sr_pairs
+
+    d = cfg.data
+    x, y = sr_pairs("train", d.num_examples, d.image_size, d.scale, seed=cfg.seed)
+    xt, yt = sr_pairs("test", max(d.num_examples // 4, 1), d.image_size, d.scale, seed=1)
+    return x, y, xt, yt, 0
 
 
 def make_datasets(cfg: ml_collections.ConfigDict):

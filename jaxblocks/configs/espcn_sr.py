@@ -1,0 +1,47 @@
+"""ESPCN ×3 super-resolution on scikit-learn's sample photographs (Shi et al., arXiv 1609.05158).
+
+The paper's 3-layer tanh ESPCN (`jaxblocks.models.espcn`, 22,729 parameters) trained on 33×33
+luminance crops (inputs: the crops downscaled ×3, 11×11) with an MSE loss, and evaluated by PSNR
+on held-out crops from other columns of the same photographs (`jaxblocks.data.sr_images`).
+The ``sr_baseline`` report prints the model's PSNR beside bicubic upscaling of the same inputs.
+
+``get_config("smoke")`` shrinks it to a few steps for CPU tests.
+"""
+
+from jaxblocks.configs.base import base_config, parse_switches
+
+SWITCHES = ("smoke",)
+
+
+def get_config(arg: str | None = None):
+    sw = parse_switches(arg)
+    c = base_config()
+    c.task = "super_resolution"
+    c.model.name = "espcn"
+    c.model.kwargs = {}
+    c.data.name = "sr_sample_images"
+    c.data.image_size = 33
+    c.data.scale = 3
+    c.data.num_examples = 4096
+    c.batch_size = 64
+    c.eval_batch_size = 256
+    c.train_steps = 1500
+    c.optimizer.name = "adamw"
+    c.optimizer.learning_rate = 3e-3
+    c.optimizer.schedule = "cosine"
+    c.optimizer.warmup_steps = 50
+    c.log_every = 50
+    c.eval_every = 250
+    c.checkpoint.every_steps = 500
+    c.reports = ("sr_baseline",)
+    if "smoke" in sw:
+        c.smoke = True
+        c.data.num_examples = 64
+        c.batch_size = 16
+        c.eval_batch_size = 16
+        c.train_steps = 3
+        c.optimizer.warmup_steps = 1
+        c.log_every = 1
+        c.eval_every = 3
+        c.checkpoint.every_steps = 2
+    return c
