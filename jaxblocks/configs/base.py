@@ -108,6 +108,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.conadv.epsilon = 0.03
     c.conadv.adv_weight = 1.0
 
+    # Penalties added to the training loss (`jaxblocks.train.regularizers`), logged as metrics.
+    c.regularizers = ml_collections.ConfigDict()
+    # Orthogonal convolutions (Achour et al. 2022): lorth_weight * sum of `lorth_penalty` over
+    # the 4-D conv kernels whose "/"-joined path matches lorth_include (re.search); 0 = off.
+    c.regularizers.lorth_weight = 0.0
+    c.regularizers.lorth_include = r"kernel$"
+    # ((regex, stride), ...): the stride of each matching kernel (first match wins, else 1).
+    c.regularizers.lorth_strides = ()
+
     c.mixed_precision = False  # bf16 compute (model kwarg dtype), fp32 params and opt state
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})

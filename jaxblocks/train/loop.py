@@ -41,6 +41,7 @@ from jaxblocks.train.checkpoint import (
     save_config,
 )
 from jaxblocks.train.metrics import MetricWriter, Progress, plot_curves
+from jaxblocks.train.regularizers import build_regularizer
 from jaxblocks.train.tasks import get_task
 
 
@@ -232,6 +233,7 @@ def compile_steps(tr: Trainer, state_sh) -> dict[str, Any]:
             variant=v,
             conadv_epsilon=cfg.conadv.epsilon,
             conadv_weight=cfg.conadv.adv_weight,
+            regularizer=build_regularizer(cfg),
             **common,
         )
         steps[v] = jax.jit(

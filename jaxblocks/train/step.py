@@ -55,11 +55,13 @@ def make_loss_fn(
     call_kwargs: Mapping[str, Any],
     backward_collections: Sequence[str] = BACKWARD_STATE_COLLECTIONS,
     task: Task | str = "classification",
+    regularizer: Callable | None = None,
 ) -> Callable:
     """``loss_fn(params, collections, x, y, key) -> (loss, (new_collections, metrics))``.
 
     The loss and metrics are the means of the `Task`'s per-example metrics
-    (`jaxblocks.train.tasks`).
+    (`jaxblocks.train.tasks`); ``regularizer(params) -> (penalty, metrics)``
+    (`jaxblocks.train.regularizers`) adds its penalty to the loss and its metrics to the log.
 
     ``collections`` are the model's non-parameter variables by name (`TrainState.collections`).
     The model is applied with all of them; those named in ``backward_collections`` are
@@ -83,7 +85,12 @@ def make_loss_fn(
             logits = model.apply(variables, x, rngs={"dropout": key}, **kw)
             new = dict(collections)
         metrics = {k: v.mean() for k, v in task.metrics(logits, y).items()}
-        return metrics["loss"], (new, metrics)
+        loss = metrics["loss"]
+        if regularizer is not None:
+            penalty, reg_metrics = regularizer(params)
+            loss = loss + penalty
+            metrics = {**metrics, **reg_metrics}
+        return loss, (new, metrics)
 
     return loss_fn
 
@@ -170,6 +177,7 @@ def make_train_step(
     conadv_epsilon: float = 0.03,
     conadv_weight: float = 1.0,
     task: Task | str = "classification",
+    regularizer: Callable | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Build the pure train step (jit it with shardings and ``donate_argnums=(0,)``).
 
@@ -178,7 +186,7 @@ def make_train_step(
     """
     if variant not in ("default", "agvm", "conadv"):
         raise ValueError(f"make_train_step: variant must be default/agvm/conadv, got {variant!r}")
-    loss_fn = make_loss_fn(model, train_kwargs, task=task)
+    loss_fn = make_loss_fn(model, train_kwargs, task=task, regularizer=regularizer)
 
     def step(state: TrainState, batch: Batch):
         with nn.logical_axis_rules(rules or ()):
