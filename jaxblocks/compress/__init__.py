@@ -1,6 +1,9 @@
 """Model compression and structure regularisers over parameter trees and Linen layers.
 
 * `lorth_penalty`, `orthogonality_error`: orthogonal convolutions (Achour et al., JMLR 2022).
+* `QuantSpec`, `fake_quant`, `quantize`/`dequantize`, `pack_int`/`unpack_int`,
+  `quantize_model`: fake quantisation with tensor/channel/group/block scales (the core of CBQ and
+  BCT).
 """
 
 from jaxblocks.compress.orthogonal import (
@@ -9,3 +12,13 @@ from jaxblocks.compress.orthogonal import (
 from jaxblocks.compress.orthogonal import conv_operator as conv_operator
 from jaxblocks.compress.orthogonal import lorth_penalty as lorth_penalty
 from jaxblocks.compress.orthogonal import orthogonality_error as orthogonality_error
+from jaxblocks.compress.quantize import GRANULARITIES as GRANULARITIES
+from jaxblocks.compress.quantize import QuantizedTensor as QuantizedTensor
+from jaxblocks.compress.quantize import QuantSpec as QuantSpec
+from jaxblocks.compress.quantize import compute_scales as compute_scales
+from jaxblocks.compress.quantize import dequantize as dequantize
+from jaxblocks.compress.quantize import fake_quant as fake_quant
+from jaxblocks.compress.quantize import pack_int as pack_int
+from jaxblocks.compress.quantize import quantize as quantize
+from jaxblocks.compress.quantize import quantize_model as quantize_model
+from jaxblocks.compress.quantize import unpack_int as unpack_int
