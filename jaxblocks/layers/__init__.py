@@ -4,6 +4,8 @@ from flax.linen import LayerNorm as LayerNorm  # paper 26 (Ba et al.); Flax's ow
 
 from jaxblocks.layers.attention import SimplifiedLinearAttention as SimplifiedLinearAttention
 from jaxblocks.layers.attention import simplified_linear_attention as simplified_linear_attention
+from jaxblocks.layers.block_causal import block_causal_mask as block_causal_mask
+from jaxblocks.layers.block_causal import next_block_inputs_targets as next_block_inputs_targets
 from jaxblocks.layers.conv_bn import CONVBN_MODES as CONVBN_MODES
 from jaxblocks.layers.conv_bn import ConvBN as ConvBN
 from jaxblocks.layers.conv_bn import LinearBN as LinearBN
