@@ -4,6 +4,8 @@
 * `QuantSpec`, `fake_quant`, `quantize`/`dequantize`, `pack_int`/`unpack_int`,
   `quantize_model`: fake quantisation with tensor/channel/group/block scales (the core of CBQ and
   BCT).
+* `prune`, `polynomial_sparsity`, `magnitude_mask`, `watts_strogatz_mask`,
+  `barabasi_albert_mask`: gradual magnitude pruning and random-graph masks (papers 58, 62).
 """
 
 from jaxblocks.compress.orthogonal import (
@@ -22,3 +24,10 @@ from jaxblocks.compress.quantize import pack_int as pack_int
 from jaxblocks.compress.quantize import quantize as quantize
 from jaxblocks.compress.quantize import quantize_model as quantize_model
 from jaxblocks.compress.quantize import unpack_int as unpack_int
+from jaxblocks.compress.sparsity import PruneState as PruneState
+from jaxblocks.compress.sparsity import barabasi_albert_mask as barabasi_albert_mask
+from jaxblocks.compress.sparsity import magnitude_mask as magnitude_mask
+from jaxblocks.compress.sparsity import polynomial_sparsity as polynomial_sparsity
+from jaxblocks.compress.sparsity import prune as prune
+from jaxblocks.compress.sparsity import sparsity_of as sparsity_of
+from jaxblocks.compress.sparsity import watts_strogatz_mask as watts_strogatz_mask

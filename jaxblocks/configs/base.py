@@ -89,6 +89,20 @@ def base_config() -> ml_collections.ConfigDict:
     # group's peak rate in the units of `learning_rate` (the same warm-up/decay shape and batch
     # scaling rule apply). Safari's long convolutions: the kernel gets its own lr and no decay.
     c.optimizer.param_groups = ()
+    # Gradual magnitude pruning (Zhu & Gupta; `jaxblocks.compress.prune`): sparsity rises from
+    # `initial` to `final` between the fractions `begin` and `end` of the run, masks recomputed
+    # every `frequency` steps over the params matching `include`, in 1 x `block` blocks of the
+    # last axis; pruned weights stay exactly zero. final = 0: off.
+    c.optimizer.pruning = ml_collections.ConfigDict()
+    c.optimizer.pruning.final = 0.0
+    c.optimizer.pruning.initial = 0.0
+    c.optimizer.pruning.begin = 0.1
+    c.optimizer.pruning.end = 0.6
+    c.optimizer.pruning.frequency = 10
+    c.optimizer.pruning.include = r"kernel$"
+    c.optimizer.pruning.block = 1
+    # The `pruning_sweep` report retrains the run at each of these final sparsities.
+    c.optimizer.pruning.sweep = ()
 
     # AGVM (Xue et al. 2022): per-group LR multipliers from the gradient variance.
     c.agvm = ml_collections.ConfigDict()

@@ -8,7 +8,8 @@ slice of a global batch without coordination. Epoch ``e`` is a permutation drawn
 
 Sources (all local, nothing is downloaded; `DATASETS` by ``config.data.name``, extended with
 `register_dataset`): ``synthetic`` (Gaussian images labelled by a fixed random linear teacher),
-``digits`` (scikit-learn's digits via `jaxblocks.data.digits`), ``stdlib_text`` (bytes of the
+``digits`` (scikit-learn's digits via `jaxblocks.data.digits`), ``reber`` (generated
+embedded-Reber strings, `jaxblocks.data.reber`), ``stdlib_text`` (bytes of the
 Python standard library's own ``.py`` files, for character LMs) and ``sr_sample_images``
 (super-resolution crops of scikit-learn's sample photographs, `jaxblocks.data.sr_images`).
 """
@@ -194,6 +195,19 @@ def _sr_sample_images(cfg: ml_collections.ConfigDict) -> Splits:
     x, y = sr_pairs("train", d.num_examples, d.image_size, d.scale, seed=cfg.seed)
     xt, yt = sr_pairs("test", max(d.num_examples // 4, 1), d.image_size, d.scale, seed=1)
     return x, y, xt, yt, 0
+
+
+@register_dataset("reber")
+def _reber(cfg: ml_collections.ConfigDict) -> Splits:
+    """Embedded Reber-grammar strings (`jaxblocks.data.reber`) for next-symbol prediction:
+    ``data.num_examples`` training strings, a quarter as many test strings (another seed),
+    padded to ``data.seq_len``."""
+    from jaxblocks.data.reber import VOCAB_SIZE, reber_lm_data
+
+    d = cfg.data
+    x, y = reber_lm_data(d.num_examples, d.seq_len, seed=cfg.seed)
+    xt, yt = reber_lm_data(max(d.num_examples // 4, 1), d.seq_len, seed=cfg.seed + 10_000)
+    return x, y, xt, yt, VOCAB_SIZE
 
 
 def make_datasets(cfg: ml_collections.ConfigDict):

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from jaxblocks.layers import convbn_mode
 from jaxblocks.registry import create_model
@@ -178,6 +179,9 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Trainer:
             b2=cfg.optimizer.get("b2", 0.999),
             eps=cfg.optimizer.get("eps", 1e-8),
         )
+    pruning = optim.pruning_transform(cfg, num_steps)
+    if pruning is not None:  # last: the masks apply to the final update
+        tx = optax.chain(tx, pruning)
     params_transform = None
     if cfg.optimizer.freeze == "bn_only":
         scheme = cfg.optimizer.bn_only_init

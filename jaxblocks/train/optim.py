@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from jaxblocks.compress.sparsity import prune
 from jaxblocks.train import bn_only
 
 # --------------------------------------------------------------------------------------------
@@ -346,6 +347,32 @@ def make_optimizer(
     elif o.freeze != "none":
         raise ValueError(f"optimizer.freeze must be none/bn_only, got {o.freeze!r}")
     return tx
+
+
+def pruning_transform(
+    cfg: ml_collections.ConfigDict, num_steps: int
+) -> optax.GradientTransformation | None:
+    """Gradual magnitude pruning of ``optimizer.pruning`` (`jaxblocks.compress.prune`), or None
+    when ``final`` is 0. ``begin``/``end`` are fractions of the run's steps."""
+    pr = cfg.optimizer.pruning
+    if float(pr.final) == 0.0:
+        return None
+    if not 0.0 <= pr.begin < pr.end <= 1.0:
+        raise ValueError(
+            f"config.optimizer.pruning: need 0 <= begin < end <= 1 (fractions of the run), got "
+            f"begin={pr.begin}, end={pr.end}"
+        )
+    begin = int(pr.begin * num_steps)
+    end = max(int(pr.end * num_steps), begin + 1)
+    return prune(
+        float(pr.final),
+        include=pr.include,
+        initial=float(pr.initial),
+        begin=begin,
+        end=end,
+        frequency=max(1, int(pr.frequency)),
+        block=(1, int(pr.block)),
+    )
 
 
 def make_schedules(

@@ -15,6 +15,9 @@ median step time.
 
 ``"sr_baseline"`` — super-resolution configs: the model's held-out PSNR beside bicubic
 upscaling of the same inputs.
+
+``"pruning_sweep"`` — the run retrained at each final sparsity of ``optimizer.pruning.sweep``:
+the task's main metric against the sparsity measured on the pruned parameters.
 """
 
 from __future__ import annotations
@@ -121,7 +124,52 @@ def sr_baseline(cfg: ml_collections.ConfigDict, workdir: str, results) -> str:
     ])  # fmt: skip
 
 
-REPORTS: dict[str, Report] = {"convbn_modes": convbn_modes, "sr_baseline": sr_baseline}
+def pruning_sweep(cfg: ml_collections.ConfigDict, workdir: str, results) -> str:
+    """Retrain the last stage at each final sparsity of ``optimizer.pruning.sweep`` (same data,
+    seed and steps) and tabulate the task's main metric with the sparsity measured on the
+    pruned parameters."""
+    import re
+
+    from jaxblocks.compress import sparsity_of
+    from jaxblocks.train.tasks import get_task
+
+    if not results:
+        raise ValueError("report 'pruning_sweep': needs a finished run")
+    (_, last_cfg), res = config_lib.stage_configs(cfg)[-1], results[-1][1]
+    levels = tuple(float(s) for s in last_cfg.optimizer.pruning.sweep)
+    if not levels:
+        raise ValueError("report 'pruning_sweep': set config.optimizer.pruning.sweep")
+    metric = get_task(last_cfg.task).main_metric
+    include = re.compile(last_cfg.optimizer.pruning.include)
+
+    def measured(state) -> float:
+        flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
+        pruned = [
+            x
+            for k, x in flat
+            if include.search(jax.tree_util.keystr(k, simple=True, separator="/"))
+        ]
+        return sparsity_of(pruned)  # fmt: skip
+
+    rows = [(float(last_cfg.optimizer.pruning.final), res)]
+    for level in levels:
+        c = config_lib.apply_overrides(last_cfg, [f"optimizer.pruning.final={level}"])
+        rows.append((level, loop.train(c, os.path.join(workdir, f"sparsity_{level:g}"),
+                                       description=f"sparsity {level:g}")))  # fmt: skip
+    lines = [f"| target sparsity | measured sparsity | test {metric} | test loss |",
+             "|---|---|---|---|"]  # fmt: skip
+    for level, r in sorted(rows, key=lambda t: t[0]):
+        lines.append(f"| {level:.2f} | {measured(r.state):.3f} | "
+                     f"{r.eval_metrics.get(metric, float('nan')):.4f} | "
+                     f"{r.eval_metrics.get('loss', float('nan')):.4f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+REPORTS: dict[str, Report] = {
+    "convbn_modes": convbn_modes,
+    "sr_baseline": sr_baseline,
+    "pruning_sweep": pruning_sweep,
+}
 
 
 def run_reports(cfg: ml_collections.ConfigDict, workdir: str, results) -> dict[str, str]:
