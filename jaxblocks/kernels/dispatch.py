@@ -192,6 +192,11 @@ def select_implementation(
         these inputs; the message lists the available implementations and the reason.
     """
     available = [name for name in IMPLEMENTATIONS if name in impls]
+    if implementation is not None and not isinstance(implementation, str):
+        raise TypeError(
+            f"{op}: implementation must be None or a str (one of {available}), got "
+            f"{type(implementation).__name__} {implementation!r}"
+        )
     if implementation is not None:
         if implementation not in impls:
             raise UnsupportedImplementationError(

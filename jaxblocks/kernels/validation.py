@@ -2,15 +2,16 @@
 
 Each check raises `ValueError`/`TypeError` with the op, the argument's name, what it got
 (shape, dtype) and what was expected, so bad input never reaches XLA as a trace dump.
-Checks look at static shapes and dtypes only: they work under `jit`. Values are never
-inspected (non-finite inputs propagate through the ops as IEEE arithmetic says, and the
-tests check that they neither crash nor poison unrelated outputs).
+Checks look at static shapes and dtypes: they work under `jit`. Values are inspected only by
+`check_nonnegative`, and only when they are concrete (outside `jit`); non-finite inputs
+otherwise propagate through the ops as IEEE arithmetic says, as each op documents.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -62,3 +63,24 @@ def check_positive(op: str, name: str, value: int) -> None:
 def check_choice(op: str, name: str, value, choices: Sequence) -> None:
     if value not in choices:
         raise ValueError(f"{op}: {name} must be one of {list(choices)}, got {value!r}")
+
+
+def check_bool(op: str, name: str, value) -> None:
+    """``value`` must be a Python bool or NumPy bool (not a string, number or None)."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def check_nonnegative(op: str, name: str, x, what: str = "") -> None:
+    """When ``x`` holds concrete values (not traced under `jit`), all must be >= 0; the error
+    names the first negative entry. NaN passes (it propagates, as documented by each op)."""
+    if isinstance(x, jax.core.Tracer):
+        return
+    a = np.asarray(x)
+    bad = np.argwhere(a < 0)
+    if bad.size:
+        i = tuple(int(v) for v in bad[0])
+        raise ValueError(
+            f"{op}: {name} must be non-negative{what}, got {a[i].item()!r} at index "
+            f"{i if len(i) > 1 else i[0]}"
+        )

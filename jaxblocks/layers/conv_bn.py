@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -508,6 +509,12 @@ def _apply_modes(
     if mode == "eval":
         mean, var = ra_mean.value, ra_var.value
     else:  # train
+        if math.prod(y.shape[:-1]) == 0:
+            raise ValueError(
+                f"{type(module).__name__}: train mode computes batch statistics, but x of shape "
+                f"{x.shape} holds no samples; use mode='eval'/'tune' (running statistics) or "
+                "skip empty batches"
+            )
         mean, var = bn_batch_stats(y)
         if not module.is_initializing() and module.is_mutable_collection("batch_stats"):
             ra_mean.value, ra_var.value = update_running_stats(

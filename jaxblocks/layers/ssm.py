@@ -206,6 +206,14 @@ class _SS2DBase(nn.Module):
             epsilon=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )
 
+    def _check(self, x):
+        name = type(self).__name__
+        if not hasattr(x, "ndim") or x.ndim != 4 or min(x.shape[1:]) < 1:
+            raise ValueError(
+                f"{name}: x must be NHWC [B, H, W, C] with H, W, C >= 1, got shape "
+                f"{getattr(x, 'shape', type(x).__name__)}"
+            )
+
     def _in(self, x):
         C = x.shape[-1]
         d_inner, R = self._dims(C)
@@ -237,6 +245,7 @@ class SS2D(_SS2DBase):
 
     @nn.compact
     def __call__(self, x: Float[Array, "B H W C"]) -> Float[Array, "B H W C"]:
+        self._check(x)
         B, H, W, C = x.shape
         x, z, d_inner, R = self._in(x)
         x = nn.silu(self._dwconv(d_inner, self.d_conv, 1, "conv2d")(x))
@@ -272,6 +281,7 @@ class MS2D(_SS2DBase):
 
     @nn.compact
     def __call__(self, x: Float[Array, "B H W C"]) -> Float[Array, "B H W C"]:
+        self._check(x)
         B, H, W, C = x.shape
         x, z, d_inner, R = self._in(x)
         x0 = nn.silu(self._dwconv(d_inner, self.d_conv, 1, "conv2d")(x))

@@ -238,8 +238,9 @@ def _bad_call(**overrides):
         (dict(mean=None), TypeError, r"mean is required"),
         (dict(conv_bias=jnp.ones((41,))), ValueError, r"conv_bias must have shape \(40,\)"),
         (dict(activation="tanh"), ValueError, r"activation must be one of"),
-        (dict(epsilon=-1.0), ValueError, r"epsilon must be a non-negative"),
-        (dict(epsilon=jnp.float32(1e-5)), ValueError, r"epsilon must be a non-negative"),
+        (dict(epsilon=-1.0), ValueError, r"epsilon must be a positive finite"),
+        (dict(epsilon=jnp.float32(1e-5)), ValueError, r"epsilon must be a positive finite"),
+        (dict(epsilon=0.0), ValueError, r"epsilon must be a positive finite"),
         (dict(implementation="cuda"), UnsupportedImplementationError, r"available:.*'xla'"),
         (dict(w=jnp.ones((24, 0))), ValueError, r"w must not be empty"),
         (

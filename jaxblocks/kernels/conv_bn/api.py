@@ -6,6 +6,7 @@ and `BlockSizes` from here (or from the package).
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import jax.numpy as jnp
@@ -16,7 +17,12 @@ from jaxblocks.kernels.conv_bn._common import BlockSizes as BlockSizes
 from jaxblocks.kernels.conv_bn.reference import ACTIVATIONS, pointwise_conv_bn_reference
 from jaxblocks.kernels.conv_bn.xla import pointwise_conv_bn_xla
 from jaxblocks.kernels.dispatch import Implementation, select_implementation
-from jaxblocks.kernels.validation import check_array, check_choice, describe
+from jaxblocks.kernels.validation import (
+    check_array,
+    check_choice,
+    check_nonnegative,
+    describe,
+)
 
 OP = "pointwise_conv_bn"
 
@@ -89,8 +95,11 @@ def pointwise_conv_bn(
       w: 1x1 convolution weight [C_in, C_out] (any float dtype; folded in fp32).
       scale, bias: BatchNorm affine parameters [C_out].
       mean, var: BatchNorm running statistics [C_out] (biased variance, as flax.linen.BatchNorm).
+        The variance must be non-negative: checked when its values are concrete (outside
+        ``jit``); under ``jit`` a negative entry gives NaN in that output channel.
       conv_bias: optional convolution bias [C_out].
-      epsilon: BatchNorm epsilon, a non-negative Python float.
+      epsilon: BatchNorm epsilon, a positive Python float (with 0, a channel whose running
+        variance is 0 would divide by zero).
       activation: None, "relu", "relu6", "silu" or "gelu" (tanh approximation, as
         `jax.nn.gelu`'s default).
       implementation: None (automatic: "pallas_gpu" on GPU, "pallas_tpu" on TPU, "xla"
@@ -125,12 +134,14 @@ def pointwise_conv_bn(
         check_array(OP, name, v, shape=(c_out,))
     if conv_bias is not None:
         check_array(OP, "conv_bias", conv_bias, shape=(c_out,))
+    check_nonnegative(OP, "var", var, " (a running variance)")
     if (
         isinstance(epsilon, bool)
         or not isinstance(epsilon, numbers.Real)
-        or not epsilon >= 0  # also rejects NaN
+        or not epsilon > 0  # also rejects NaN; 0 turns a zero variance into NaN outputs
+        or not math.isfinite(epsilon)
     ):
-        raise ValueError(f"{OP}: epsilon must be a non-negative Python float, got {epsilon!r}")
+        raise ValueError(f"{OP}: epsilon must be a positive finite Python float, got {epsilon!r}")
     check_choice(OP, "activation", activation, list(ACTIVATIONS))
     if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
         raise TypeError(

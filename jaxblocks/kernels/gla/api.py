@@ -20,7 +20,7 @@ from jaxblocks.kernels.gla import pallas_gpu, pallas_tpu
 from jaxblocks.kernels.gla._common import BlockSizes as BlockSizes
 from jaxblocks.kernels.gla.reference import gla_reference, segment_starts
 from jaxblocks.kernels.gla.xla import floor_gates, gla_xla, recurrent_xla
-from jaxblocks.kernels.validation import check_array
+from jaxblocks.kernels.validation import check_array, check_bool
 from jaxblocks.typing import Array, Float, Int
 
 INT = (jnp.int32, jnp.int64, jnp.int16, jnp.int8, jnp.uint32)
@@ -54,12 +54,6 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
     "pallas_gpu": Implementation(pallas_gpu.gla_pallas_gpu, supports=pallas_gpu.supports),
     "pallas_tpu": Implementation(pallas_tpu.gla_pallas_tpu, supports=pallas_tpu.supports),
 }
-
-
-def _check_flag(op, name, value):
-    """A boolean argument is a bool (``"no"`` or ``0`` would otherwise be taken as truthy)."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__} {value!r}")
 
 
 def _check_scale(op, scale) -> float | None:
@@ -248,7 +242,7 @@ def chunk_gla(
     block_sizes = BlockSizes() if block_sizes is None else block_sizes
     B, T, H, K, V = _check_qkvg(op, q, k, v, g)
     scale = _check_scale(op, scale)
-    _check_flag(op, "output_final_state", output_final_state)
+    check_bool(op, "output_final_state", output_final_state)
     _check_implementation(op, implementation)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
         raise TypeError(
@@ -373,7 +367,7 @@ def fused_recurrent_gla(
     op = "fused_recurrent_gla"
     B, T, H, K, V = _check_qkvg(op, q, k, v, g)
     scale = _check_scale(op, scale)
-    _check_flag(op, "output_final_state", output_final_state)
+    check_bool(op, "output_final_state", output_final_state)
     _check_implementation(op, implementation)
     if initial_state is not None:
         check_array(op, "initial_state", initial_state, dtypes=(jnp.float32,))

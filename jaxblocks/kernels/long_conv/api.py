@@ -12,7 +12,13 @@ from jaxblocks.kernels.long_conv import _common, pallas_gpu, pallas_tpu
 from jaxblocks.kernels.long_conv._common import BlockSizes as BlockSizes
 from jaxblocks.kernels.long_conv.reference import fft_conv_reference
 from jaxblocks.kernels.long_conv.xla import fft_conv_xla
-from jaxblocks.kernels.validation import check_array, check_choice, check_positive, describe
+from jaxblocks.kernels.validation import (
+    check_array,
+    check_bool,
+    check_choice,
+    check_positive,
+    describe,
+)
 from jaxblocks.typing import Array, Float
 
 OP = "fft_conv"
@@ -100,6 +106,7 @@ def fft_conv(
     for name, g in (("pregate", pregate), ("postgate", postgate)):
         if g is not None:
             check_array(op, name, g, shape=(B, H, L))
+    check_bool(op, "causal", causal)
     if fft_size is None:
         fft_size = _common.default_fft_size(L, Lk, causal)
     check_positive(op, "fft_size", fft_size)

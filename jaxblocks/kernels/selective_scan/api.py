@@ -17,7 +17,7 @@ from jaxblocks.kernels.selective_scan import pallas_gpu, pallas_tpu
 from jaxblocks.kernels.selective_scan._common import BlockSizes, default_block_sizes
 from jaxblocks.kernels.selective_scan.reference import selective_scan_reference
 from jaxblocks.kernels.selective_scan.xla import selective_scan_xla
-from jaxblocks.kernels.validation import check_array
+from jaxblocks.kernels.validation import check_array, check_bool
 
 OP = "selective_scan"
 
@@ -133,6 +133,8 @@ def selective_scan(
       (2, 8, 5)
     """
     _validate(u, delta, A, B, C, D, z, delta_bias, block_sizes)
+    check_bool(OP, "delta_softplus", delta_softplus)
+    check_bool(OP, "return_last_state", return_last_state)
     block_sizes = default_block_sizes() if block_sizes is None else block_sizes
     batch, dim, L = u.shape
     if L == 0:  # no token: an empty output, the initial (zero) state
