@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: test test-slow test-torch lint format train bench clean
+.PHONY: test test-slow test-torch lint format train bench docs clean
 
 $(STAMP): pyproject.toml constraints.txt tools/find_python312.sh
 	@set -e; \
@@ -52,6 +52,10 @@ train: $(STAMP)
 # Appends to BENCHMARKS.md (`python -m benchmarks.run NAME` alone only prints); ARGS=--quick.
 bench: $(STAMP)
 	$(PY) -m benchmarks.run $(NAME) --append BENCHMARKS.md $(ARGS)
+
+# The API reference (pdoc) in docs/api; warnings fail the build (tests/test_docs.py checks it).
+docs: $(STAMP)
+	$(PY) tools/build_docs.py docs/api
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

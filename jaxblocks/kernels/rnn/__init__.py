@@ -1,4 +1,9 @@
-"""FlashRNN-style head-wise recurrences: `flashrnn` (sequence) and `flashrnn_step` (decoding)."""
+"""FlashRNN-style head-wise recurrences: `flashrnn` (sequence) and `flashrnn_step` (decoding).
+
+The op's math, chunked form, backward and block-size notes (its README.md):
+
+.. include:: ./README.md
+"""
 
 from jaxblocks.kernels.rnn.api import CELLS as CELLS
 from jaxblocks.kernels.rnn.api import BlockSizes as BlockSizes
