@@ -127,6 +127,9 @@ class LMU(nn.Module):
         (ReLU otherwise).
       mode: "parallel" (FFT convolution) or "recurrent" (`lax.scan`); overridable per call.
       implementation: `fft_conv` implementation (None: automatic).
+      check_finite: in the parallel (FFT) mode, `fft_conv`'s guard: without it one NaN/inf in
+        the input makes every memory step of that channel NaN, earlier ones included; with it,
+        only the steps from there on (traced inputs) or an error (concrete inputs).
 
     Example:
       >>> lmu = LMU(hidden_size=8, memory_size=4, theta=16.0)
@@ -141,6 +144,7 @@ class LMU(nn.Module):
     spiking: bool = False
     mode: str = "parallel"
     implementation: str | None = None
+    check_finite: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -152,7 +156,9 @@ class LMU(nn.Module):
         if mode == "parallel":
             h = jnp.asarray(lmu_impulse_response(d, float(self.theta), T), jnp.float32)  # [d, T]
             ub = jnp.broadcast_to(u[:, None, :], (B, d, T))  # [B, d, T]: one channel per order
-            m = fft_conv(ub, h, implementation=self.implementation)  # [B, d, T]
+            m = fft_conv(  # [B, d, T]
+                ub, h, implementation=self.implementation, check_finite=self.check_finite
+            )
             return jnp.swapaxes(m, 1, 2)
         if mode == "recurrent":
             a, b = (jnp.asarray(x, jnp.float32) for x in lmu_discrete(d, float(self.theta)))

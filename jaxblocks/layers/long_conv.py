@@ -61,6 +61,10 @@ class LongConv(nn.Module):
         lags −1 … −L).
       kernel_init_scale: kernel init ``N(0, 1)·scale`` (safari "random": 0.002).
       implementation: `fft_conv` implementation (None: automatic).
+      check_finite: `fft_conv`'s guard: the FFT spreads a NaN/inf in one time step over the
+        whole channel (earlier outputs included); with True, concrete inputs holding one raise
+        and traced ones give NaN only from that time onward. The bidirectional part mixes
+        both directions, so there a non-finite input still reaches earlier outputs.
 
     Example:
       >>> layer = LongConv(l_max=64)
@@ -79,6 +83,7 @@ class LongConv(nn.Module):
     bidirectional: bool = False
     kernel_init_scale: float = 0.002
     implementation: str | None = None
+    check_finite: bool = False
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -115,12 +120,15 @@ class LongConv(nn.Module):
             k[:c].reshape(c * H, L),
             D=D.reshape(c * H).astype(jnp.float32),
             implementation=self.implementation,
+            check_finite=self.check_finite,
         )
         if self.bidirectional:
             # Anti-causal part: lags -1 ... -(L-1), i.e. a causal conv of the reversed input with
             # the kernel delayed by one step.
             kb = jnp.pad(k[c:].reshape(c * H, L), ((0, 0), (1, 0)))[:, :L]
-            y = y + jnp.flip(fft_conv(jnp.flip(uc, -1), kb, implementation=self.implementation), -1)
+            anti = fft_conv(jnp.flip(uc, -1), kb, implementation=self.implementation,
+                            check_finite=self.check_finite)  # fmt: skip
+            y = y + jnp.flip(anti, -1)
         y = jnp.swapaxes(y, 1, 2).astype(dtype)  # [B, L, c·H]
         y = nn.gelu(y, approximate=False)  # torch's exact GELU
         y = nn.Dropout(self.dropout)(y, deterministic=not train)

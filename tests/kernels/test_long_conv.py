@@ -335,3 +335,37 @@ def test_backends_share_no_function_body_and_import_only_common():
             for alias in node.names
         }
         assert own == {("jaxblocks.kernels.long_conv", "_common")}, (name, own)
+
+
+def test_non_finite_inputs_and_the_check_finite_guard():
+    """One NaN spreads over its whole channel through the FFT (earlier outputs included);
+    check_finite=True raises on concrete inputs and, traced, keeps the outputs before the first
+    non-finite time exact and sets the rest of that channel to NaN."""
+    from jaxblocks.kernels.long_conv.api import fft_conv
+
+    u = jax.random.normal(jax.random.key(0), (2, 3, 40))
+    k = 0.1 * jax.random.normal(jax.random.key(1), (3, 40))
+    bad = u.at[0, 1, 25].set(jnp.nan)
+    plain = fft_conv(bad, k, implementation="xla")
+    assert bool(jnp.isnan(plain[0, 1, :25]).any())  # causality lost, as documented
+    guarded = jax.jit(lambda a, b: fft_conv(a, b, check_finite=True, implementation="xla"))
+    y = guarded(bad, k)
+    want = fft_conv(bad.at[0, 1, 25].set(0.0), k, implementation="xla")
+    np.testing.assert_array_equal(y[0, 1, :25], want[0, 1, :25])
+    assert bool(jnp.isnan(y[0, 1, 25:]).all())
+    np.testing.assert_array_equal(y[1], fft_conv(u, k, implementation="xla")[1])
+    assert bool(jnp.isfinite(y[0, 0]).all() and jnp.isfinite(y[0, 2]).all())
+    # a non-finite kernel lag j poisons outputs from t = j on, in every batch row
+    y = guarded(u, k.at[2, 7].set(jnp.inf))
+    assert bool(jnp.isnan(y[:, 2, 7:]).all()) and bool(jnp.isfinite(y[:, 2, :7]).all())
+    # circular: the whole channel
+    yc = jax.jit(lambda a, b: fft_conv(a, b, causal=False, check_finite=True))(bad, k)
+    assert bool(jnp.isnan(yc[0, 1]).all()) and bool(jnp.isfinite(yc[1]).all())
+    with pytest.raises(
+        ValueError, match=r"fft_conv: u has a non-finite value nan at index \(0, 1, 25\)"
+    ):
+        fft_conv(bad, k, check_finite=True)
+    with pytest.raises(ValueError, match=r"k has a non-finite value inf at index \(2, 7\)"):
+        fft_conv(u, k.at[2, 7].set(jnp.inf), check_finite=True)
+    with pytest.raises(TypeError, match="check_finite must be a bool"):
+        fft_conv(u, k, check_finite="yes")

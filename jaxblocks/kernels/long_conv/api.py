@@ -7,6 +7,10 @@ This module is the op's public face: code outside the op folder imports `fft_con
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from jaxblocks.kernels.dispatch import Implementation, select_implementation
 from jaxblocks.kernels.long_conv import _common, pallas_gpu, pallas_tpu
 from jaxblocks.kernels.long_conv._common import BlockSizes as BlockSizes
@@ -60,6 +64,7 @@ def fft_conv(
     fft_size: int | None = None,
     implementation: str | None = None,
     block_sizes: BlockSizes | None = None,
+    check_finite: bool = False,
 ) -> Float[Array, "B H L"]:
     """Long convolution by FFT (safari / FlashFFTConv, https://arxiv.org/abs/2311.05908).
 
@@ -81,6 +86,18 @@ def fft_conv(
       block_sizes: launch parameters of the Pallas kernels (`BlockSizes`: Triton warps and
         stages, the Mosaic VMEM limit; every block is one full row); None takes the defaults.
         The reference and xla implementations have no blocks and ignore it.
+      check_finite: guard against non-finite inputs (see below). Off by default: it costs an
+        extra pass over the inputs (and, outside ``jit``, a device-to-host copy).
+
+    Non-finite values: the FFT mixes every time step of a channel, so one NaN or inf anywhere in
+    ``u`` (or ``pregate``, or ``k``) makes the *whole* channel's output NaN, earlier times
+    included: causality does not hold for non-finite inputs in any implementation (the direct
+    ``reference`` sum included, which turns the NaN's lags into NaN through 0 · inf). With
+    ``check_finite=True``: concrete inputs (outside ``jit``) holding a non-finite value raise a
+    ValueError naming the argument and the first such index; traced inputs are computed with the
+    non-finite values replaced by 0 and the outputs from each channel's first non-finite time
+    onward (causal) set to NaN, so earlier outputs are exact. For ``causal=False`` (circular)
+    every output of such a channel is NaN.
 
     Returns:
       y: [B, H, L] in ``u.dtype``.
@@ -123,6 +140,16 @@ def fft_conv(
             f"{op}: block_sizes must be None or a jaxblocks.kernels.long_conv.BlockSizes, "
             f"got {type(block_sizes).__name__}"
         )
+    check_bool(op, "check_finite", check_finite)
+    if check_finite:
+        _raise_on_concrete_non_finite(op, u=u, k=k, D=D, pregate=pregate, postgate=postgate)
+        conv_in = u if pregate is None else pregate * u
+        bad_u = ~jnp.isfinite(conv_in)  # [B, H, L]
+        bad_k = ~jnp.isfinite(k)  # [H, Lk]
+        u = jnp.where(~jnp.isfinite(u), jnp.zeros_like(u), u)
+        k = jnp.where(bad_k, jnp.zeros_like(k), k)
+        if pregate is not None:
+            pregate = jnp.where(~jnp.isfinite(pregate), jnp.zeros_like(pregate), pregate)
     kw = dict(
         D=D,
         pregate=pregate,
@@ -135,4 +162,32 @@ def fft_conv(
     if implementation is None:
         impls = {name: impl for name, impl in IMPLEMENTATIONS.items() if name not in _OPT_IN}
     _, fn = select_implementation(op, implementation, impls, u, k, **kw)
-    return fn(u, k, **kw)
+    y = fn(u, k, **kw)
+    if check_finite:
+        t = jnp.arange(L)
+        if causal:  # an output depends on inputs at or before its time (and on k's lags <= t)
+            first_u = jnp.min(jnp.where(bad_u, t, L), axis=-1)  # [B, H]
+            first_k = jnp.min(jnp.where(bad_k, jnp.arange(Lk), L), axis=-1)  # [H]
+            first = jnp.minimum(first_u, first_k[None, :])[..., None]  # [B, H, 1]
+            poisoned = t[None, None, :] >= first
+        else:  # circular: every output of the channel mixes every input
+            poisoned = jnp.broadcast_to(
+                (bad_u.any(-1) | bad_k.any(-1)[None, :])[..., None], y.shape
+            )
+        y = jnp.where(poisoned, jnp.full_like(y, jnp.nan), y)
+    return y
+
+
+def _raise_on_concrete_non_finite(op: str, **arrays) -> None:
+    """Outside ``jit``: a ValueError naming the argument and index of the first non-finite."""
+    for name, a in arrays.items():
+        if a is None or isinstance(a, jax.core.Tracer):
+            continue
+        arr = np.asarray(a)
+        bad = np.argwhere(~np.isfinite(arr))
+        if bad.size:
+            i = tuple(int(v) for v in bad[0])
+            raise ValueError(
+                f"{op}: {name} has a non-finite value {arr[i].item()!r} at index {i} "
+                "(check_finite=True)"
+            )
