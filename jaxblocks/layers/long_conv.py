@@ -115,20 +115,23 @@ class LongConv(nn.Module):
         k = self.kernel(L, train=train).reshape(n_k, H, L)
         u = jnp.swapaxes(x, 1, 2)  # [B, H, L]
         uc = jnp.broadcast_to(u[:, None], (B, c, H, L)).reshape(B, c * H, L)  # [B, (c H), L]
-        y = fft_conv(
-            uc,
-            k[:c].reshape(c * H, L),
-            D=D.reshape(c * H).astype(jnp.float32),
-            implementation=self.implementation,
-            check_finite=self.check_finite,
-        )
-        if self.bidirectional:
+        kc = k[:c].reshape(c * H, L)
+        Dc = D.reshape(c * H).astype(jnp.float32)
+        ops = dict(implementation=self.implementation, check_finite=self.check_finite)
+        if not self.bidirectional:
+            y = fft_conv(uc, kc, D=Dc, **ops)
+        else:
             # Anti-causal part: lags -1 ... -(L-1), i.e. a causal conv of the reversed input with
-            # the kernel delayed by one step.
+            # the kernel delayed by one step. Both directions go through ONE fft_conv (channels
+            # stacked): two independent FFT convolutions can hang XLA:CPU (see fft_conv's xla).
             kb = jnp.pad(k[c:].reshape(c * H, L), ((0, 0), (1, 0)))[:, :L]
-            anti = fft_conv(jnp.flip(uc, -1), kb, implementation=self.implementation,
-                            check_finite=self.check_finite)  # fmt: skip
-            y = y + jnp.flip(anti, -1)
+            both = fft_conv(
+                jnp.concatenate([uc, jnp.flip(uc, -1)], axis=1),  # [B, 2 c H, L]
+                jnp.concatenate([kc, kb], axis=0),
+                D=jnp.concatenate([Dc, jnp.zeros_like(Dc)]),
+                **ops,
+            )
+            y = both[:, : c * H] + jnp.flip(both[:, c * H :], -1)
         y = jnp.swapaxes(y, 1, 2).astype(dtype)  # [B, L, c·H]
         y = nn.gelu(y, approximate=False)  # torch's exact GELU
         y = nn.Dropout(self.dropout)(y, deterministic=not train)

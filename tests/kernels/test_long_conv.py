@@ -369,3 +369,33 @@ def test_non_finite_inputs_and_the_check_finite_guard():
         fft_conv(u, k.at[2, 7].set(jnp.inf), check_finite=True)
     with pytest.raises(TypeError, match="check_finite must be a bool"):
         fft_conv(u, k, check_finite="yes")
+
+
+_HANG_SCRIPT = """
+import jax, jax.numpy as jnp
+from jaxblocks.kernels.long_conv import fft_conv
+B, H, L = 2, 256, 4096
+u = jax.random.normal(jax.random.key(0), (B, H, L))
+k = jax.random.normal(jax.random.key(1), (H, L)) / L
+f = jax.jit(jax.value_and_grad(
+    lambda u, k: jnp.sum(fft_conv(u, k, implementation="xla") ** 2), argnums=(0, 1)))
+for _ in range(8):
+    jax.block_until_ready(f(u, k))
+print("finished")
+"""
+
+
+def test_xla_forward_backward_does_not_hang_at_the_reported_shape():
+    """B2 H256 L4096 forward+backward hung XLA:CPU with two concurrent FFT thunks (it did here
+    on the second call with the old two-rfft form, tools/xla_cpu_fft_hang_repro.py); the xla
+    path now runs one FFT at a time. In a subprocess, so a hang fails instead of stalling."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
+    root = pathlib.Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", _HANG_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=180)  # fmt: skip
+    assert out.returncode == 0 and "finished" in out.stdout, out.stderr[-2000:]
