@@ -164,6 +164,27 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def apply_smoke(
+    c: ml_collections.ConfigDict,
+    *,
+    train_steps: int = 3,
+    batch_size: int = 16,
+    eval_batch_size: int = 16,
+) -> ml_collections.ConfigDict:
+    """The ``smoke`` switch's common part for a single-stage config: a few steps of small
+    batches, logged and evaluated at every step, a checkpoint every 2 steps (the config then
+    shrinks its own model and data)."""
+    c.smoke = True
+    c.batch_size = batch_size
+    c.eval_batch_size = eval_batch_size
+    c.train_steps = train_steps
+    c.optimizer.warmup_steps = 1
+    c.log_every = 1
+    c.eval_every = train_steps
+    c.checkpoint.every_steps = 2
+    return c
+
+
 def parse_switches(arg: str | None) -> set[str]:
     """``"smoke, lamb"`` -> ``{"smoke", "lamb"}`` (empty for None or "")."""
     return {s.strip() for s in (arg or "").split(",") if s.strip()}

@@ -10,7 +10,7 @@ a model lr of 1e-2 — and ``wd=0``), through ``optimizer.param_groups``.
 Switches: ``smoke``, ``ring``, ``transformer``, ``long_conv``.
 """
 
-from jaxblocks.configs.base import base_config, parse_switches
+from jaxblocks.configs.base import apply_smoke, base_config, parse_switches
 from jaxblocks.registry import list_models
 
 # The switches documented above (the trainer rejects any other).
@@ -57,16 +57,9 @@ def get_config(arg: str | None = None):
     c.log_every = 10
     c.eval_every = 100
     if "smoke" in sw:
-        c.smoke = True
+        apply_smoke(c, eval_batch_size=64)
         if not use_gla and not long_conv:
             c.model.kwargs = dict(c.model.kwargs, width=16, heads=2, layers=1)
         c.data.seq_len = 16
         c.data.max_bytes = 20_000
-        c.batch_size = 16
-        c.eval_batch_size = 64
-        c.train_steps = 3
-        c.optimizer.warmup_steps = 1
-        c.log_every = 1
-        c.eval_every = 3
-        c.checkpoint.every_steps = 2
     return c

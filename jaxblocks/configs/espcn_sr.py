@@ -8,7 +8,7 @@ The ``sr_baseline`` report prints the model's PSNR beside bicubic upscaling of t
 ``get_config("smoke")`` shrinks it to a few steps for CPU tests.
 """
 
-from jaxblocks.configs.base import base_config, parse_switches
+from jaxblocks.configs.base import apply_smoke, base_config, parse_switches
 
 SWITCHES = ("smoke",)
 
@@ -35,13 +35,6 @@ def get_config(arg: str | None = None):
     c.checkpoint.every_steps = 2000
     c.reports = ("sr_baseline",)
     if "smoke" in sw:
-        c.smoke = True
+        apply_smoke(c)
         c.data.num_examples = 64
-        c.batch_size = 16
-        c.eval_batch_size = 16
-        c.train_steps = 3
-        c.optimizer.warmup_steps = 1
-        c.log_every = 1
-        c.eval_every = 3
-        c.checkpoint.every_steps = 2
     return c

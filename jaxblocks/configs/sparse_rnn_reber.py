@@ -9,7 +9,7 @@ sparsity and tabulates test accuracy against the measured sparsity.
 ``get_config("smoke")`` shrinks it to a few steps for CPU tests.
 """
 
-from jaxblocks.configs.base import base_config, parse_switches
+from jaxblocks.configs.base import apply_smoke, base_config, parse_switches
 
 SWITCHES = ("smoke",)
 
@@ -41,15 +41,8 @@ def get_config(arg: str | None = None):
     c.checkpoint.every_steps = 400
     c.reports = ("pruning_sweep",)
     if "smoke" in sw:
-        c.smoke = True
+        apply_smoke(c, train_steps=4, eval_batch_size=32)
         c.data.num_examples = 128
-        c.batch_size = 16
-        c.eval_batch_size = 32
-        c.train_steps = 4
-        c.optimizer.warmup_steps = 1
         c.optimizer.pruning.frequency = 1
         c.optimizer.pruning.sweep = (0.5,)
-        c.log_every = 1
-        c.eval_every = 4
-        c.checkpoint.every_steps = 2
     return c
