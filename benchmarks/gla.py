@@ -55,7 +55,8 @@ def _run(cases, impls, *, warmup, iters, skip=lambda impl, case: False):
                 continue
             kw = dict(warmup=warmup, iters=iters)
             fwd_rows.append(measure(case.name, name, fn, args, flops=case.flops(), **kw))
-            bwd_rows.append(measure(case.name, name, _fwd_bwd(fn), args, **kw))
+            both = case.flops() + case.flops(backward=True)
+            bwd_rows.append(measure(case.name, name, _fwd_bwd(fn), args, flops=both, **kw))
     return fwd_rows, bwd_rows
 
 

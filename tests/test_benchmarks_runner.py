@@ -116,3 +116,19 @@ def test_runs_from_any_directory(tmp_path, how):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == run.available()
     assert os.listdir(tmp_path) == []
+
+
+def test_gla_benchmark_gflop_column_uses_the_cost_formula():
+    """The fwd+bwd GFLOP figure is the op's formula (forward + backward), which grows with T;
+    XLA's cost analysis counted the xla path's loop body once (~0.5 GFLOP at any T)."""
+    from benchmarks import gla as bench
+    from jaxblocks.kernels.gla.specs import Case
+
+    cases = [Case("t64", 1, 64, 1, 16, 16), Case("t256", 1, 256, 1, 16, 16)]
+    impls = {"xla": bench._gla("xla")}
+    fwd, bwd = bench._run(cases, impls, warmup=0, iters=1)
+    for rows, backward in ((fwd, False), (bwd, True)):
+        got = [r.flops for r in rows]
+        want = [c.flops() + (c.flops(backward=True) if backward else 0) for c in cases]
+        assert got == want
+        assert got[1] == 4 * got[0]  # linear in T

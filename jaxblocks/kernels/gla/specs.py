@@ -33,9 +33,11 @@ class Case:
         h0 = jax.random.normal(kh, (B, H, K, V)) if initial_state else None
         return q, k, v, g.astype(jnp.float32), h0
 
-    def flops(self) -> float:
-        """Chunked forward FLOPs (chunk 64), the formula of the kernels' `pl.CostEstimate`."""
-        return float(flops(self.B, self.T, self.H, self.K, self.V, chunk=64))
+    def flops(self, backward: bool = False) -> float:
+        """Chunked forward (or backward) FLOPs at chunk 64: the formula of the kernels'
+        `pl.CostEstimate`, used for every implementation's GFLOP figure (XLA's cost analysis
+        counts a loop body once, so it cannot be compared across lengths)."""
+        return float(flops(self.B, self.T, self.H, self.K, self.V, chunk=64, backward=backward))
 
 
 # The issue's sweep: T = 1, 63, 64, 65, 1000; K, V in {60, 64, 100, 128}; H > 1; B > 1.
