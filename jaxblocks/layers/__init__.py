@@ -11,6 +11,11 @@ from jaxblocks.layers.conv_bn import ConvBN as ConvBN
 from jaxblocks.layers.conv_bn import LinearBN as LinearBN
 from jaxblocks.layers.conv_bn import convbn_mode as convbn_mode
 from jaxblocks.layers.conv_bn import fold_for_deploy as fold_for_deploy
+from jaxblocks.layers.filter_init import bank_init as bank_init
+from jaxblocks.layers.filter_init import dct_bank as dct_bank
+from jaxblocks.layers.filter_init import gabor_bank as gabor_bank
+from jaxblocks.layers.filter_init import kmeans_bank as kmeans_bank
+from jaxblocks.layers.filter_init import pca_bank as pca_bank
 from jaxblocks.layers.linear_attention import GatedLinearAttention as GatedLinearAttention
 from jaxblocks.layers.linear_attention import ShortConvolution as ShortConvolution
 from jaxblocks.layers.linear_attention import causal_depthwise_conv1d as causal_depthwise_conv1d
