@@ -48,6 +48,8 @@ from jaxblocks.layers.norm import prepbn_lambda as prepbn_lambda
 from jaxblocks.layers.norm import rep_batch_norm as rep_batch_norm
 from jaxblocks.layers.norm import repbn_affine as repbn_affine
 from jaxblocks.layers.norm import weight_standardize as weight_standardize
+from jaxblocks.layers.one_way_conv import OneWayConv as OneWayConv
+from jaxblocks.layers.one_way_conv import one_way_kernel as one_way_kernel
 from jaxblocks.layers.pixel_shuffle import PixelShuffle as PixelShuffle
 from jaxblocks.layers.pixel_shuffle import pixel_shuffle as pixel_shuffle
 from jaxblocks.layers.pixel_shuffle import pixel_unshuffle as pixel_unshuffle

@@ -107,6 +107,7 @@ LAYERS = {  # layer -> (module, input, call kwargs)
     "LMU": (L.LMU(memory_size=4, theta=12.0, hidden_size=16), X3, {}),
     "SS2D": (L.SS2D(), X4, {}),
     "PixelShuffle": (L.PixelShuffle(2), X4, {}),
+    "OneWayConv": (L.OneWayConv(8, 3, rank=2), X4, {}),
 }
 
 
