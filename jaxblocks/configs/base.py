@@ -131,6 +131,10 @@ def base_config() -> ml_collections.ConfigDict:
     # ((regex, stride), ...): the stride of each matching kernel (first match wins, else 1).
     c.regularizers.lorth_strides = ()
 
+    # The `variants` report retrains the last stage once per entry, a dict
+    # {"name": str, "overrides": ("key=value", ...)}, and tabulates parameters and the metric.
+    c.variants = ()
+
     c.mixed_precision = False  # bf16 compute (model kwarg dtype), fp32 params and opt state
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})

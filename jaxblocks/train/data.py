@@ -210,6 +210,18 @@ def _reber(cfg: ml_collections.ConfigDict) -> Splits:
     return x, y, xt, yt, VOCAB_SIZE
 
 
+@register_dataset("wave2d")
+def _wave2d(cfg: ml_collections.ConfigDict) -> Splits:
+    """2-D wave-equation surrogate pairs (`jaxblocks.data.wave`): (u(t−1), u(t)) → u(t+4) on a
+    ``data.image_size`` grid; test pairs from other random initial fields (another seed)."""
+    from jaxblocks.data.wave import wave_pairs
+
+    d = cfg.data
+    x, y = wave_pairs(d.num_examples, d.image_size, seed=cfg.seed)
+    xt, yt = wave_pairs(max(d.num_examples // 4, 1), d.image_size, seed=cfg.seed + 10_000)
+    return x, y, xt, yt, 0
+
+
 def make_datasets(cfg: ml_collections.ConfigDict):
     """``(train ArrayDataset, (x_test, y_test), num_classes)`` for ``cfg.data``."""
     name = cfg.data.name

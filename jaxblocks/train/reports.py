@@ -165,7 +165,35 @@ def pruning_sweep(cfg: ml_collections.ConfigDict, workdir: str, results) -> str:
     return "\n".join(lines)
 
 
+def variants(cfg: ml_collections.ConfigDict, workdir: str, results) -> str:
+    """Retrain the last stage once per ``config.variants`` entry (its ``overrides`` applied; same
+    data, seed and steps) and tabulate each one's parameter count and the task's test metrics
+    beside the run as configured."""
+    from jaxblocks.train.tasks import get_task
+
+    if not results:
+        raise ValueError("report 'variants': needs a finished run")
+    (_, last_cfg), res = config_lib.stage_configs(cfg)[-1], results[-1][1]
+    entries = tuple(last_cfg.get("variants", ()) or ())
+    if not entries:
+        raise ValueError("report 'variants': set config.variants")
+    metric = get_task(last_cfg.task).main_metric
+    rows = [("as configured", res)]
+    for i, v in enumerate(entries):
+        name = v.get("name", f"variant {i}")
+        c = config_lib.apply_overrides(last_cfg, list(v.get("overrides", ())))
+        rows.append((name, loop.train(c, os.path.join(workdir, f"variant_{i}"),
+                                      description=name)))  # fmt: skip
+    lines = [f"| variant | parameters | test {metric} | test loss |", "|---|---|---|---|"]
+    for name, r in rows:
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(r.state.params))
+        lines.append(f"| {name} | {n:,} | {r.eval_metrics.get(metric, float('nan')):.4f} | "
+                     f"{r.eval_metrics.get('loss', float('nan')):.3g} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 REPORTS: dict[str, Report] = {
+    "variants": variants,
     "convbn_modes": convbn_modes,
     "sr_baseline": sr_baseline,
     "pruning_sweep": pruning_sweep,

@@ -88,7 +88,21 @@ def _image_regression(pred: jax.Array, target: jax.Array) -> dict[str, jax.Array
     return {"loss": mse, "psnr": psnr(mse)}
 
 
+def _field_regression(pred: jax.Array, target: jax.Array) -> dict[str, jax.Array]:
+    """Per-example MSE (the loss) and relative L2 error ‖pred − target‖ / ‖target‖."""
+    if pred.shape != target.shape:
+        raise ValueError(
+            f"field_regression: model output {pred.shape} does not match the target {target.shape}"
+        )
+    err = (pred.astype(jnp.float32) - target.astype(jnp.float32)).reshape(pred.shape[0], -1)
+    ref = target.astype(jnp.float32).reshape(target.shape[0], -1)
+    rel = jnp.linalg.norm(err, axis=1) / jnp.maximum(jnp.linalg.norm(ref, axis=1), 1e-12)
+    return {"loss": jnp.mean(jnp.square(err), axis=1), "rel_l2": rel}
+
+
 register_task(Task("classification", _classification, "accuracy"))
 register_task(Task("lm", _classification, "accuracy", seq_axis=1))
 # Image-to-image regression scored by PSNR (super-resolution: low-res in, high-res target out).
 register_task(Task("super_resolution", _image_regression, "psnr"))
+# Physical-field forecasting (surrogate simulators): MSE loss, relative L2 error reported.
+register_task(Task("field_regression", _field_regression, "rel_l2", higher_is_better=False))
