@@ -19,9 +19,14 @@ KERNELS = PKG / "kernels"
 OP_DIRS = sorted(p for p in KERNELS.iterdir() if p.is_dir() and (p / "api.py").exists())
 # Kernel toolkit modules every layer may use (dispatch, interpret switch, validation, lowering).
 KERNEL_TOOLKIT = {"jaxblocks.kernels"} | {
-    f"jaxblocks.kernels.{p.stem}" for p in KERNELS.glob("*.py") if p.stem != "__init__"
+    f"jaxblocks.kernels.{p.stem}"
+    for p in KERNELS.glob("*.py")
+    if p.stem not in ("__init__", "check_hardware")
 }
 OP_NAMES = {p.name for p in OP_DIRS}
+# `python -m jaxblocks.kernels.check_hardware` runs every op: it may import the ops' api.py and
+# specs.py (the toolkit may not), and no module imports it.
+HARDWARE_CHECK = "jaxblocks.kernels.check_hardware"
 STANDARD_OP_FILES = (
     "__init__.py",
     "api.py",
@@ -118,6 +123,15 @@ def _check_file(path: pathlib.Path, module: str) -> list[str]:
                 own = len(t_parts) > 2 and t_parts[2] == parts[2] and t_room == "kernels"
                 if not (own or target in KERNEL_TOOLKIT or t_room == "typing"):
                     bad.append(f"{where} (a kernel op imports only itself and the toolkit)")
+                continue
+            if module == HARDWARE_CHECK:  # a tool over every op, imported by no module
+                op_face = len(t_parts) == 4 and t_parts[2] in OP_NAMES
+                op_face = op_face and t_parts[3] in ("api", "specs", "cells")
+                if not (op_face or target in KERNEL_TOOLKIT or t_room == "typing"):
+                    bad.append(f"{where} (the hardware check uses ops' api/specs and the toolkit)")
+                continue
+            if target == HARDWARE_CHECK:
+                bad.append(f"{where} (the hardware check is an entry point, imported by nothing)")
                 continue
             if room == "kernels":  # the toolkit: nothing from the ops or above
                 if t_room != "kernels" or target not in KERNEL_TOOLKIT:
