@@ -5,6 +5,13 @@ from jaxblocks.blocks.lmuformer import Conv1dEmbedding as Conv1dEmbedding
 from jaxblocks.blocks.lmuformer import LMUFormerBlock as LMUFormerBlock
 from jaxblocks.blocks.lmuformer import LMUMixer as LMUMixer
 from jaxblocks.blocks.msvmamba import MSVMambaBlock as MSVMambaBlock
+from jaxblocks.blocks.scse import SCSE_MODES as SCSE_MODES
+from jaxblocks.blocks.scse import ChannelSE as ChannelSE
+from jaxblocks.blocks.scse import ChannelSpatialSE as ChannelSpatialSE
+from jaxblocks.blocks.scse import SpatialSE as SpatialSE
+from jaxblocks.blocks.scse import channel_se as channel_se
+from jaxblocks.blocks.scse import combine_se as combine_se
+from jaxblocks.blocks.scse import spatial_se as spatial_se
 from jaxblocks.blocks.slab import SLABBlock as SLABBlock
 from jaxblocks.blocks.slab import fold_slab_block as fold_slab_block
 from jaxblocks.blocks.tcn import TCN as TCN
