@@ -52,6 +52,8 @@ ALLOWED: dict[str, set[str]] = {
     "compress": {"compress", "layers", "kernel_api"},
     # Weight import builds the registered models it converts for.
     "interop": {"interop", "registry", "models", "layers"},
+    # Analysis tools (LinearScope) run any function or model built from the project's layers.
+    "analysis": {"analysis", "layers", "blocks", "models", "kernel_api", "registry"},
     "registry": set(),
     "typing": set(),
 }

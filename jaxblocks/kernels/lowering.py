@@ -9,6 +9,7 @@ lowered.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -82,3 +83,58 @@ def check_lowering(
             f"for arguments [{_describe(args)}]"
         )
     return text
+
+
+_TRITON_IR = re.compile(r'ir = "((?:[^"\\]|\\.)*)"')
+# Triton prints ``inputPrecision`` only when it is not its default, IEEE.
+_DOT = re.compile(r"tt\.dot .*")
+_INPUT_PRECISION = re.compile(r"inputPrecision = (\w+)")
+
+
+def _unescape_mlir_string(s: str) -> bytes:
+    """The bytes of an MLIR string attribute as printed (``\\XX`` hex escapes)."""
+    out = bytearray()
+    i = 0
+    while i < len(s):
+        if s[i] == "\\":
+            nxt = s[i + 1]
+            simple = {"\\": 92, '"': 34, "n": 10, "t": 9}
+            if nxt in simple:
+                out.append(simple[nxt])
+                i += 2
+            else:
+                out.append(int(s[i + 1 : i + 3], 16))
+                i += 3
+        else:
+            out += s[i].encode()
+            i += 1
+    return bytes(out)
+
+
+def triton_modules(mlir_text: str) -> list[str]:
+    """The Triton IR (text) of every Pallas GPU kernel in an exported ``cuda`` module.
+
+    The Triton custom call carries its kernel as MLIR bytecode in its backend config; it is
+    parsed with jaxlib's Triton dialect and printed, so tests can read what Triton compiles
+    (e.g. the ``inputPrecision`` of every ``tt.dot``).
+    """
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.triton import dialect as tt_dialect
+
+    texts = []
+    for m in _TRITON_IR.finditer(mlir_text):
+        ctx = ir.Context()
+        tt_dialect.register_dialect(ctx)
+        with ctx:
+            texts.append(str(ir.Module.parse(_unescape_mlir_string(m.group(1)))))
+    return texts
+
+
+def triton_dot_precisions(mlir_text: str) -> list[str]:
+    """``inputPrecision`` of every ``tt.dot`` in the module's Triton kernels ("ieee", "tf32")."""
+    found = []
+    for text in triton_modules(mlir_text):
+        for line in _DOT.findall(text):
+            m = _INPUT_PRECISION.search(line)
+            found.append(m.group(1) if m else "ieee")
+    return found

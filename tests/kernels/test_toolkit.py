@@ -147,3 +147,27 @@ def test_precision_names():
     for bad in ("fp32", None, lax.Precision.HIGHEST):
         with pytest.raises(ValueError, match=r"op: precision must be one of"):
             resolve_precision("op", bad)
+
+
+@pytest.mark.parametrize(
+    ("precision", "expected"),
+    [(None, "tf32"), (jax.lax.Precision.DEFAULT, "tf32"), (jax.lax.Precision.HIGHEST, "ieee")],
+)
+def test_triton_dot_precisions_reads_the_lowered_kernel(precision, expected):
+    """The Triton IR inside an exported cuda module says how each fp32 dot multiplies."""
+    from jax.experimental import pallas as pl
+
+    from jaxblocks.kernels.lowering import export_mlir, triton_dot_precisions, triton_modules
+
+    def kernel(a_ref, b_ref, o_ref):
+        o_ref[...] = jnp.dot(a_ref[...], b_ref[...], precision=precision)
+
+    def f(a, b):
+        return pl.pallas_call(
+            kernel, out_shape=jax.ShapeDtypeStruct((32, 32), jnp.float32), name="dot32"
+        )(a, b)
+
+    x = jnp.ones((32, 32), jnp.float32)
+    text = export_mlir(f, (x, x), "cuda")
+    assert len(triton_modules(text)) == 1
+    assert triton_dot_precisions(text) == [expected]
