@@ -6,6 +6,8 @@
   BCT).
 * `prune`, `polynomial_sparsity`, `magnitude_mask`, `watts_strogatz_mask`,
   `barabasi_albert_mask`: gradual magnitude pruning and random-graph masks (papers 58, 62).
+* `to_block_sparse`, `block_sparse_pointwise`, `ell_pointwise`, `bcoo_pointwise`: the sparse
+  1×1 convolution inference path of Fast Sparse ConvNets (paper 58).
 """
 
 from jaxblocks.compress.orthogonal import (
@@ -24,6 +26,11 @@ from jaxblocks.compress.quantize import pack_int as pack_int
 from jaxblocks.compress.quantize import quantize as quantize
 from jaxblocks.compress.quantize import quantize_model as quantize_model
 from jaxblocks.compress.quantize import unpack_int as unpack_int
+from jaxblocks.compress.sparse_conv import BlockSparseKernel as BlockSparseKernel
+from jaxblocks.compress.sparse_conv import bcoo_pointwise as bcoo_pointwise
+from jaxblocks.compress.sparse_conv import block_sparse_pointwise as block_sparse_pointwise
+from jaxblocks.compress.sparse_conv import ell_pointwise as ell_pointwise
+from jaxblocks.compress.sparse_conv import to_block_sparse as to_block_sparse
 from jaxblocks.compress.sparsity import PruneState as PruneState
 from jaxblocks.compress.sparsity import barabasi_albert_mask as barabasi_albert_mask
 from jaxblocks.compress.sparsity import magnitude_mask as magnitude_mask
