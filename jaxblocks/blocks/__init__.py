@@ -1,6 +1,9 @@
 """The papers' residual blocks, composed from layers. Public re-exports only."""
 
 from jaxblocks.blocks.gla import GLABlock as GLABlock
+from jaxblocks.blocks.inception_next import InceptionDWConv2d as InceptionDWConv2d
+from jaxblocks.blocks.inception_next import MetaNeXtBlock as MetaNeXtBlock
+from jaxblocks.blocks.inception_next import MlpClassifierHead as MlpClassifierHead
 from jaxblocks.blocks.lmuformer import Conv1dEmbedding as Conv1dEmbedding
 from jaxblocks.blocks.lmuformer import LMUFormerBlock as LMUFormerBlock
 from jaxblocks.blocks.lmuformer import LMUMixer as LMUMixer
