@@ -6,10 +6,21 @@
   BCT).
 * `prune`, `polynomial_sparsity`, `magnitude_mask`, `watts_strogatz_mask`,
   `barabasi_albert_mask`: gradual magnitude pruning and random-graph masks (papers 58, 62).
+* `binarize`, `BinaryConv`, `BinaryDense`, `mst_plan`, `delta_conv`, `count_ops`,
+  `mst_distance_penalty`: binary networks and MST-compression (paper 29).
 * `to_block_sparse`, `block_sparse_pointwise`, `ell_pointwise`, `bcoo_pointwise`: the sparse
   1×1 convolution inference path of Fast Sparse ConvNets (paper 58).
 """
 
+from jaxblocks.compress.binary import BinaryConv as BinaryConv
+from jaxblocks.compress.binary import BinaryDense as BinaryDense
+from jaxblocks.compress.binary import MSTPlan as MSTPlan
+from jaxblocks.compress.binary import binarize as binarize
+from jaxblocks.compress.binary import count_ops as count_ops
+from jaxblocks.compress.binary import delta_conv as delta_conv
+from jaxblocks.compress.binary import hamming_distances as hamming_distances
+from jaxblocks.compress.binary import mst_distance_penalty as mst_distance_penalty
+from jaxblocks.compress.binary import mst_plan as mst_plan
 from jaxblocks.compress.orthogonal import (
     check_orthogonal_conv_exists as check_orthogonal_conv_exists,
 )
