@@ -44,7 +44,8 @@ STANDARD_OP_FILES = (
 ALLOWED: dict[str, set[str]] = {
     "layers": {"layers", "kernel_api"},
     "blocks": {"blocks", "layers", "kernel_api"},
-    "models": {"models", "blocks", "layers", "kernel_api", "registry"},
+    # Models may be built from compression layers (binary convolutions, quantised layers).
+    "models": {"models", "blocks", "layers", "compress", "kernel_api", "registry"},
     "data": {"data"},
     "configs": {"configs", "registry"},
     # Post-processing (Soft-NMS) and model compression work on arrays and parameter trees.

@@ -130,6 +130,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.regularizers.lorth_include = r"kernel$"
     # ((regex, stride), ...): the stride of each matching kernel (first match wins, else 1).
     c.regularizers.lorth_strides = ()
+    # MST-compression (Vo et al. 2023): mst_weight * sum of `mst_distance_penalty` (relaxed
+    # Hamming length of the channels' minimum spanning tree) over the binary kernels whose path
+    # matches mst_include; 0 = off.
+    c.regularizers.mst_weight = 0.0
+    c.regularizers.mst_include = r"binary_\d+/kernel$"
+    c.regularizers.mst_temperature = 1.0
 
     # The `variants` report retrains the last stage once per entry, a dict
     # {"name": str, "overrides": ("key=value", ...)}, and tabulates parameters and the metric.

@@ -18,6 +18,10 @@ upscaling of the same inputs.
 
 ``"pruning_sweep"`` — the run retrained at each final sparsity of ``optimizer.pruning.sweep``:
 the task's main metric against the sparsity measured on the pruned parameters.
+
+``"variants"`` — the last stage retrained once per ``config.variants`` entry: parameters and the
+task's metrics. ``"mst_compression"`` — the same retraining, tabulating the binary layers'
+minimum-spanning-tree length, depth and operation counts (MST-compression, paper 29).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -165,25 +170,32 @@ def pruning_sweep(cfg: ml_collections.ConfigDict, workdir: str, results) -> str:
     return "\n".join(lines)
 
 
-def variants(cfg: ml_collections.ConfigDict, workdir: str, results) -> str:
-    """Retrain the last stage once per ``config.variants`` entry (its ``overrides`` applied; same
-    data, seed and steps) and tabulate each one's parameter count and the task's test metrics
-    beside the run as configured."""
-    from jaxblocks.train.tasks import get_task
-
+def _retrain_variants(cfg: ml_collections.ConfigDict, workdir: str, results, report: str):
+    """(last stage's config, [(name, result)]): the run as configured, then the last stage
+    retrained once per ``config.variants`` entry (its overrides applied; same data and seed)."""
     if not results:
-        raise ValueError("report 'variants': needs a finished run")
+        raise ValueError(f"report {report!r}: needs a finished run")
     (_, last_cfg), res = config_lib.stage_configs(cfg)[-1], results[-1][1]
     entries = tuple(last_cfg.get("variants", ()) or ())
     if not entries:
-        raise ValueError("report 'variants': set config.variants")
-    metric = get_task(last_cfg.task).main_metric
+        raise ValueError(f"report {report!r}: set config.variants")
     rows = [("as configured", res)]
     for i, v in enumerate(entries):
         name = v.get("name", f"variant {i}")
         c = config_lib.apply_overrides(last_cfg, list(v.get("overrides", ())))
         rows.append((name, loop.train(c, os.path.join(workdir, f"variant_{i}"),
                                       description=name)))  # fmt: skip
+    return last_cfg, rows
+
+
+def variants(cfg: ml_collections.ConfigDict, workdir: str, results) -> str:
+    """Retrain the last stage once per ``config.variants`` entry (its ``overrides`` applied; same
+    data, seed and steps) and tabulate each one's parameter count and the task's test metrics
+    beside the run as configured."""
+    from jaxblocks.train.tasks import get_task
+
+    last_cfg, rows = _retrain_variants(cfg, workdir, results, "variants")
+    metric = get_task(last_cfg.task).main_metric
     lines = [f"| variant | parameters | test {metric} | test loss |", "|---|---|---|---|"]
     for name, r in rows:
         n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(r.state.params))
@@ -192,11 +204,58 @@ def variants(cfg: ml_collections.ConfigDict, workdir: str, results) -> str:
     return "\n".join(lines)
 
 
+def mst_statistics(cfg: ml_collections.ConfigDict, params: Any) -> dict[str, float]:
+    """MST-compression figures of the binary kernels matching ``regularizers.mst_include``:
+    total tree length (differing weights), deepest tree, and XNOR/popcount operations per output
+    position dense vs MST-ordered (`jaxblocks.compress.count_ops`) summed over the layers."""
+    from jaxblocks.compress import binarize, count_ops, mst_plan
+    from jaxblocks.train.regularizers import mst_kernels
+
+    paths = set(mst_kernels(cfg, params))
+    dense = mst = length = 0.0
+    depth = 0
+    for keys, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if "/".join(str(getattr(k, "key", k)) for k in keys) not in paths:
+            continue
+        bk = np.asarray(binarize(jnp.asarray(leaf)))
+        bk = bk.reshape(-1, bk.shape[-1])  # [kh·kw·cin, cout]: one output position
+        plan = mst_plan(bk)
+        ops = count_ops(bk, plan)
+        dense, mst = dense + ops["dense"], mst + ops["mst"]
+        length += plan.total_distance
+        depth = max(depth, plan.depth)
+    return {"mst_length": length, "mst_depth": depth, "ops_dense": dense, "ops_mst": mst,
+            "ops_ratio": dense / mst}  # fmt: skip
+
+
+def mst_compression(cfg: ml_collections.ConfigDict, workdir: str, results) -> str:
+    """The run and each ``config.variants`` entry (e.g. without the MST regulariser): test
+    metric beside the binary layers' MST length, depth and operation counts per output
+    position (dense XNOR/popcount vs MST-ordered evaluation)."""
+    from jaxblocks.train.tasks import get_task
+
+    last_cfg, rows = _retrain_variants(cfg, workdir, results, "mst_compression")
+    metric = get_task(last_cfg.task).main_metric
+    lines = [
+        f"| variant | test {metric} | MST length | depth | ops dense | ops MST | dense / MST |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows:
+        st = mst_statistics(last_cfg, r.state.params)
+        lines.append(
+            f"| {name} | {r.eval_metrics.get(metric, float('nan')):.4f} | "
+            f"{st['mst_length']:,.0f} | {st['mst_depth']} | {st['ops_dense']:,.0f} | "
+            f"{st['ops_mst']:,.0f} | {st['ops_ratio']:.2f}× |"
+        )
+    return "\n".join(lines)
+
+
 REPORTS: dict[str, Report] = {
     "variants": variants,
     "convbn_modes": convbn_modes,
     "sr_baseline": sr_baseline,
     "pruning_sweep": pruning_sweep,
+    "mst_compression": mst_compression,
 }
 
 
