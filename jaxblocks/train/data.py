@@ -8,7 +8,8 @@ slice of a global batch without coordination. Epoch ``e`` is a permutation drawn
 
 Sources (all local, nothing is downloaded; `DATASETS` by ``config.data.name``, extended with
 `register_dataset`): ``synthetic`` (Gaussian images labelled by a fixed random linear teacher),
-``digits`` (scikit-learn's digits via `jaxblocks.data.digits`), ``reber`` (generated
+``digits`` (scikit-learn's digits via `jaxblocks.data.digits`), ``moving_digits`` (token
+videos of a moving digit, `jaxblocks.data.moving_digits`), ``reber`` (generated
 embedded-Reber strings, `jaxblocks.data.reber`), ``stdlib_text`` (bytes of the
 Python standard library's own ``.py`` files, for character LMs) and ``sr_sample_images``
 (super-resolution crops of scikit-learn's sample photographs, `jaxblocks.data.sr_images`).
@@ -195,6 +196,22 @@ def _sr_sample_images(cfg: ml_collections.ConfigDict) -> Splits:
     x, y = sr_pairs("train", d.num_examples, d.image_size, d.scale, seed=cfg.seed)
     xt, yt = sr_pairs("test", max(d.num_examples // 4, 1), d.image_size, d.scale, seed=1)
     return x, y, xt, yt, 0
+
+
+@register_dataset("moving_digits")
+def _moving_digits(cfg: ml_collections.ConfigDict) -> Splits:
+    """Moving-digit token videos (`jaxblocks.data.moving_digits`) for Next Block Prediction:
+    inputs are every frame but the last, targets every frame but the first (each token predicts
+    the token at its place in the next frame); ``data.image_size`` is the frame size,
+    ``data.seq_len`` the number of frames."""
+    from jaxblocks.data.moving_digits import moving_digit_videos
+
+    d = cfg.data
+    block = d.image_size * d.image_size
+    kw = dict(frames=d.seq_len, size=d.image_size, levels=4)
+    v = moving_digit_videos(d.num_examples, seed=cfg.seed, **kw)
+    vt = moving_digit_videos(max(d.num_examples // 4, 1), seed=cfg.seed + 10_000, **kw)
+    return v[:, :-block], v[:, block:], vt[:, :-block], vt[:, block:], 4
 
 
 @register_dataset("reber")
