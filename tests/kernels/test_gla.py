@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxblocks.kernels import UnsupportedImplementationError, interpret
+from jaxblocks.kernels import UnsupportedImplementationError, interpret, resources
 from jaxblocks.kernels.gla import BlockSizes, _common, chunk_gla, fused_recurrent_gla, specs
 from jaxblocks.kernels.gla import xla as xla_gla
 from jaxblocks.kernels.gla.reference import gla_reference
+from jaxblocks.kernels.lowering import export_mlir, triton_dot_precisions
 from tests.kernels.harness import (
     assert_close,
     check_custom_vjp_matches_autodiff,
@@ -23,6 +24,12 @@ from tests.kernels.harness import (
 # over the K/V contractions; fla accepts bf16 at the same metric with ratio 1e-2..2e-2. The
 # reference runs on the same bf16-rounded inputs promoted to fp32.
 BF16_TOL = 2e-2
+# fp32 tolerances of the Pallas kernels in the interpreters, about 10x the largest relative RMS
+# error measured over these tests' cases (forward and every gradient, both backends): 1.7e-6
+# (dg; o, dq, dk, dv, dh0 <= 6.3e-7) at ordinary gates with and without segments; 2.6e-5 (dg;
+# o 1.4e-5) with -1e4 resets among ordinary gates, whose chunk cumsums carry 2^-24 |G| per step.
+PALLAS_FP32_TOL = 2e-5
+PALLAS_FP32_RESET_TOL = 3e-4
 
 
 def _op(impl, *, chunk_size=64, **kw):
@@ -204,7 +211,20 @@ def _segment_ids(lens):
 
 def test_pallas_gpu_interpret_fp32():
     with interpret():
-        check_forward_and_vjp(_op("pallas_gpu"), REF, specs.INTERPRET_TEST_CASES[0].make(6))
+        check_forward_and_vjp(
+            _op("pallas_gpu"), REF, specs.INTERPRET_TEST_CASES[0].make(6), tol=PALLAS_FP32_TOL
+        )
+
+
+def test_pallas_gpu_interpret_several_value_blocks():
+    # V = 100 pads to 128 > the default block_v = 64: two value blocks in every GPU kernel, the
+    # gradient kernel's dq, dk and dG_L summed over them.
+    case = specs.Case("nv", 1, 40, 2, 16, 100)
+    op = _op("pallas_gpu", chunk_size=16)
+    with interpret():
+        check_forward_and_vjp(op, REF, case.make(40), tol=PALLAS_FP32_TOL)
+        jaxpr = jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(op(*a)[0]), argnums=3))(*case.make(40))
+    assert _pallas_calls(jaxpr.jaxpr)["gla_grads_gpu"]["grid_mapping"].grid == (1, 2, 3, 2)
 
 
 def test_pallas_tpu_interpret_fp32_segments():
@@ -213,7 +233,10 @@ def test_pallas_tpu_interpret_fp32_segments():
     ref = _op("reference", segment_ids=seg)
     with interpret():
         check_forward_and_vjp(
-            _op("pallas_tpu", segment_ids=seg), ref, specs.INTERPRET_TEST_CASES[1].make(6)
+            _op("pallas_tpu", segment_ids=seg),
+            ref,
+            specs.INTERPRET_TEST_CASES[1].make(6),
+            tol=PALLAS_FP32_TOL,
         )
 
 
@@ -230,14 +253,18 @@ def test_pallas_gpu_interpret_bf16_strong_gates_segments():
         )
 
 
-def test_pallas_tpu_interpret_extreme_gates_and_custom_vjp():
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+def test_pallas_interpret_extreme_gates_and_custom_vjp(impl):
     q, k, v, g, h0 = specs.Case("e", 1, 20, 2, 16, 16).make(8)
-    g = jnp.where(jax.random.bernoulli(jax.random.key(3), 0.3, g.shape), -1e4, g)
+    resets = jnp.where(jax.random.bernoulli(jax.random.key(3), 0.3, g.shape), -1e4, g)
     with interpret():
-        # (assert_close inside also requires every gradient to be finite.)
-        # dg sums terms of opposite signs (q ⊙ dq − k ⊙ dk): the fp32 chunked tolerance.
+        # (assert_close inside also requires every output and gradient to be finite.)
+        # Resets of -1e4 among ordinary gates, then every gate near -1e4.
         check_custom_vjp_matches_autodiff(
-            _op("pallas_tpu", chunk_size=16), REF, [q, k, v, g, h0], tol=5e-3
+            _op(impl, chunk_size=16), REF, [q, k, v, resets, h0], tol=PALLAS_FP32_RESET_TOL
+        )
+        check_forward_and_vjp(
+            _op(impl, chunk_size=16), REF, [q, k, v, g - 1e4, h0], tol=PALLAS_FP32_RESET_TOL
         )
 
 
@@ -317,7 +344,7 @@ PUBLIC_BLOCKS = {
             "gla_fwd_gpu": (1, 2, 4),
             "gla_states_gpu": (1, 2, 4),
             "gla_dstates_gpu": (1, 2, 4),
-            "gla_grads_gpu": (1, 2, 2),
+            "gla_grads_gpu": (1, 2, 2, 4),
         },
     ),
     "pallas_tpu": (
@@ -329,7 +356,7 @@ PUBLIC_BLOCKS = {
             "gla_fwd_tpu": (1, 2, 1, 3),
             "gla_states_tpu": (1, 2, 1, 3),
             "gla_dstates_tpu": (1, 2, 1, 3),
-            "gla_grads_tpu": (1, 2, 3),
+            "gla_grads_tpu": (1, 2, 3, 1),
         },
     ),
 }
@@ -405,6 +432,12 @@ def test_block_sizes_of_the_wrong_type_raise_type_error():
         ("pallas_gpu", BlockSizes(sub_chunk=8), (1, 8, 2, 16), "sub_chunk must be >= 16"),
         ("pallas_tpu", BlockSizes(block_v=64), (1, 8, 2, 16), "block_v must be a multiple of 128"),
         ("pallas_gpu", None, (1, 4, 1, 300), "head dims K=300, V=300 exceed 256"),
+        (
+            "pallas_gpu",
+            BlockSizes(block_v=256, num_warps=4),
+            (1, 4, 1, 256),
+            r"gla_fwd_gpu: ~\d+ registers per thread at num_warps=4 exceed the 255",
+        ),
     ],
 )
 def test_unsupported_inputs_name_the_reason(impl, blocks, shape, match):
@@ -413,7 +446,7 @@ def test_unsupported_inputs_name_the_reason(impl, blocks, shape, match):
         chunk_gla(x, x, x, -jnp.abs(x), implementation=impl, block_sizes=blocks)
     # Each backend's rule is its own: the other backend takes these block sizes.
     other = "pallas_tpu" if impl == "pallas_gpu" else "pallas_gpu"
-    if blocks is not None:
+    if blocks is not None and x.shape[-1] < 256:
         kw = dict(scale=1.0, initial_state=None, segment_ids=None, chunk_size=64)
         assert _common.supports(other, x, x, x, x, block_sizes=blocks, **kw) is None
 
@@ -723,3 +756,100 @@ def test_scale_accepts_numbers_and_concrete_scalars():
     )
     with pytest.raises(TypeError, match="scale must be a concrete number"):
         jax.jit(lambda s: chunk_gla(q, k, v, g, scale=s))(0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# precision=, resource budgets, cu_seqlens final states against each sequence alone.
+
+
+@pytest.mark.parametrize("precision", ["highest", "tf32"])
+def test_pallas_gpu_dots_follow_precision(precision):
+    # Every tt.dot of the exported forward and backward Triton kernels, fp32 operands: IEEE by
+    # default, TF32 when asked for (Triton prints no inputPrecision for IEEE).
+    sd = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+    args = [sd(1, 40, 2, 16), sd(1, 40, 2, 16), sd(1, 40, 2, 24), sd(1, 40, 2, 16)]
+
+    def loss(q, k, v, g):
+        o, s = chunk_gla(
+            q, k, v, g, output_final_state=True, chunk_size=16, implementation="pallas_gpu",
+            precision=precision,
+        )  # fmt: skip
+        return jnp.sum(o) + jnp.sum(s)
+
+    text = export_mlir(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)), args, "cuda")
+    dots = triton_dot_precisions(text)
+    assert len(dots) >= 10, dots  # forward, states, dstates and the gradient kernel's products
+    want = "ieee" if precision == "highest" else "tf32"
+    assert dots == [want] * len(dots)
+
+
+def test_invalid_precision_raises():
+    q, k, v, g, _ = specs.Case("p", 1, 8, 2, 16, 8).make(41)
+    for bad in ("fp32", None, jax.lax.Precision.HIGHEST):
+        with pytest.raises(ValueError, match=r"^chunk_gla: precision must be one of"):
+            chunk_gla(q, k, v, g, precision=bad)
+        with pytest.raises(ValueError, match=r"^fused_recurrent_gla: precision must be one of"):
+            fused_recurrent_gla(q, k, v, g, precision=bad)
+    # "tf32" runs everywhere (on CPU XLA multiplies fp32 in fp32 either way).
+    o, _ = chunk_gla(q, k, v, g, precision="tf32", implementation="xla")
+    assert_close(o, REF(q, k, v, g, None)[0])
+
+
+_DOCUMENTED = (*specs.LOWERING_CASES, *specs.BENCHMARK_CASES, *specs.GPU_BENCHMARK_CASES)
+
+
+@pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_tpu"])
+def test_default_block_sizes_fit_the_documented_shapes(backend):
+    limits = resources.H100 if backend == "pallas_gpu" else resources.TPU_V5E
+    for case in _DOCUMENTED:
+        for segments in (False, True):
+            sets = _common.working_set(
+                backend, case.T, case.K, case.V, case.dtype, segments=segments
+            )
+            assert [ws.kernel.split("_")[1] for ws in sets] == list(_common.KERNELS)
+            for ws in sets:
+                assert ws.check(limits) is None, (case.name, ws)
+    # The gradient kernel's fp32 states are [K, block_v], not [K, V]: at K = V = 256 a full
+    # [K, V] block (block_v = 256) cannot fit however many warps.
+    full = _common.working_set(backend, 2048, 256, 256, "bfloat16", BlockSizes(block_v=256))
+    if backend == "pallas_gpu":
+        assert full[3].check(limits) is not None and "gla_grads_gpu" in full[3].check(limits)
+
+
+def test_working_set_by_hand():
+    # GPU states kernel, T = 64, K = V = 128 fp32, defaults (C = 64, block_v = 64, 4 warps):
+    # the state S [128, 64] + k ⊙ e^{G_L - G} [64, 128] + v [64, 64], fp32, over 128 threads.
+    states = _common.working_set("pallas_gpu", 64, 128, 128, "float32")[1]
+    assert states.kernel == "gla_states_gpu" and states.num_warps == 4
+    live = 128 * 64 * 4 + 64 * 128 * 4 + 64 * 64 * 4
+    assert states.live_bytes == live == 81920
+    assert states.registers_per_thread == 81920 // 4 // 128 + resources.REGISTER_OVERHEAD == 192
+    # TPU states kernel, bf16, K = V = 128, C = 64, block_v = 128: k [64, 128] bf16, G [64, 128]
+    # fp32, v [64, 128] bf16, gl [128, 1] fp32 (lane-padded to [128, 128]), h0, h, ht [128, 128]
+    # fp32, double-buffered, plus the [128, 128] fp32 scratch.
+    tpu = _common.working_set("pallas_tpu", 64, 128, 128, "bfloat16")[1]
+    blocks = 16384 + 32768 + 16384 + 65536 + 3 * 65536
+    assert tpu.vmem_bytes == 2 * blocks + 65536 == 720896
+
+
+def test_cu_seqlens_final_states_equal_each_sequence_alone():
+    # Chunks of 16 over T = 63: sequences crossing two chunk boundaries, several ending in one
+    # chunk, an empty and a one-token one. Each sequence alone through chunk_gla (reference)
+    # against the packed run (xla kernel + the chunked per-sequence states).
+    lens = [5, 0, 1, 37, 3, 17]
+    cu = jnp.asarray(np.concatenate([[0], np.cumsum(lens)]), jnp.int32)
+    T, H, K, V = int(cu[-1]), 2, 16, 12
+    q, k, v, g, _ = specs.Case("cuf", 1, T, H, K, V).make(42, initial_state=False)
+    h0 = jax.random.normal(jax.random.key(43), (len(lens), H, K, V))
+    o, final = chunk_gla(
+        q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu, chunk_size=16,
+        implementation="xla",
+    )  # fmt: skip
+    for n, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)):
+        o_n, f_n = chunk_gla(
+            q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], initial_state=h0[n : n + 1],
+            output_final_state=True, implementation="reference",
+        )  # fmt: skip
+        assert_close(final[n : n + 1], f_n, tol=1e-5, name=f"final seq {n}")
+        if b > a:
+            assert_close(o[:, a:b], o_n, tol=1e-5, name=f"o seq {n}")

@@ -20,14 +20,18 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 from jax.experimental import pallas as pl
 
+from jaxblocks.kernels import resources
 from jaxblocks.kernels.gla._chunk import Segs as Segs
 from jaxblocks.kernels.gla._chunk import dstate_update as dstate_update
 from jaxblocks.kernels.gla._chunk import fwd_chunk as fwd_chunk
 from jaxblocks.kernels.gla._chunk import grads_chunk as grads_chunk
 from jaxblocks.kernels.gla._chunk import state_update as state_update
 from jaxblocks.kernels.gla.xla import SUB_CHUNK, chunk_gates, effective_chunk
+from jaxblocks.kernels.resources import GpuWorkingSet, TpuWorkingSet
 
 MAX_HEAD_DIM = 256
 LANES = 128  # TPU: the last block dim is a multiple of the 128 lanes
@@ -66,7 +70,10 @@ class BlockSizes:
       block_v: value columns per program (the state tile ``[K, block_v]``), a power of two
         >= 16, shrunk to the padded V when larger; None takes the backend's default (64 on GPU,
         128 on TPU). ``pallas_tpu`` needs a multiple of 128 (the lanes).
-      num_warps: Triton warps per program (``pallas_gpu`` only), a power of two. Default 4.
+      num_warps: Triton warps per program (``pallas_gpu`` only), a power of two; None (the
+        default) takes 4, or 8 when the padded K or V exceeds 128 (the fp32 ``[K, block_v]``
+        states then need twice the threads to stay under 255 registers each, see
+        `working_set`).
 
     Example:
       >>> BlockSizes(sub_chunk=32, block_v=32).block_v
@@ -75,7 +82,7 @@ class BlockSizes:
 
     sub_chunk: int = SUB_CHUNK
     block_v: int | None = None
-    num_warps: int = 4
+    num_warps: int | None = None
 
     def __post_init__(self):
         c = self.sub_chunk
@@ -91,8 +98,10 @@ class BlockSizes:
                 f"(the backend's default), got {bv!r}"
             )
         w = self.num_warps
-        if not _is_int(w) or not _is_pow2(w):
-            raise ValueError(f"BlockSizes.num_warps must be a positive power of two, got {w!r}")
+        if w is not None and (not _is_int(w) or not _is_pow2(w)):
+            raise ValueError(
+                f"BlockSizes.num_warps must be a positive power of two or None, got {w!r}"
+            )
 
 
 def default_block_sizes(backend: str, block_sizes: BlockSizes | None = None) -> BlockSizes:
@@ -116,34 +125,155 @@ def block_sizes_reason(backend: str, block_sizes: BlockSizes | None) -> str | No
     return None
 
 
-def supports(backend, q, k, v, g, *, scale, initial_state, segment_ids, chunk_size, block_sizes):
-    """None when ``backend`` takes these inputs and block sizes, else a short reason."""
-    del k, g, scale, initial_state, chunk_size, segment_ids
-    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
-        return f"head dims K={q.shape[-1]}, V={v.shape[-1]} exceed {MAX_HEAD_DIM}"
-    return block_sizes_reason(backend, block_sizes)
+def supports(
+    backend, q, k, v, g, *, scale, initial_state, segment_ids, chunk_size, block_sizes,
+    precision=lax.Precision.HIGHEST,
+):  # fmt: skip
+    """None when ``backend`` takes these inputs and block sizes, else a short reason: a head
+    dim over `MAX_HEAD_DIM`, a block size the backend refuses, or a kernel whose `working_set`
+    does not fit `resources.H100` / `resources.TPU_V5E` (the reason names the kernel)."""
+    del k, g, scale, initial_state, precision
+    K, V = q.shape[-1], v.shape[-1]
+    if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
+        return f"head dims K={K}, V={V} exceed {MAX_HEAD_DIM}"
+    reason = block_sizes_reason(backend, block_sizes)
+    if reason is not None:
+        return reason
+    sets = working_set(
+        backend, q.shape[1], K, V, v.dtype, block_sizes,
+        chunk_size=chunk_size, segments=segment_ids is not None,
+    )  # fmt: skip
+    limits = resources.H100 if backend == "pallas_gpu" else resources.TPU_V5E
+    for ws in sets:
+        reason = ws.check(limits)
+        if reason is not None:
+            return f"{reason} (BlockSizes: smaller block_v or sub_chunk, or more num_warps)"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
-    """The tiling of one call: chunk ``C``, sub-chunk ``c``, value block ``BV``, Triton warps."""
+    """The tiling of one call: chunk ``C``, sub-chunk ``c``, value block ``BV``, Triton warps,
+    and the `jax.lax.Precision` of every matrix product."""
 
     chunk: int
     sub_chunk: int
     block_v: int
     num_warps: int
+    precision: lax.Precision = lax.Precision.HIGHEST
 
 
-def make_tiles(backend: str, block_sizes: BlockSizes | None, T: int, Vp: int, chunk_size: int):
-    """`Tiles` for ``T`` tokens, padded V ``Vp`` and ``chunk_size`` (fla's effective chunk)."""
+def default_num_warps(Kp: int, Vp: int) -> int:
+    """4, or 8 when a padded head dim exceeds 128 (see `BlockSizes.num_warps`)."""
+    return 4 if max(Kp, Vp) <= 128 else 8
+
+
+def make_tiles(
+    backend: str, block_sizes: BlockSizes | None, T: int, Kp: int, Vp: int, chunk_size: int,
+    precision: lax.Precision = lax.Precision.HIGHEST,
+):  # fmt: skip
+    """`Tiles` for ``T`` tokens, padded K, V ``Kp``, ``Vp`` and ``chunk_size`` (fla's effective
+    chunk)."""
     blocks = default_block_sizes(backend, block_sizes)
     C = effective_chunk(T, chunk_size)
+    warps = blocks.num_warps
     return Tiles(
         chunk=C,
         sub_chunk=min(blocks.sub_chunk, C),
         block_v=min(blocks.block_v, Vp),
-        num_warps=blocks.num_warps,
+        num_warps=default_num_warps(Kp, Vp) if warps is None else warps,
+        precision=precision,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Resource budgets (see `jaxblocks.kernels.resources`)
+# --------------------------------------------------------------------------------------------
+
+KERNELS = ("fwd", "states", "dstates", "grads")  # the pallas_call names are gla_<kernel>_<gpu|tpu>
+
+
+def _vmem_tile(rows: int, cols: int, dtype) -> int:
+    """VMEM bytes of a [rows, cols] block: Mosaic pads the last dim to the 128 lanes and the
+    second-to-last to the 8 sublanes (16 for 2-byte dtypes, which pack two rows)."""
+    sub = 8 * max(1, 4 // np.dtype(dtype).itemsize)
+    return resources.nbytes((-(-rows // sub) * sub, -(-cols // LANES) * LANES), dtype)
+
+
+def working_set(
+    backend: str,
+    T: int,
+    K: int,
+    V: int,
+    dtype,
+    block_sizes: BlockSizes | None = None,
+    *,
+    chunk_size: int = 64,
+    segments: bool = False,
+) -> tuple[GpuWorkingSet | TpuWorkingSet, ...]:
+    """Per-program footprint of each of the four kernels (forward, states, dstates, grads), one
+    entry per ``pallas_call``, for ``T`` tokens, head dims ``K``, ``V`` and operand ``dtype``.
+
+    ``pallas_gpu`` (`GpuWorkingSet`, at the call's ``num_warps``): the block tensors live at the
+    kernel's peak, fp32 unless loaded as an operand, with K, V padded as the kernels pad them:
+      fwd      max(sub-chunk phase: S [K, BV] + acc [c, BV] + 5 [c, K] (q, G, q e^{G-G_n}, the
+               rescaled key sub-chunk and its gates) + A [c, c] + v [c, BV] in ``dtype``;
+               state update: S + k e^{G_L-G} [C, K] + v [C, BV] in ``dtype``; the product
+               accumulates into S);
+      states   the state update; dstates: the same shapes with q, do;
+      grads    max(pass dq: h [K, BV] + 6 [c, K] + 2 [c, BV] + dA [c, c];
+               pass dk/dv: dh [K, BV] + 7 [c, K] + dv [c, BV] + 2 [c, BV] + A, dA [c, c];
+               dG_L: hn, dh [K, BV]).
+    Shared memory: the operands of the largest product (one pipeline stage).
+    ``pallas_tpu`` (`TpuWorkingSet`): every blocked input and output of one grid step (with
+    Mosaic's (8, 128) tile padding; double-buffered) plus the ``[K, BV]`` fp32 state scratch.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"working_set: backend must be one of {BACKENDS}, got {backend!r}")
+    gpu = backend == "pallas_gpu"
+    pad = (lambda d: max(MIN_DOT, 1 << max(d - 1, 0).bit_length())) if gpu else (
+        lambda d: -(-d // LANES) * LANES
+    )  # fmt: skip
+    Kp, Vp = pad(K), pad(V)
+    t = make_tiles(backend, block_sizes, T, Kp, Vp, chunk_size)
+    C, c, BV = t.chunk, t.sub_chunk, t.block_v
+    it, f = np.dtype(dtype).itemsize, 4
+    if gpu:
+        state = Kp * BV * f
+        update = state + C * Kp * f + C * BV * it
+        fwd = max(state + c * BV * f + 5 * c * Kp * f + c * c * f + c * BV * it, update)
+        grads = max(
+            state + 6 * c * Kp * f + 2 * c * BV * it + c * c * f,
+            state + 7 * c * Kp * f + c * BV * f + 2 * c * BV * it + 2 * c * c * f,
+            2 * state + Kp * f,
+        )
+        smem_update = (C * Kp + C * BV) * it
+        smem = {
+            "fwd": max((c * Kp + Kp * BV) * it, smem_update),
+            "states": smem_update,
+            "dstates": smem_update,
+            "grads": (c * BV + Kp * BV) * f,  # do hᵀ against the fp32 state
+        }
+        live = {"fwd": fwd, "states": update, "dstates": update, "grads": grads}
+        return tuple(GpuWorkingSet(f"gla_{n}_gpu", live[n], t.num_warps, smem[n]) for n in KERNELS)
+    v = lambda r, cc, dt=jnp.float32: _vmem_tile(r, cc, dt)
+    seg = (3 * v(C, 1) + v(1, C)) if segments else 0
+    chunk_in = 2 * v(C, Kp, dtype) + v(C, Kp) + v(C, BV, dtype) + v(Kp, 1)  # q|do, k|q, G, v, gl
+    blocks = {
+        "fwd": chunk_in + v(Kp, BV) + v(C, BV, dtype) + v(Kp, BV),  # + h0; o, ht
+        "states": chunk_in - v(C, Kp, dtype) + 3 * v(Kp, BV),  # k, v, G, gl, h0; h, ht
+        "dstates": chunk_in - v(C, Kp, dtype) + 3 * v(Kp, BV),  # q, do, G, gl, dht; dh, dh0
+        # q, k, G, v, do, h, hn, dh; dq, dk, dv, dG_L (no gl input)
+        "grads": chunk_in
+        - v(Kp, 1)
+        + v(C, BV, dtype)
+        + 3 * v(Kp, BV)
+        + 2 * v(C, Kp)
+        + v(C, BV)
+        + v(Kp, 1),
+    }
+    scratch = {"fwd": v(Kp, BV), "states": v(Kp, BV), "dstates": v(Kp, BV), "grads": 0}
+    return tuple(TpuWorkingSet(f"gla_{n}_tpu", blocks[n] + seg, scratch[n]) for n in KERNELS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,38 +359,43 @@ def split_refs(refs, n_in, has_seg):
 
 
 def grads_kernel(*refs, tiles, scale, has_seg):
-    """dq, dk, dv of one chunk and its dG_L column (refs as `grads_blocks` lays them out)."""
+    """dq, dk (partial over value blocks), dv of one chunk and value block, and the block's part
+    of the dG_L column (refs as `grads_blocks` lays them out)."""
     ins, seg, (dq_ref, dk_ref, dv_ref, dgl_ref) = split_refs(refs, 8, has_seg)
     q_ref, k_ref, v_ref, G_ref, do_ref, h_ref, hn_ref, dh_ref = ins
     dgl_ref[...] = grads_chunk(
-        q_ref, k_ref, v_ref, G_ref, do_ref, h_ref[...], dh_ref[...], hn_ref[...],
-        dq_ref, dk_ref, dv_ref, C=tiles.chunk, c=tiles.sub_chunk, scale=scale, seg=seg,
+        q_ref, k_ref, v_ref, G_ref, do_ref, h_ref, hn_ref, dh_ref, dq_ref, dk_ref, dv_ref,
+        C=tiles.chunk, c=tiles.sub_chunk, scale=scale, precision=tiles.precision, seg=seg,
     )  # fmt: skip
 
 
-def grads_blocks(q_shape, Vp, C):
-    """(in_specs, out_specs, out_shape) of the gradient kernel over the grid (B, H, NT).
+def grads_blocks(q_shape, Vp, C, BV):
+    """(in_specs, out_specs, out_shape) of the gradient kernel over the grid (B, H, NT, NV).
 
-    Inputs q, k, v, G, do (one chunk each), the states entering and leaving the chunk and the
-    gradient w.r.t. the state leaving it (``[Kp, Vp]`` each; the backend appends its segment
-    specs); outputs dq, dk, dv (fp32, one chunk each) and dG_L ``[Kp, 1]`` per chunk.
+    One program per chunk and value block of ``BV`` columns. Inputs q, k, G (one chunk), v, do
+    (one chunk, one value block), the states entering and leaving the chunk and the gradient
+    w.r.t. the state leaving it (``[Kp, BV]`` each; the backend appends its segment specs);
+    outputs dv (fp32) and, as partial sums over the NV value blocks (summed by XLA in
+    `make_chunk_gla`), dq, dk ``[B, H, NV, Tp, Kp]`` and dG_L ``[B, H, NV, NT Kp, 1]``.
     """
     B, H, Tp, Kp = q_shape
-    NT = Tp // C
-    chunk = lambda d: pl.BlockSpec((None, None, C, d), lambda b, hh, t: (b, hh, t, 0))
-    state = lambda off: pl.BlockSpec((None, None, Kp, Vp), lambda b, hh, t: (b, hh, t + off, 0))
-    in_specs = [chunk(Kp), chunk(Kp), chunk(Vp), chunk(Kp), chunk(Vp), state(0), state(1), state(0)]
+    NT, NV = Tp // C, Vp // BV
+    chunk = lambda d: pl.BlockSpec((None, None, C, d), lambda b, hh, t, j: (b, hh, t, 0))
+    chunk_v = pl.BlockSpec((None, None, C, BV), lambda b, hh, t, j: (b, hh, t, j))
+    state = lambda off: pl.BlockSpec((None, None, Kp, BV), lambda b, hh, t, j: (b, hh, t + off, j))
+    in_specs = [chunk(Kp), chunk(Kp), chunk_v, chunk(Kp), chunk_v, state(0), state(1), state(0)]
+    partial = pl.BlockSpec((None, None, None, C, Kp), lambda b, hh, t, j: (b, hh, j, t, 0))
     out_specs = [
-        chunk(Kp),
-        chunk(Kp),
-        chunk(Vp),
-        pl.BlockSpec((None, None, Kp, 1), lambda b, hh, t: (b, hh, t, 0)),
+        partial,
+        partial,
+        chunk_v,
+        pl.BlockSpec((None, None, None, Kp, 1), lambda b, hh, t, j: (b, hh, j, t, 0)),
     ]
     out_shape = [
-        jax.ShapeDtypeStruct((B, H, Tp, Kp), jnp.float32),
-        jax.ShapeDtypeStruct((B, H, Tp, Kp), jnp.float32),
+        jax.ShapeDtypeStruct((B, H, NV, Tp, Kp), jnp.float32),
+        jax.ShapeDtypeStruct((B, H, NV, Tp, Kp), jnp.float32),
         jax.ShapeDtypeStruct((B, H, Tp, Vp), jnp.float32),
-        jax.ShapeDtypeStruct((B, H, NT * Kp, 1), jnp.float32),
+        jax.ShapeDtypeStruct((B, H, NV, NT * Kp, 1), jnp.float32),
     ]
     return in_specs, out_specs, out_shape
 
@@ -299,7 +434,8 @@ class Backend:
         every chunk, then the final state (fp32).
       dstates: ``(q, do, G, gl, dht, seg, tiles, scale) -> (dh [B, H, NT Kp, Vp], dh0)``: the
         gradient w.r.t. the state leaving every chunk, and w.r.t. the initial state.
-      grads: ``(q, k, v, G, do, h, dh, seg, tiles, scale) -> (dq, dk, dv, dgl)``.
+      grads: ``(q, k, v, G, do, h, dh, seg, tiles, scale) -> (dq, dk, dv, dgl)`` over the grid
+        (B, H, NT, NV) of `grads_blocks` (dq, dk, dgl partial over the value blocks).
     """
 
     name: str
@@ -334,17 +470,20 @@ def make_chunk_gla(backend: Backend) -> Callable:
         h = backend.states(k, v, G, gl, h0, seg, tiles)  # [B, H, (NT+1) Kp, Vp]
         dh, dh0 = backend.dstates(q, do, G, gl, dht, seg, tiles, scale)
         dq, dk, dv, dgl = backend.grads(q, k, v, G, do, h, dh, seg, tiles, scale)
+        dq, dk, dgl = (x.sum(axis=2) for x in (dq, dk, dgl))  # over the value blocks
         return assemble_grads(q, k, v, dq, dk, dv, dgl, dh0, seg, tiles.chunk)
 
     core.defvjp(core_fwd, core_bwd)
 
     def chunk_gla_pallas(
-        q, k, v, g, *, scale, initial_state=None, segment_ids=None, chunk_size=64, block_sizes=None
-    ):
+        q, k, v, g, *, scale, initial_state=None, segment_ids=None, chunk_size=64,
+        block_sizes=None, precision=lax.Precision.HIGHEST,
+    ):  # fmt: skip
         """`chunk_gla` on the backend's kernels: ``(o [B, T, H, V], final [B, H, K, V])``."""
         B, T, H, K = q.shape
         V = v.shape[-1]
-        bs = make_tiles(backend.name, block_sizes, T, backend.pad_dim(V), chunk_size)
+        Kp, Vp = backend.pad_dim(K), backend.pad_dim(V)
+        bs = make_tiles(backend.name, block_sizes, T, Kp, Vp, chunk_size, precision)
         qh, kh, vh, G, h0 = prepare(q, k, v, g, initial_state, bs.chunk, backend.pad_dim)
         seg = segment_arrays(segment_ids, G.shape[2], bs.chunk, backend.segment_row)
         o, final = core(qh, kh, vh, G, h0, seg, bs, float(scale))

@@ -19,7 +19,8 @@ from jaxblocks.kernels.dispatch import Implementation, select_implementation
 from jaxblocks.kernels.gla import pallas_gpu, pallas_tpu
 from jaxblocks.kernels.gla._common import BlockSizes as BlockSizes
 from jaxblocks.kernels.gla.reference import gla_reference, segment_starts
-from jaxblocks.kernels.gla.xla import floor_gates, gla_xla, recurrent_xla
+from jaxblocks.kernels.gla.xla import effective_chunk, floor_gates, gla_xla, recurrent_xla
+from jaxblocks.kernels.precision import resolve_precision
 from jaxblocks.kernels.validation import check_array, check_bool
 from jaxblocks.typing import Array, Float, Int
 
@@ -27,14 +28,17 @@ INT = (jnp.int32, jnp.int64, jnp.int16, jnp.int8, jnp.uint32)
 CHUNK_SIZES = (16, 32, 64, 128)
 
 
-def _reference(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size, block_sizes):
+def _reference(
+    q, k, v, g, *, scale, initial_state, segment_ids, chunk_size, block_sizes, precision
+):
     del chunk_size, block_sizes
     return gla_reference(
-        q, k, v, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids
-    )
+        q, k, v, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
+        precision=precision,
+    )  # fmt: skip
 
 
-def _xla(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size, block_sizes):
+def _xla(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size, block_sizes, precision):
     del block_sizes
     return gla_xla(
         q,
@@ -45,6 +49,7 @@ def _xla(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size, block_siz
         initial_state=initial_state,
         segment_ids=segment_ids,
         chunk_size=chunk_size,
+        precision=precision,
     )
 
 
@@ -138,14 +143,24 @@ def _check_qkvg(op, q, k, v, g):
     return B, T, H, K, v.shape[-1]
 
 
-def _segment_final_states(q, k, v, g, seg, h0, scale, N):
+def _segment_final_states(q, k, v, g, seg, cu_seqlens, h0, scale, N, precision, C=64):
     """Per-sequence initial-state contribution to ``o`` and per-sequence final states.
 
     For packed sequences (``cu_seqlens``) with ``N`` sequences: token t of sequence n sees
     ``scale · (q_t ⊙ exp(Γ_t)) h0_n`` with Γ the gate cumsum restarted at each sequence, and the
-    final state of sequence n is ``exp(Γ_end) ⊙ h0_n + Σ_{t ∈ n} (k_t ⊙ exp(Γ_end − Γ_t))ᵀ v_t``.
-    Dense in (T, N), which is what a packed batch of a few sequences needs.
+    final state of sequence n is ``exp(Γ_end) ⊙ h0_n + Σ_{t ∈ n} kd_tᵀ v_t`` with
+    ``kd_t = k_t ⊙ exp(Γ_end(n) − Γ_t)`` (exponent ≤ 0: the later gates of the same sequence).
+
+    The sum runs in chunks of ``C`` tokens, never dense in (T, N): a `lax.scan` over the chunks
+    carries the running sum ``R`` of the sequence alive at the chunk's end (reset where a chunk
+    starts a sequence) and hands it to that sequence when it ends in the next chunk holding its
+    end; the rows of each sequence inside the chunk holding its end are one masked product per
+    sequence, on that chunk gathered (``[N, C, H, K]``). The ``h0`` term of ``o`` is formed as
+    ``[T, N, H, V]`` (dense in (T, N), a few sequences per packed batch).
     """
+    T = q.shape[1]
+    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+    f32 = jnp.float32
     starts = segment_starts(seg)[0]  # [T]
     g32 = floor_gates(g[0])  # [T, H, K] fp32, −inf gates finite (see xla.GATE_FLOOR)
 
@@ -153,18 +168,47 @@ def _segment_final_states(q, k, v, g, seg, h0, scale, N):
         return jnp.where(b[1][:, None, None], b[0], a[0] + b[0]), a[1] | b[1]
 
     Gs, _ = jax.lax.associative_scan(combine, (g32, starts))  # [T, H, K]
-    M = seg[0][:, None] == jnp.arange(N)[None, :]  # [T, N] token t belongs to sequence n
-    is_last = M & ~jnp.concatenate([M[1:], jnp.zeros_like(M[:1])], axis=0)
-    Gend = jnp.einsum("tn,thk->nhk", is_last.astype(jnp.float32), Gs)  # 0 for empty sequences
-    Mx = M[:, :, None, None]
-    E = jnp.where(Mx, jnp.exp(jnp.where(Mx, Gend[None] - Gs[:, None], 0.0)), 0.0)  # [T,N,H,K]
-    k32, v32, q32 = (x[0].astype(jnp.float32) for x in (k, v, q))
-    final = jnp.einsum("tnhk,thv->nhkv", E * k32[:, None], v32)
+    cu = cu_seqlens.astype(jnp.int32)
+    nonempty = cu[1:] > cu[:-1]  # [N]
+    end = jnp.clip(cu[1:] - 1, 0, T - 1)  # [N] last token of each sequence
+    Gend = jnp.where(nonempty[:, None, None], Gs[end], 0.0)  # [N, H, K]; 0 for empty ones
+    sid = seg[0]  # [T] the sequence of every token
+    k32, v32, q32 = (x[0].astype(f32) for x in (k, v, q))
+    kd = k32 * jnp.exp(Gend[sid] - Gs)  # [T, H, K], exponent ≤ 0
+
+    NT = -(-T // C)
+    pad = lambda x: jnp.pad(x, ((0, NT * C - T),) + ((0, 0),) * (x.ndim - 1))
+    kc = pad(kd).reshape(NT, C, H, K)
+    vc = pad(v32).reshape(NT, C, H, V)
+    sc = jnp.pad(sid, (0, NT * C - T), mode="edge").reshape(NT, C)  # padding: kd = 0 there
+    first, last = sc[:, 0], sc[:, -1]  # [NT]
+    prev_last = jnp.concatenate([jnp.full((1,), -1, sid.dtype), last[:-1]])
+    cont = first == prev_last  # the chunk continues the sequence that R belongs to
+    hand = cont & (end[first] < (jnp.arange(NT) + 1) * C)  # ... which ends in this chunk
+    keep = cont & (first == last)  # no sequence starts in the chunk: R runs on
+    to_state = (sc == last[:, None]).astype(f32)[:, :, None, None]  # [NT, C, 1, 1]
+
+    def step(carry, xs):  # one chunk: hand R over, then R += this chunk's rows of `last`
+        R, final = carry
+        kc_j, vc_j, ts_j, n0, hand_j, keep_j = xs
+        final = final.at[n0].add(jnp.where(hand_j, R, 0.0))
+        Pc = jnp.einsum("chk,chv->hkv", kc_j * ts_j, vc_j, precision=precision)  # [H, K, V]
+        return (Pc + jnp.where(keep_j, R, 0.0), final), None
+
+    init = (jnp.zeros((H, K, V), f32), jnp.zeros((N, H, K, V), f32))
+    (_, final), _ = jax.lax.scan(step, init, (kc, vc, to_state, first, hand, keep))
+    # The rows of each sequence in the chunk holding its end (the rest came through R).
+    jn = end // C  # [N]
+    own = ((sc[jn] == jnp.arange(N)[:, None]) & nonempty[:, None]).astype(f32)  # [N, C]
+    final = final + jnp.einsum(
+        "nchk,nchv->nhkv", kc[jn] * own[:, :, None, None], vc[jn], precision=precision
+    )
     o_extra = None
     if h0 is not None:
         final = final + jnp.exp(Gend)[..., None] * h0
         qd = q32 * jnp.exp(Gs)  # [T, H, K], exponent ≤ 0
-        o_extra = scale * jnp.einsum("tn,thk,nhkv->thv", M.astype(jnp.float32), qd, h0)[None]
+        y = jnp.einsum("thk,nhkv->tnhv", qd, h0, precision=precision)  # [T, N, H, V]
+        o_extra = scale * jnp.take_along_axis(y, sid[:, None, None, None], axis=1)[:, 0][None]
     return o_extra, final
 
 
@@ -182,6 +226,7 @@ def chunk_gla(
     chunk_size: int = 64,
     implementation: str | None = None,
     block_sizes: BlockSizes | None = None,
+    precision: str = "highest",
 ) -> tuple[Float[Array, "B T H V"], Float[Array, "B H K V"] | None]:
     """Gated linear attention, chunkwise (Yang et al., https://arxiv.org/abs/2312.06635).
 
@@ -225,6 +270,10 @@ def chunk_gla(
       block_sizes: tile sizes of the Pallas kernels (`BlockSizes`: the sub-chunk, the value
         block and Triton's warps; the chunk is ``chunk_size``); None gives the defaults.
         ``reference`` and ``xla`` ignore it.
+      precision: ``"highest"`` (default) or ``"tf32"``, the precision of every matrix product
+        with fp32 operands in every implementation, forward and backward (README "Precision":
+        ``"highest"`` is IEEE fp32 on GPU and multi-pass bf16 on TPU, ``"tf32"`` TF32 tensor
+        cores / one bf16 pass); bf16 operands are multiplied exactly under either.
 
     Returns:
       ``(o [B, T, H, V], final_state or None)``.
@@ -234,6 +283,7 @@ def chunk_gla(
       >>> o, _ = chunk_gla(q, k, v, g)
     """
     op = "chunk_gla"
+    prec = resolve_precision(op, precision)
     if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
         raise TypeError(
             f"{op}: block_sizes must be None or a jaxblocks.kernels.gla.BlockSizes, "
@@ -294,6 +344,7 @@ def chunk_gla(
         segment_ids=segment_ids,
         chunk_size=chunk_size,
         block_sizes=block_sizes,
+        precision=prec,
     )
     if N is None:
         o, final = fn(
@@ -306,6 +357,7 @@ def chunk_gla(
             segment_ids=segment_ids,
             chunk_size=chunk_size,
             block_sizes=block_sizes,
+            precision=prec,
         )
         return o, final if output_final_state else None
     o, _ = fn(
@@ -318,8 +370,12 @@ def chunk_gla(
         segment_ids=segment_ids,
         chunk_size=chunk_size,
         block_sizes=block_sizes,
+        precision=prec,
     )
-    o_extra, final = _segment_final_states(q, k, v, g, segment_ids, initial_state, scale, N)
+    o_extra, final = _segment_final_states(
+        q, k, v, g, segment_ids, cu_seqlens, initial_state, scale, N, prec,
+        C=effective_chunk(T, chunk_size),
+    )  # fmt: skip
     if o_extra is not None:
         o = (o.astype(jnp.float32) + o_extra).astype(o.dtype)
     if isinstance(cu_seqlens, jax.core.Tracer):  # values unchecked above: NaN, not silently wrong
@@ -329,12 +385,12 @@ def chunk_gla(
     return o, final if output_final_state else None
 
 
-def _recurrent_reference(q, k, v, g, *, scale, initial_state):
-    return gla_reference(q, k, v, g, scale=scale, initial_state=initial_state)
+def _recurrent_reference(q, k, v, g, *, scale, initial_state, precision):
+    return gla_reference(q, k, v, g, scale=scale, initial_state=initial_state, precision=precision)
 
 
-def _recurrent_xla(q, k, v, g, *, scale, initial_state):
-    return recurrent_xla(q, k, v, g, initial_state, scale)
+def _recurrent_xla(q, k, v, g, *, scale, initial_state, precision):
+    return recurrent_xla(q, k, v, g, initial_state, scale, precision=precision)
 
 
 FUSED_RECURRENT_GLA_IMPLEMENTATIONS: dict[str, Implementation] = {
@@ -353,18 +409,22 @@ def fused_recurrent_gla(
     initial_state: Float[Array, "B H K V"] | None = None,
     output_final_state: bool = False,
     implementation: str | None = None,
+    precision: str = "highest",
 ) -> tuple[Float[Array, "B T H V"], Float[Array, "B H K V"] | None]:
     """Gated linear attention as a token loop, for decoding a few tokens against a state.
 
     Same recurrence and arguments as `chunk_gla` (https://arxiv.org/abs/2312.06635); O(1) work
     per token in T, so ``chunk_gla`` over a prompt followed by ``fused_recurrent_gla`` token by
-    token (carrying ``final_state``) equals ``chunk_gla`` over the whole sequence.
+    token (carrying ``final_state``) equals ``chunk_gla`` over the whole sequence. Its one
+    matrix product is the read-out ``q_t S_t``, at ``precision`` (``"highest"`` or ``"tf32"``,
+    as in `chunk_gla`); the state update is elementwise.
 
     Example:
       >>> q = k = g = -jnp.ones((1, 1, 2, 16)); v = jnp.ones((1, 1, 2, 16))
       >>> o, S = fused_recurrent_gla(q, k, v, g, output_final_state=True)
     """
     op = "fused_recurrent_gla"
+    prec = resolve_precision(op, precision)
     B, T, H, K, V = _check_qkvg(op, q, k, v, g)
     scale = _check_scale(op, scale)
     check_bool(op, "output_final_state", output_final_state)
@@ -386,6 +446,7 @@ def fused_recurrent_gla(
         g,
         scale=scale,
         initial_state=h0,
+        precision=prec,
     )
-    o, final = fn(q, k, v, g, scale=scale, initial_state=h0)
+    o, final = fn(q, k, v, g, scale=scale, initial_state=h0, precision=prec)
     return o, final if output_final_state else None

@@ -8,7 +8,8 @@ Kernels (all accumulate in fp32; operands keep the input dtype in matmuls):
   forward   grid (B, H, V/BV): loop over chunks, write o, carry the state, write the final state.
   states    grid (B, H, V/BV): recompute the state entering every chunk in fp32 (backward).
   dstates   grid (B, H, V/BV): the reverse loop for the state gradients, and d initial_state.
-  grads     grid (B, H, NT):   dq, dk, dv of each chunk in parallel, and the dG_L term.
+  grads     grid (B, H, NT, V/BV): dq, dk, dv of each chunk and value block in parallel, and
+            the dG_L term (dq, dk, dG_L as partial sums over the value blocks, summed by XLA).
 dg is the reverse chunk-local cumsum of ``q ⊙ dq − k ⊙ dk`` (+ dG_L), done by XLA as the VJP of
 the gate cumsum, which is also computed by XLA before the kernels.
 
@@ -41,11 +42,15 @@ def _pad_dim(d: int) -> int:
     return max(16, _pow2(d))
 
 
-def supports(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size, block_sizes=None):
-    """None, or why the Triton kernels cannot take these inputs (head dims, block sizes)."""
+def supports(
+    q, k, v, g, *, scale, initial_state, segment_ids, chunk_size, block_sizes=None, precision=None
+):
+    """None, or why the Triton kernels cannot take these inputs (head dims, block sizes, the
+    per-program `_common.working_set`)."""
     return _common.supports(
         BACKEND, q, k, v, g, scale=scale, initial_state=initial_state,
         segment_ids=segment_ids, chunk_size=chunk_size, block_sizes=block_sizes,
+        precision=precision,
     )  # fmt: skip
 
 
@@ -63,8 +68,9 @@ def _forward_kernel(*refs, bs, NT, Kp, scale, has_seg):
     def body(t, S):  # the inter-chunk recurrence, chunk by chunk (paper Alg. 2, outer loop)
         gl = gl_ref[pl.ds(t * Kp, Kp), :]  # [Kp, 1]: G at the chunk's last row, as a column
         return _common.fwd_chunk(
-            q_ref, k_ref, v_ref, G_ref, o_ref, t * C, S, gl, C=C, c=c, scale=scale, seg=seg
-        )
+            q_ref, k_ref, v_ref, G_ref, o_ref, t * C, S, gl,
+            C=C, c=c, scale=scale, precision=bs.precision, seg=seg,
+        )  # fmt: skip
 
     ht_ref[...] = jax.lax.fori_loop(0, NT, body, h0_ref[...].astype(jnp.float32))  # [Kp, BV]
 
@@ -75,7 +81,9 @@ def _states_kernel(*refs, bs, NT, Kp, has_seg):
     def body(t, S):
         h_ref[pl.ds(t * Kp, Kp), :] = S  # state entering chunk t, fp32
         gl = gl_ref[pl.ds(t * Kp, Kp), :]
-        return _common.state_update(k_ref, v_ref, G_ref, t * bs.chunk, S, gl, C=bs.chunk, seg=seg)
+        return _common.state_update(
+            k_ref, v_ref, G_ref, t * bs.chunk, S, gl, C=bs.chunk, precision=bs.precision, seg=seg
+        )
 
     S = jax.lax.fori_loop(0, NT, body, h0_ref[...].astype(jnp.float32))
     h_ref[pl.ds(NT * Kp, Kp), :] = S  # the final state closes the list
@@ -91,8 +99,9 @@ def _dstates_kernel(*refs, bs, NT, Kp, scale, has_seg):
         dh_ref[pl.ds(t * Kp, Kp), :] = dS  # gradient w.r.t. the state leaving chunk t
         gl = gl_ref[pl.ds(t * Kp, Kp), :]
         return _common.dstate_update(
-            q_ref, do_ref, G_ref, t * bs.chunk, dS, gl, C=bs.chunk, scale=scale, seg=seg
-        )
+            q_ref, do_ref, G_ref, t * bs.chunk, dS, gl,
+            C=bs.chunk, scale=scale, precision=bs.precision, seg=seg,
+        )  # fmt: skip
 
     dh0_ref[...] = jax.lax.fori_loop(0, NT, body, dht_ref[...].astype(jnp.float32))
 
@@ -213,15 +222,15 @@ def _grads(q, k, v, G, do, h, dh, seg, bs, scale):
     B, H, Tp, Kp = q.shape
     Vp = v.shape[-1]
     C = bs.chunk
-    in_specs, out_specs, out_shape = _common.grads_blocks(q.shape, Vp, C)
+    in_specs, out_specs, out_shape = _common.grads_blocks(q.shape, Vp, C, bs.block_v)
     seg_specs, seg_args = [], []
     if seg is not None:
-        col = pl.BlockSpec((None, C, 1), lambda b, hh, t: (b, t, 0))
-        row = pl.BlockSpec((None, 1, C), lambda b, hh, t: (b, 0, t))
+        col = pl.BlockSpec((None, C, 1), lambda b, hh, t, j: (b, t, 0))
+        row = pl.BlockSpec((None, 1, C), lambda b, hh, t, j: (b, 0, t))
         seg_specs, seg_args = [col, row, col, col], list(seg[:4])
     return pl.pallas_call(
         functools.partial(_common.grads_kernel, tiles=bs, scale=scale, has_seg=seg is not None),
-        grid=(B, H, Tp // C),
+        grid=(B, H, Tp // C, Vp // bs.block_v),
         in_specs=[*in_specs, *seg_specs],
         out_specs=out_specs,
         out_shape=out_shape,

@@ -9,7 +9,8 @@ Kernels (fp32 accumulation; matmul operands keep the input dtype):
   forward  grid (B, H, V/BV, NT):  o per chunk; the state lives in VMEM; final state at the end.
   states   grid (B, H, V/BV, NT):  the state entering every chunk, recomputed in fp32 (backward).
   dstates  grid (B, H, V/BV, NT):  chunks visited in reverse for the state gradients.
-  grads    grid (B, H, NT):        dq, dk, dv per chunk (all parallel) and the dG_L term.
+  grads    grid (B, H, NT, V/BV):  dq, dk, dv per chunk and value block (all parallel) and
+                                   the dG_L term (partial sums over value blocks, like the GPU).
 This file holds what is Mosaic's own: the first three kernel bodies (grid steps over the
 chunks), the block specs, the compiler params and the ``pallas_call`` wrappers. The chunk math
 (`_chunk.py`), the padding, the segment masks, the gradient kernel, the custom_vjp
@@ -37,11 +38,15 @@ def _pad_dim(d: int) -> int:
     return -(-d // LANES) * LANES
 
 
-def supports(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size, block_sizes=None):
-    """None, or why the Mosaic kernels cannot take these inputs (head dims, block sizes)."""
+def supports(
+    q, k, v, g, *, scale, initial_state, segment_ids, chunk_size, block_sizes=None, precision=None
+):
+    """None, or why the Mosaic kernels cannot take these inputs (head dims, block sizes, the
+    per-program `_common.working_set`)."""
     return _common.supports(
         BACKEND, q, k, v, g, scale=scale, initial_state=initial_state,
         segment_ids=segment_ids, chunk_size=chunk_size, block_sizes=block_sizes,
+        precision=precision,
     )  # fmt: skip
 
 
@@ -62,7 +67,7 @@ def _forward_kernel(*refs, bs, scale, has_seg):
     # One step of the inter-chunk recurrence; the state never leaves VMEM.
     S_ref[...] = _common.fwd_chunk(
         q_ref, k_ref, v_ref, G_ref, o_ref, 0, S_ref[...], gl_ref[...],
-        C=bs.chunk, c=bs.sub_chunk, scale=scale, seg=seg,
+        C=bs.chunk, c=bs.sub_chunk, scale=scale, precision=bs.precision, seg=seg,
     )  # fmt: skip
 
     @pl.when(t == pl.num_programs(3) - 1)
@@ -82,8 +87,9 @@ def _states_kernel(*refs, bs, has_seg):
 
     h_ref[...] = S_ref[...]  # state entering chunk t, fp32
     S_ref[...] = _common.state_update(
-        k_ref, v_ref, G_ref, 0, S_ref[...], gl_ref[...], C=bs.chunk, seg=seg
-    )
+        k_ref, v_ref, G_ref, 0, S_ref[...], gl_ref[...], C=bs.chunk, precision=bs.precision,
+        seg=seg,
+    )  # fmt: skip
 
     @pl.when(t == pl.num_programs(3) - 1)
     def _():
@@ -101,8 +107,9 @@ def _dstates_kernel(*refs, bs, scale, has_seg):
 
     dh_ref[...] = dS_ref[...]  # gradient w.r.t. the state leaving this chunk
     dS_ref[...] = _common.dstate_update(
-        q_ref, do_ref, G_ref, 0, dS_ref[...], gl_ref[...], C=bs.chunk, scale=scale, seg=seg
-    )
+        q_ref, do_ref, G_ref, 0, dS_ref[...], gl_ref[...],
+        C=bs.chunk, scale=scale, precision=bs.precision, seg=seg,
+    )  # fmt: skip
 
     @pl.when(t == pl.num_programs(3) - 1)
     def _():
@@ -209,15 +216,15 @@ def _grads(q, k, v, G, do, h, dh, seg, bs, scale):
     B, H, Tp, Kp = q.shape
     Vp = v.shape[-1]
     C = bs.chunk
-    in_specs, out_specs, out_shape = _common.grads_blocks(q.shape, Vp, C)
-    seg_specs, seg_args = _seg_specs(seg, C, lambda b, hh, t: t)
+    in_specs, out_specs, out_shape = _common.grads_blocks(q.shape, Vp, C, bs.block_v)
+    seg_specs, seg_args = _seg_specs(seg, C, lambda b, hh, t, j: t)
     return pl.pallas_call(
         functools.partial(_common.grads_kernel, tiles=bs, scale=scale, has_seg=seg is not None),
-        grid=(B, H, Tp // C),
+        grid=(B, H, Tp // C, Vp // bs.block_v),
         in_specs=[*in_specs, *seg_specs],
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",) * 3),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",) * 4),
         cost_estimate=_common.cost_estimate(
             B, Tp, H, Kp, Vp, chunk=C, itemsize=q.dtype.itemsize, backward=True
         ),

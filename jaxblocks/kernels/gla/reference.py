@@ -33,8 +33,10 @@ def gla_reference(
     scale: float,
     initial_state: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
+    precision: jax.lax.Precision = jax.lax.Precision.HIGHEST,
 ) -> tuple[jax.Array, jax.Array]:
-    """Token loop in fp32. Shapes ``q, k, g: [B, T, H, K]``, ``v: [B, T, H, V]``.
+    """Token loop in fp32. Shapes ``q, k, g: [B, T, H, K]``, ``v: [B, T, H, V]``; ``precision``
+    is that of the read-out ``q_t S_t`` (the state update is elementwise).
 
     Returns ``(o [B, T, H, V] in v's dtype, final_state [B, H, K, V] fp32)``.
     """
@@ -55,7 +57,7 @@ def gla_reference(
         q_t, k_t, v_t, g_t, r_t = xs  # [B, H, K], [B, H, K], [B, H, V], [B, H, K], [B]
         S = jnp.where(r_t[:, None, None, None], 0.0, S)
         S = jnp.exp(g_t)[..., None] * S + k_t[..., None] * v_t[..., None, :]
-        o_t = scale * jnp.einsum("bhk,bhkv->bhv", q_t, S, precision="highest")
+        o_t = scale * jnp.einsum("bhk,bhkv->bhv", q_t, S, precision=precision)
         return S, o_t
 
     S, o = jax.lax.scan(step, h0, (f32(q), f32(k), f32(v), f32(g), reset))

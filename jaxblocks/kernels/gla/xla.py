@@ -65,7 +65,7 @@ def _where_exp(mask, x):
 TILE = 4  # rows of the fp32 tiles inside a diagonal sub-block
 
 
-def _blocked_scores(q, k, G, c: int, dtype, inner):
+def _blocked_scores(q, k, G, c: int, dtype, inner, precision):
     """Causal scores [..., C, C] of a block split into sub-blocks of ``c`` rows.
 
     Row sub-block I against all earlier rows (J < I) at once: both operands are rescaled against
@@ -91,6 +91,7 @@ def _blocked_scores(q, k, G, c: int, dtype, inner):
                     "...ik,...jk->...ij",
                     qg.astype(dtype),
                     kg.astype(dtype),
+                    precision=precision,
                     preferred_element_type=jnp.float32,
                 )
             )  # [..., c, r]
@@ -101,7 +102,7 @@ def _blocked_scores(q, k, G, c: int, dtype, inner):
     return jnp.concatenate(rows, axis=-2)
 
 
-def _sub_chunk_factored_scores(q, k, G, c: int):
+def _sub_chunk_factored_scores(q, k, G, c: int, precision):
     """Causal scores [..., C, C] (fp32) per row sub-chunk I against rows ``[0, (I+1)c)`` at once,
     both operands rescaled against ``G_n`` at the first row of I: ``q·exp(G_i − G_n)`` and
     ``k·exp(G_n − G_j)``. The exponents are ≤ 0 for the earlier sub-chunks and bounded by the
@@ -116,7 +117,7 @@ def _sub_chunk_factored_scores(q, k, G, c: int):
         Gn = G[..., r : r + 1, :]
         qg = q32[..., r : r + c, :] * jnp.exp(G[..., r : r + c, :] - Gn)  # [..., c, K]
         kg = k32[..., : r + c, :] * jnp.exp(Gn - G[..., : r + c, :])  # [..., r + c, K]
-        parts = [jnp.einsum("...ik,...jk->...ij", qg, kg)]  # [..., c, r + c]
+        parts = [jnp.einsum("...ik,...jk->...ij", qg, kg, precision=precision)]  # [.., c, r + c]
         if I < n - 1:
             parts.append(jnp.zeros((*lead, c, C - r - c), jnp.float32))
         rows.append(jnp.concatenate(parts, axis=-1))
@@ -131,27 +132,28 @@ def _exact_scores(q, k, G):
     return jnp.sum(q[..., :, None, :] * k[..., None, :, :] * dec, axis=-1)
 
 
-def _diagonal_scores(q, k, G):
+def _diagonal_scores(q, k, G, precision):
     """Diagonal sub-blocks [..., n, c, c] in fp32: the same rescaling on tiles of 4 rows
     (fp32 matmuls, exponents ≤ 0) and exact per-pair sums on the 4 × 4 diagonal tiles, which
     costs 4 instead of c exponentials per element of q."""
     c = q.shape[-2]
     if c <= TILE:
         return _exact_scores(q, k, G)
-    return _blocked_scores(q, k, G, TILE, jnp.float32, _exact_scores)
+    return _blocked_scores(q, k, G, TILE, jnp.float32, _exact_scores, precision)
 
 
-def _intra_scores(q, k, G, scale: float, c: int, dtype):
+def _intra_scores(q, k, G, scale: float, c: int, dtype, precision):
     """Causal intra-chunk scores A [..., C, C] (fp32) from q, k [..., C, K] and G [..., C, K]:
     sub-chunks of ``c`` rows, off-diagonal pairs in ``dtype``, diagonal sub-chunks in fp32."""
-    return scale * _blocked_scores(q, k, G, c, dtype, _diagonal_scores)
+    diagonal = lambda q, k, G: _diagonal_scores(q, k, G, precision)
+    return scale * _blocked_scores(q, k, G, c, dtype, diagonal, precision)
 
 
 GROUP = 8  # chunks per step of `_gla_loop` (a step's working set stays in cache)
 FACTOR_BOUND = 40.0  # |exponent| up to which a step's scores are factored (see _gla_loop)
 
 
-def _gla_loop(q, k, v, g, h0, seg, scale, chunk_size, with_segments):
+def _gla_loop(q, k, v, g, h0, seg, scale, chunk_size, with_segments, precision):
     """The forward as a `lax.fori_loop` over groups of ``GROUP`` chunks: each step slices its
     ``[B, GROUP·C, H, D]`` slab of the inputs, forms the scores, chunk states and outputs of its
     chunks while they are in cache, carries the state and writes its outputs in place. Nothing of
@@ -213,13 +215,13 @@ def _gla_loop(q, k, v, g, h0, seg, scale, chunk_size, with_segments):
 
         def chunk_factored():  # fp32, like every product that includes the diagonal
             ke = ks.astype(jnp.float32) * jnp.exp(-G)
-            return scale * jnp.einsum("...ik,...jk->...ij", qe, ke)
+            return scale * jnp.einsum("...ik,...jk->...ij", qe, ke, precision=precision)
 
         def sub_chunk_factored():
-            return scale * _sub_chunk_factored_scores(qs, ks, G, c)
+            return scale * _sub_chunk_factored_scores(qs, ks, G, c, precision)
 
         def sub_chunked():
-            return _intra_scores(qs, ks, G, scale, c, dtype)
+            return _intra_scores(qs, ks, G, scale, c, dtype, precision)
 
         Gsub = G.reshape(*G.shape[:-2], C // c, c, K)
         within = jnp.max(jnp.abs(Gsub - Gsub[..., :1, :]))  # decay inside a sub-chunk
@@ -229,7 +231,11 @@ def _gla_loop(q, k, v, g, h0, seg, scale, chunk_size, with_segments):
         A = jax.lax.switch(branch, (chunk_factored, sub_chunk_factored, sub_chunked))
         A = jnp.where(causal & same, A, 0.0)
         o = jnp.einsum(
-            "...ij,...jv->...iv", A.astype(dtype), vs, preferred_element_type=jnp.float32
+            "...ij,...jv->...iv",
+            A.astype(dtype),
+            vs,
+            precision=precision,
+            preferred_element_type=jnp.float32,
         )
         # Per-chunk state updates, then the recurrence over the chunks of the group.
         kdec = jnp.where(to_state, ks.astype(jnp.float32) * jnp.exp(Glast - G), 0.0)
@@ -237,6 +243,7 @@ def _gla_loop(q, k, v, g, h0, seg, scale, chunk_size, with_segments):
             "...jk,...jv->...kv",
             kdec.astype(dtype),
             vs,
+            precision=precision,
             preferred_element_type=jnp.float32,
         )  # [Gs, B, H, K, V]
         decay = jnp.where(carry, jnp.exp(Glast), 0.0)[..., 0, :, None]  # [Gs, B, H, K, 1]
@@ -250,6 +257,7 @@ def _gla_loop(q, k, v, g, h0, seg, scale, chunk_size, with_segments):
             "...ik,...kv->...iv",
             qdec.astype(dtype),
             h.astype(dtype),
+            precision=precision,
             preferred_element_type=jnp.float32,
         )
         return S, jnp.transpose(o.astype(v.dtype), (1, 0, 3, 2, 4)).reshape(B, W, H, V)
@@ -274,13 +282,18 @@ def _gla_loop(q, k, v, g, h0, seg, scale, chunk_size, with_segments):
     return (out if Tp == T else out[:, :T]), final
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "chunk_size", "with_segments"))
-def _gla_jit(q, k, v, g, h0, seg, *, scale, chunk_size, with_segments):
-    return _gla_loop(q, k, v, g, h0, seg, scale, chunk_size, with_segments)
+@functools.partial(jax.jit, static_argnames=("scale", "chunk_size", "with_segments", "precision"))
+def _gla_jit(q, k, v, g, h0, seg, *, scale, chunk_size, with_segments, precision):
+    return _gla_loop(q, k, v, g, h0, seg, scale, chunk_size, with_segments, precision)
 
 
-def gla_xla(q, k, v, g, *, scale, initial_state=None, segment_ids=None, chunk_size=64):
-    """Chunked GLA (see module doc). Returns ``(o [B, T, H, V], final_state [B, H, K, V] fp32)``."""
+def gla_xla(
+    q, k, v, g, *, scale, initial_state=None, segment_ids=None, chunk_size=64,
+    precision=jax.lax.Precision.HIGHEST,
+):  # fmt: skip
+    """Chunked GLA (see module doc). Returns ``(o [B, T, H, V], final_state [B, H, K, V] fp32)``.
+
+    ``precision`` (a `jax.lax.Precision`) is that of every matrix product."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     h0 = (
@@ -299,18 +312,20 @@ def gla_xla(q, k, v, g, *, scale, initial_state=None, segment_ids=None, chunk_si
         scale=float(scale),
         chunk_size=chunk_size,
         with_segments=segment_ids is not None,
+        precision=precision,
     )
 
 
-@jax.jit
-def recurrent_xla(q, k, v, g, h0, scale):
-    """Token loop for decoding (a `lax.scan`, fp32 state); same contract as the reference."""
+@functools.partial(jax.jit, static_argnames=("precision",))
+def recurrent_xla(q, k, v, g, h0, scale, precision=jax.lax.Precision.HIGHEST):
+    """Token loop for decoding (a `lax.scan`, fp32 state); same contract as the reference; the
+    read-out ``q S`` is the one matrix product, at ``precision``."""
     f32 = lambda x: jnp.swapaxes(x.astype(jnp.float32), 0, 1)
 
     def step(S, xs):
         q_t, k_t, v_t, g_t = xs
         S = jnp.exp(g_t)[..., None] * S + k_t[..., None] * v_t[..., None, :]
-        return S, scale * jnp.einsum("bhk,bhkv->bhv", q_t, S)
+        return S, scale * jnp.einsum("bhk,bhkv->bhv", q_t, S, precision=precision)
 
     S, o = jax.lax.scan(step, h0.astype(jnp.float32), (f32(q), f32(k), f32(v), f32(g)))
     return jnp.swapaxes(o, 0, 1).astype(v.dtype), S
