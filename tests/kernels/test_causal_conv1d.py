@@ -16,6 +16,17 @@ from tests.kernels.harness import check_forward_and_vjp, check_pallas_lowering
 
 PALLAS = ("pallas_gpu", "pallas_tpu")
 
+# fp32 relative-RMS tolerance, about 10x the largest error measured in interpret mode (forward and
+# every gradient, xla and both Pallas kernels vs the fp32 tap loop, TEST_CASES with and without
+# silu): 3.5e-7 (xla's dw at W = 8 with silu; the kernels <= 1.0e-7).
+FP32_TOL = 4e-6
+# bf16: the harness's 2e-2. x and y are rounded to bf16 (relative error up to 2^-9 each, ~2e-3
+# rms) around an fp32 computation, the cotangent too: measured <= 2.5e-3 (W4_bf16 with silu).
+
+
+def _tol(case):
+    return FP32_TOL if case.dtype == jnp.float32 else None  # None: the harness's bf16 2e-2
+
 
 def _short(impl, act, **kw):
     return jax.jit(lambda x, w, b: causal_conv1d(x, w, b, act, implementation=impl, **kw))
@@ -26,7 +37,7 @@ def _short(impl, act, **kw):
 def test_causal_conv1d_xla_matches_reference(name, act):
     case = specs.TEST_CASES[name]
     check_forward_and_vjp(
-        _short("xla", act), _short("reference", act), case.make(), dtype=case.dtype
+        _short("xla", act), _short("reference", act), case.make(), dtype=case.dtype, tol=_tol(case)
     )
 
 
@@ -36,7 +47,11 @@ def test_causal_conv1d_pallas_interpret(impl, name, act):
     case = specs.TEST_CASES[name]
     with interpret():
         check_forward_and_vjp(
-            _short(impl, act), _short("reference", act), case.make(), dtype=case.dtype
+            _short(impl, act),
+            _short("reference", act),
+            case.make(),
+            dtype=case.dtype,
+            tol=_tol(case),
         )
 
 
@@ -127,7 +142,7 @@ def test_block_sizes_pass_through_public_function(impl, act):
     args = PUBLIC_CASE.make(jax.random.key(7))
     op = _short(impl, act, block_sizes=blocks)
     with interpret():
-        check_forward_and_vjp(op, _short("reference", act), args)
+        check_forward_and_vjp(op, _short("reference", act), args, tol=FP32_TOL)
         loss = lambda *a: jnp.sum(op(*a) ** 2)
         jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(*args).jaxpr
     calls = _pallas_calls(jaxpr)[f"causal_conv1d_{impl[-3:]}"]
@@ -196,6 +211,108 @@ def test_unsupported_block_sizes_name_the_reason(impl, blocks, match):
     np.testing.assert_array_equal(
         causal_conv1d(x, w, b, block_sizes=blocks), causal_conv1d(x, w, b, implementation="xla")
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# precision: only the xla path has a product; the kernels are elementwise.
+
+
+def test_precision_reaches_the_xla_convolution():
+    x, w, b = specs.TEST_CASES["W4"].make()
+    for name, want in (("highest", jax.lax.Precision.HIGHEST), ("tf32", jax.lax.Precision.DEFAULT)):
+        f = lambda x, name=name: causal_conv1d(x, w, b, implementation="xla", precision=name)
+        convs = [e for e in jax.make_jaxpr(f)(x).eqns if e.primitive.name == "conv_general_dilated"]
+        assert [e.params["precision"] for e in convs] == [(want, want)]
+
+
+@pytest.mark.parametrize("impl", PALLAS)
+def test_kernels_are_elementwise_and_ignore_precision(impl):
+    args = specs.TEST_CASES["W4"].make()
+    with interpret():
+        loss = lambda p: lambda *a: jnp.sum(_short(impl, "silu", precision=p)(*a) ** 2)
+        vg = {p: jax.value_and_grad(loss(p), argnums=(0, 1, 2)) for p in ("highest", "tf32")}
+        jaxpr = jax.make_jaxpr(vg["tf32"])(*args).jaxpr
+        want, got = vg["highest"](*args), vg["tf32"](*args)
+    kernels = [p["jaxpr"] for ps in _pallas_calls(jaxpr).values() for p in ps]
+    assert len(kernels) == 2
+    assert not [e for k in kernels for e in k.eqns if e.primitive.name == "dot_general"]
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("bad", ["fp32", "HIGH", None, jax.lax.Precision.HIGHEST])
+def test_invalid_precision_raises_a_clear_error(bad):
+    x, w, b = specs.TEST_CASES["W4"].make()
+    with pytest.raises(ValueError, match=r"causal_conv1d: precision must be one of \('highest', "):
+        causal_conv1d(x, w, b, precision=bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resource budgets: the launches' working sets, checked without hardware.
+
+
+@pytest.mark.parametrize("impl", PALLAS)
+def test_default_block_sizes_fit_at_the_documented_shapes(impl):
+    cases = [*specs.TEST_CASES.values(), *specs.LOWERING_CASES.values(), *specs.BENCHMARK_CASES]
+    for case in cases:
+        x = jax.ShapeDtypeStruct((case.B, case.T, case.C), case.dtype)
+        w = jax.ShapeDtypeStruct((case.W, case.C), jnp.float32)
+        assert api.IMPLEMENTATIONS[impl].reason_unsupported(x, w, None, "silu") is None, case
+        sets = _common.working_set(impl, x.shape, case.W, None, case.dtype)
+        assert [s.kernel for s in sets] == [
+            f"causal_conv1d_{impl[-3:]} (forward)",
+            f"causal_conv1d_{impl[-3:]} (backward dx)",
+        ]
+
+
+def test_working_set_by_hand():
+    # GPU, default 64 x 32 tiles over 4 warps, W = 4, fp32: the accumulator, 4 windows, 4 taps
+    # and the bias in fp32 = 41600 bytes -> ceil(41600 / 4 / 128) = 82 registers + 32.
+    fwd, dx = _common.working_set("pallas_gpu", (4, 4096, 512), 4)
+    assert fwd.live_bytes == 4 * (64 * 32 + 4 * 64 * 32 + 5 * 32) == 41600
+    assert fwd.registers_per_thread == 82 + 32 and fwd.shared_memory_bytes == 0
+    # TPU, default 256 x 128 tiles, bf16 x: previous, current and output tiles in bf16, taps and
+    # bias in fp32, twice; the fp32 [512, 128] scratch and two fp32 [256, 128] temporaries once.
+    fwd, dx = _common.working_set("pallas_tpu", (4, 4096, 512), 4, None, jnp.bfloat16)
+    assert fwd.block_bytes == 3 * 256 * 128 * 2 + 5 * 128 * 4 == 199168
+    assert fwd.vmem_bytes == 2 * 199168 + 4 * 256 * 128 * 4 == 922624
+    assert dx.block_bytes == 3 * 256 * 128 * 4 + 5 * 128 * 4  # the gradient is fp32
+    # a short sequence shrinks the TPU time tile to T rounded up to 8: 40 rows for T = 37
+    (fwd, _) = _common.working_set("pallas_tpu", (2, 37, 20), 4)
+    assert fwd.scratch_bytes == 4 * 40 * 128 * 4
+
+
+@pytest.mark.parametrize(
+    "impl,shape,blocks,match",
+    [
+        # 512 x 256 tiles over 4 warps: ~2 MiB of live values, thousands of registers a thread
+        (
+            "pallas_gpu",
+            (1, 37, 20),
+            BlockSizes(block_t=512, block_c=256),
+            r"causal_conv1d_gpu \(forward\): ~\d+ registers per thread at num_warps=4",
+        ),
+        # 32 warps of a 64 x 256 tile fit 255 registers a thread, not the SM's register file
+        (
+            "pallas_gpu",
+            (1, 37, 20),
+            BlockSizes(block_t=64, block_c=256, num_warps=32),
+            r"causal_conv1d_gpu \(forward\): .* x 1024 threads exceed the 65536 registers",
+        ),
+        # one 4096 x 2048 fp32 tile is 32 MiB
+        (
+            "pallas_tpu",
+            (1, 4096, 3),
+            BlockSizes(block_t=4096, block_c=2048),
+            r"causal_conv1d_tpu \(forward\): ~\d+\.\d MiB of VMEM per grid step exceed the 16",
+        ),
+    ],
+)
+def test_configurations_that_cannot_fit_are_rejected(impl, shape, blocks, match):
+    x = jax.random.normal(jax.random.key(3), shape)
+    w = jax.random.normal(jax.random.key(4), (4, shape[2]))
+    with pytest.raises(UnsupportedImplementationError, match=f"{impl}.*{match}"):
+        causal_conv1d(x, w, implementation=impl, block_sizes=blocks)
 
 
 def _function_bodies(path: pathlib.Path) -> dict[str, str]:

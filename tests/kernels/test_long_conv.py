@@ -13,6 +13,7 @@ import jaxblocks
 from jaxblocks.kernels import UnsupportedImplementationError, interpret
 from jaxblocks.kernels.long_conv import _common, api, fft_conv, monarch, specs
 from jaxblocks.kernels.long_conv.api import BlockSizes
+from jaxblocks.kernels.lowering import export_mlir, triton_dot_precisions
 from tests.kernels.harness import (
     assert_close,
     check_custom_vjp_matches_autodiff,
@@ -22,6 +23,15 @@ from tests.kernels.harness import (
 )
 
 PALLAS = ("pallas_gpu", "pallas_tpu")
+
+# fp32 relative-RMS tolerance, about 10x the largest error measured in interpret mode (forward and
+# every gradient; xla and both Pallas kernels vs the fp32 direct reference: <= 3.8e-7, the
+# largest xla at L = 4096 and the kernels at N = 1024; the kernels vs xla at N = 4096 (GPU)
+# 3.4e-7 and N = 65536 (TPU) 5.7e-7, the largest of all: dk).
+FP32_TOL = 6e-6
+# bf16: the harness's 2e-2. Inputs and outputs are rounded to bf16 (relative error up to 2^-9 each,
+# ~2e-3 rms for a random row) around an fp32 computation; the gradients go through the same
+# roundings of u, the gates and the cotangent, so a few 1e-3 are expected (measured: <= 2.6e-3).
 
 
 def _fft(impl, **kw):
@@ -36,8 +46,9 @@ def _fft_check(case, impl, **kw):
     u, k, D, pre, post = case.make()
     args = [u, k, D, pre, post]
     argnums = [i for i, a in enumerate(args) if a is not None]
+    tol = FP32_TOL if case.dtype == jnp.float32 else None  # None: the harness's bf16 2e-2
     check_forward_and_vjp(
-        _fft(impl, **kw), _fft("reference", **kw), args, dtype=case.dtype, argnums=argnums
+        _fft(impl, **kw), _fft("reference", **kw), args, dtype=case.dtype, argnums=argnums, tol=tol
     )
 
 
@@ -105,13 +116,14 @@ def test_pallas_interpret_circular_and_ungated(impl):
         _fft_check(case, impl, causal=False, fft_size=256)
 
 
-@pytest.mark.parametrize("impl,L", [("pallas_gpu", 30000), ("pallas_tpu", 4000)])
+@pytest.mark.parametrize("impl,L", [("pallas_gpu", 2000), ("pallas_tpu", 30000)])
 def test_pallas_interpret_large_fft_sizes_match_xla(impl, L):
-    """N = 65536 (256 × 256 blocks) and N = 8192 (128 × 64): xla is the oracle (checked above)."""
+    """Each backend's largest FFT size: N = 4096 (64 × 64) on GPU, N = 65536 (256 × 256) on TPU;
+    xla is the oracle (checked above)."""
     case = specs.FFTConvCase(1, 2, L, L)
     u, k, D, pre, post = case.make()
     with interpret():
-        check_forward_and_vjp(_fft(impl), _fft("xla"), [u, k, D, pre, post], tol=1e-5)
+        check_forward_and_vjp(_fft(impl), _fft("xla"), [u, k, D, pre, post], tol=FP32_TOL)
 
 
 @pytest.mark.parametrize("impl", PALLAS)
@@ -119,12 +131,19 @@ def test_pallas_custom_vjp_matches_autodiff_of_reference(impl):
     u, k, D, pre, post = specs.FFTConvCase(1, 2, 50, 50).make()
     with interpret():
         check_custom_vjp_matches_autodiff(
-            _fft(impl), _fft("reference"), [u, k, D, pre, post], tol=1e-4
+            _fft(impl), _fft("reference"), [u, k, D, pre, post], tol=FP32_TOL
         )
 
 
-@pytest.mark.parametrize("platform,impl", [("cuda", "pallas_gpu"), ("tpu", "pallas_tpu")])
-@pytest.mark.parametrize("case", specs.LOWERING_CASES, ids=lambda c: f"L{c.L}")
+@pytest.mark.parametrize(
+    "platform,impl,case",
+    [
+        (platform, impl, case)
+        for platform, impl in (("cuda", "pallas_gpu"), ("tpu", "pallas_tpu"))
+        for case in specs.LOWERING_CASES[impl]
+    ],
+    ids=lambda v: f"L{v.L}" if isinstance(v, specs.FFTConvCase) else str(v),
+)
 def test_pallas_lowering(platform, impl, case):
     B, H, L = case.B, case.H, case.L
     u = jnp.ones((B, H, L), case.dtype)
@@ -206,6 +225,151 @@ def test_pallas_rejects_unsupported_fft_size():
 
 
 # ---------------------------------------------------------------------------------------------
+# precision: every DFT matmul of the forward and backward kernels follows the argument.
+
+
+def _vg_args():
+    u, k, D, pre, post = specs.FFTConvCase(1, 2, 100, 100).make()  # fp32, N = 256
+    return [u, k, D, pre, post]
+
+
+def _value_and_grad(impl, **kw):
+    def loss(*a):
+        return jnp.sum(_fft(impl, **kw)(*a) ** 2)
+
+    return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))
+
+
+@pytest.mark.parametrize("precision,want", [(None, "ieee"), ("highest", "ieee"), ("tf32", "tf32")])
+def test_triton_dots_follow_precision(precision, want):
+    """fp32 inputs: the forward (12 matmuls), dv (12) and dk (18) kernels' tt.dots in the cuda
+    export are IEEE fp32 by default and TF32 with precision="tf32"."""
+    kw = {} if precision is None else {"precision": precision}
+    text = export_mlir(_value_and_grad("pallas_gpu", **kw), _vg_args(), "cuda")
+    assert triton_dot_precisions(text) == [want] * (2 * 12 + 18)
+
+
+def _kernel_dot_precisions(jaxpr) -> list:
+    """The precision of every dot_general inside the pallas_calls of ``jaxpr``."""
+    return [
+        e.params["precision"]
+        for ps in _pallas_calls(jaxpr).values()
+        for p in ps
+        for e in p["jaxpr"].eqns
+        if e.primitive.name == "dot_general"
+    ]
+
+
+@pytest.mark.parametrize("impl", PALLAS)
+@pytest.mark.parametrize("precision", ["highest", "tf32"])
+def test_kernel_dots_follow_precision_in_the_jaxpr(impl, precision):
+    want = {"highest": jax.lax.Precision.HIGHEST, "tf32": jax.lax.Precision.DEFAULT}[precision]
+    with interpret():
+        jaxpr = jax.make_jaxpr(_value_and_grad(impl, precision=precision))(*_vg_args()).jaxpr
+    precisions = _kernel_dot_precisions(jaxpr)
+    assert len(precisions) == 2 * 12 + 18
+    assert set(precisions) == {(want, want)}
+
+
+def test_reference_follows_precision():
+    u, k, D, pre, post = _vg_args()
+    ref = functools.partial(fft_conv, implementation="reference", precision="tf32")
+    # not jitted: the reference's one product, the depthwise convolution, is a top-level eqn
+    jaxpr = jax.make_jaxpr(lambda u: ref(u, k, D=D, pregate=pre, postgate=post))(u).jaxpr
+    convs = [e for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+    assert [e.params["precision"] for e in convs] == [
+        (jax.lax.Precision.DEFAULT, jax.lax.Precision.DEFAULT)
+    ]
+
+
+@pytest.mark.parametrize("bad", ["fp32", "HIGHEST", None, jax.lax.Precision.HIGHEST])
+def test_invalid_precision_raises_a_clear_error(bad):
+    u, k = _ok_args()
+    with pytest.raises(
+        ValueError, match=r"fft_conv: precision must be one of \('highest', 'tf32'\)"
+    ):
+        fft_conv(u, k, precision=bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resource budgets: the launches' working sets, checked without hardware.
+
+
+def test_default_block_sizes_fit_at_the_documented_shapes():
+    """Both backends at their lowering cases; the benchmark sizes fit on TPU (up to N = 64K),
+    on GPU only up to N = 4096 (larger rows are refused with the kernel's name)."""
+    for impl, cases in specs.LOWERING_CASES.items():
+        for case in cases:
+            n = _common.default_fft_size(case.L, case.Lk, True)
+            for ws in _common.working_set(impl, n, None, case.dtype):
+                assert _common.working_set_reason(ws) is None, (impl, case, ws)
+    for case in specs.BENCHMARK_CASES:
+        n = _common.default_fft_size(case.L, case.Lk, True)
+        u = jax.ShapeDtypeStruct((case.B, case.H, case.L), case.dtype)
+        reasons = {impl: _common.supports(impl, u, None, fft_size=n) for impl in PALLAS}
+        if n > monarch.MAX_FFT_SIZE:
+            assert all("power of two" in r for r in reasons.values()), reasons
+        elif n > 4096:
+            assert reasons["pallas_tpu"] is None
+            assert reasons["pallas_gpu"].startswith("fft_conv_monarch_gpu (forward): ~")
+        else:
+            assert reasons == {"pallas_gpu": None, "pallas_tpu": None}, (n, reasons)
+
+
+def test_working_set_by_hand():
+    """N = 1024 (32 x 32 rows), fp32, default block sizes."""
+    n = 1024
+    factors = 2 * 32 * 32 + 2 * 32 * 32 + 2 * 32 * 32  # F1, F2, T: re and im
+    gpu = _common.working_set("pallas_gpu", n)
+    assert [w.kernel for w in gpu] == [
+        "fft_conv_monarch_gpu (forward)",
+        "fft_conv_monarch_gpu (backward dv)",
+        "fft_xcorr_monarch_gpu (backward dk)",
+    ]
+    # 6144 factor + 7 x 1024 row fp32 values over 4 warps (128 threads): 104 registers + 32.
+    assert gpu[0].live_bytes == 4 * (factors + 7 * n) == 53248
+    assert gpu[0].num_warps == 4 and gpu[0].registers_per_thread == 53248 // 4 // 128 + 32 == 136
+    assert gpu[0].shared_memory_bytes == 4 * (32 * 32 + 32 * 32)  # F1 @ A operands
+    tpu = _common.working_set("pallas_tpu", n)
+    # u, pre, post, Kr, Ki, fp32 output rows (6 x 4 KiB), D [1, 32], the factors (24 KiB), twice;
+    # 7 fp32 rows of temporaries once.
+    blocks = 6 * 4 * n + 4 * 32 + 4 * factors
+    assert tpu[0].block_bytes == blocks == 49280
+    assert tpu[0].vmem_bytes == 2 * blocks + 7 * 4 * n == 127232
+    assert tpu[2].block_bytes == 3 * 4 * n + 4 * factors  # dk: dy, v in, one row out
+
+
+@pytest.mark.parametrize(
+    "impl,L,blocks,match",
+    [
+        # N = 8192: 480 registers per thread at the default 8 warps
+        ("pallas_gpu", 3000, None, r"fft_conv_monarch_gpu \(forward\): ~480 registers per thread"),
+        # N = 2048 fits at 8 warps (144 registers), not at 2 (~480)
+        ("pallas_gpu", 1000, BlockSizes(num_warps=2), r"fft_conv_monarch_gpu .*num_warps=2"),
+        # N = 2048: ~0.26 MiB of VMEM per grid step, above a 128 KiB limit
+        (
+            "pallas_tpu",
+            1000,
+            BlockSizes(vmem_limit_bytes=2**17),
+            r"fft_conv_monarch_tpu \(forward\): ~0.3 MiB of VMEM .*BlockSizes.vmem_limit_bytes",
+        ),
+    ],
+)
+def test_configurations_that_cannot_fit_are_rejected(impl, L, blocks, match):
+    u, k, D, pre, post = specs.FFTConvCase(1, 2, L, L).make()
+    with pytest.raises(UnsupportedImplementationError, match=f"{impl}.*{match}"):
+        fft_conv(u, k, D=D, pregate=pre, postgate=post, implementation=impl, block_sizes=blocks)
+
+
+def test_register_file_bounds_the_warps():
+    """32 warps at N = 8192 spread the row to 144 registers per thread, but 1024 threads of 144
+    registers need more than the SM's 64K."""
+    (fwd, *_) = _common.working_set("pallas_gpu", 8192, BlockSizes(num_warps=32))
+    assert fwd.check() is None
+    assert "registers per thread x 1024 threads exceed the 65536" in _common.working_set_reason(fwd)
+
+
+# ---------------------------------------------------------------------------------------------
 # block_sizes through the public function, its validation, the cost model, the backends' layout.
 
 
@@ -238,7 +402,7 @@ def test_block_sizes_pass_through_public_function(impl):
     args = list(case.make(jax.random.key(5)))
     with interpret():
         check_forward_and_vjp(
-            _fft(impl, block_sizes=blocks), _fft("reference"), args, dtype=case.dtype
+            _fft(impl, block_sizes=blocks), _fft("reference"), args, dtype=case.dtype, tol=FP32_TOL
         )
         loss = lambda *a: jnp.sum(_fft(impl, block_sizes=blocks)(*a) ** 2)
         jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(*args).jaxpr
@@ -254,16 +418,20 @@ def test_block_sizes_pass_through_public_function(impl):
         assert {k: getattr(p["compiler_params"], k) for k in want} == want
 
 
-def test_default_block_sizes_give_the_default_launch_parameters():
-    u, k, *_ = specs.FFTConvCase(1, 2, 3000, 3000, gated=False).make()  # N = 8192 > 4096
-    for impl, want in (
-        ("pallas_gpu", dict(num_warps=8, num_stages=1)),
-        ("pallas_tpu", dict(vmem_limit_bytes=48 * 2**20)),
-    ):
-        with interpret():
-            jaxpr = jax.make_jaxpr(functools.partial(fft_conv, implementation=impl))(u, k)
-        (p,) = _pallas_calls(jaxpr.jaxpr)[f"fft_conv_monarch_{impl[-3:]}"]
-        assert {key: getattr(p["compiler_params"], key) for key in want} == want
+@pytest.mark.parametrize(
+    "impl,L,want",
+    [
+        ("pallas_gpu", 300, dict(num_warps=4, num_stages=1)),  # N = 1024
+        ("pallas_gpu", 1500, dict(num_warps=8, num_stages=1)),  # N = 4096 > 1024
+        ("pallas_tpu", 3000, dict(vmem_limit_bytes=48 * 2**20)),  # N = 8192
+    ],
+)
+def test_default_block_sizes_give_the_default_launch_parameters(impl, L, want):
+    u, k, *_ = specs.FFTConvCase(1, 2, L, L, gated=False).make()
+    with interpret():
+        jaxpr = jax.make_jaxpr(functools.partial(fft_conv, implementation=impl))(u, k)
+    (p,) = _pallas_calls(jaxpr.jaxpr)[f"fft_conv_monarch_{impl[-3:]}"]
+    assert {key: getattr(p["compiler_params"], key) for key in want} == want
 
 
 def test_kernel_cost_estimates_use_the_common_formulas():

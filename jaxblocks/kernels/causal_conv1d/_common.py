@@ -7,6 +7,10 @@ whole time axis of its channel block, padded by `MAX_TAPS` zeros on the left; Mo
 step receives its own time tile and the previous one) and in their ``pallas_call`` wrappers.
 `make_causal_conv1d` builds the `jax.custom_vjp` from a backend's launcher: the backward runs the
 same launcher on the time-reversed gradient, and `param_grads` gives ``dw`` and ``dbias``.
+`working_set` estimates what one program / grid step of each launch holds, and `supports`
+refuses the launches that cannot fit (`jaxblocks.kernels.resources`). The kernels are
+elementwise (W multiply-adds per output, no matrix products), so ``precision`` does not reach
+them.
 """
 
 from __future__ import annotations
@@ -19,10 +23,19 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from jaxblocks.kernels import resources
+
 MAX_TAPS = 8  # the short conv's widest kernel (Mamba uses 4); longer kernels: fft_conv
 LANES = 128  # TPU: the last block dim is a multiple of the 128 lanes
 MIN_TRITON_BLOCK = 16  # Triton blocks are powers of two; 16 is the smallest dot-friendly tile
 BACKENDS = ("pallas_gpu", "pallas_tpu")
+# 32-bit registers of one H100/H200 SM, shared by all threads of a program (64K).
+REGISTER_FILE = 64 * 1024
+# The pallas_call names per backend.
+KERNEL_NAMES: dict[str, str] = {
+    "pallas_gpu": "causal_conv1d_gpu",
+    "pallas_tpu": "causal_conv1d_tpu",
+}
 
 # Per-backend defaults of the tile sizes left None in `BlockSizes` (untuned: no GPU or TPU was
 # available to time them).
@@ -109,13 +122,88 @@ def default_block_sizes(backend: str, block_sizes: BlockSizes | None = None) -> 
     return dataclasses.replace(blocks, **missing) if missing else blocks
 
 
-def supports(backend: str, x, w, bias=None, activation=None, *, block_sizes=None) -> str | None:
+def working_set(
+    backend: str,
+    x_shape: tuple[int, int, int],
+    taps: int,
+    block_sizes: BlockSizes | None = None,
+    dtype=jnp.float32,
+) -> tuple[resources.GpuWorkingSet | resources.TpuWorkingSet, ...]:
+    """Per-program estimates of the op's two launches on x [B, T, C] with ``taps`` taps.
+
+    One entry per ``pallas_call``: the forward (rows of ``dtype``; with silu its pre-activation)
+    and the backward dx (the same kernel on the fp32 gradient). Taps and bias are counted in
+    fp32 (their widest dtype).
+
+    * ``pallas_gpu``: one time tile at a time in registers: the accumulator [bt, bc] in fp32 and
+      the ``taps`` shifted input windows [bt, bc] (loads of an unrolled loop are issued ahead
+      of their FMAs), the tap rows [taps, bc] and the bias [1, bc], over ``32·num_warps``
+      threads. No dots, so no shared memory.
+    * ``pallas_tpu``: the previous and current time tiles, the taps, the bias and the output
+      tile of one grid step, double-buffered; the fp32 scratch [2·bt, bc] and the fp32
+      accumulator and window [bt, bc] once. ``bt`` is shrunk to T (rounded up to 8) as the
+      kernel does.
+    """
+    blocks = default_block_sizes(backend, block_sizes)
+    T = x_shape[1]
+    bc = blocks.block_c
+    name = KERNEL_NAMES[backend]
+    f32 = jnp.float32
+    sets = []
+    for label, dt in (("forward", dtype), ("backward dx", f32)):
+        if backend == "pallas_gpu":
+            bt = blocks.block_t
+            live = (
+                resources.nbytes((bt, bc), f32)  # acc
+                + taps * resources.nbytes((bt, bc), dt)  # the shifted windows
+                + resources.nbytes((taps + 1, bc), f32)  # taps and bias
+            )
+            sets.append(resources.GpuWorkingSet(f"{name} ({label})", live, blocks.num_warps))
+        else:
+            bt = min(blocks.block_t, round_up(T, 8))
+            tiles = 3 * resources.nbytes((bt, bc), dt)  # previous, current, output
+            block_bytes = tiles + resources.nbytes((taps + 1, bc), f32)
+            scratch = resources.nbytes((2 * bt, bc), f32) + 2 * resources.nbytes((bt, bc), f32)
+            sets.append(resources.TpuWorkingSet(f"{name} ({label})", block_bytes, scratch))
+    return tuple(sets)
+
+
+def supports(
+    backend: str, x, w, bias=None, activation=None, *, block_sizes=None, precision=None
+) -> str | None:
     """None when ``backend`` takes these block sizes (None fields: its defaults), else why not.
 
     Every shape the api accepts is supported by both kernels (time and channels are padded to
-    whole tiles); only the tile rules differ between the backends.
+    whole tiles); the tile rules differ between the backends, and every launch's
+    `working_set` must fit `resources.H100` / `resources.TPU_V5E`.
     """
-    del x, w, bias, activation
+    del bias, activation, precision  # the kernels are elementwise: no precision to apply
+    reason = _tile_rule(backend, block_sizes)
+    if reason is not None:
+        return reason
+    for ws in working_set(backend, x.shape, w.shape[0], block_sizes, x.dtype):
+        reason = working_set_reason(ws)
+        if reason is not None:
+            return reason
+    return None
+
+
+def working_set_reason(ws) -> str | None:
+    """None when ``ws`` fits `resources.H100` / `resources.TPU_V5E`, else why (naming the kernel);
+    on a GPU the program's registers must also fit the SM's register file (`REGISTER_FILE`)."""
+    if isinstance(ws, resources.TpuWorkingSet):
+        return ws.check(resources.TPU_V5E)
+    reason = ws.check(resources.H100)
+    threads = resources.H100.threads_per_warp * ws.num_warps
+    if reason is None and ws.registers_per_thread * threads > REGISTER_FILE:
+        reason = (
+            f"{ws.kernel}: ~{ws.registers_per_thread} registers per thread x {threads} threads "
+            f"exceed the {REGISTER_FILE} registers of an {resources.H100.name}"
+        )
+    return reason
+
+
+def _tile_rule(backend: str, block_sizes: BlockSizes | None) -> str | None:
     blocks = default_block_sizes(backend, block_sizes)
     if backend == "pallas_gpu":
         for name in ("block_t", "block_c"):

@@ -12,6 +12,7 @@ from jaxblocks.kernels.causal_conv1d._common import BlockSizes as BlockSizes
 from jaxblocks.kernels.causal_conv1d.reference import causal_conv1d_reference
 from jaxblocks.kernels.causal_conv1d.xla import causal_conv1d_xla
 from jaxblocks.kernels.dispatch import Implementation, select_implementation
+from jaxblocks.kernels.precision import resolve_precision
 from jaxblocks.kernels.validation import check_array, check_choice, describe
 from jaxblocks.typing import Array, Float
 
@@ -19,18 +20,18 @@ OP = "causal_conv1d"
 _ACTIVATIONS = (None, "silu", "swish")
 
 
-def _reference(x, w, bias=None, activation=None, *, block_sizes=None):
-    # No blocks: block_sizes is ignored.
+def _reference(x, w, bias=None, activation=None, *, block_sizes, precision):
+    # No blocks: block_sizes is ignored; the tap loop is elementwise fp32: so is precision.
     return causal_conv1d_reference(x, w, bias, activation)
 
 
-def _xla(x, w, bias=None, activation=None, *, block_sizes=None):
+def _xla(x, w, bias=None, activation=None, *, block_sizes, precision):
     # No blocks: block_sizes is ignored.
-    return causal_conv1d_xla(x, w, bias, activation)
+    return causal_conv1d_xla(x, w, bias, activation, precision=precision)
 
 
-# Every entry takes (x [B, T, C], w [W, C], bias, activation, *, block_sizes); `supports` the
-# same arguments.
+# Every entry takes (x [B, T, C], w [W, C], bias, activation, *, block_sizes, precision);
+# `supports` the same arguments.
 IMPLEMENTATIONS: dict[str, Implementation] = {
     "reference": Implementation(_reference),
     "xla": Implementation(_xla),
@@ -47,6 +48,7 @@ def causal_conv1d(
     *,
     implementation: str | None = None,
     block_sizes: BlockSizes | None = None,
+    precision: str = "highest",
 ) -> Float[Array, "B T C"]:
     """Short depthwise causal convolution (Mamba, https://arxiv.org/abs/2312.00752; GLA's conv).
 
@@ -62,7 +64,12 @@ def causal_conv1d(
       block_sizes: tile sizes of the Pallas kernels (`BlockSizes`); None, or a None field,
         takes each backend's defaults. The reference and xla implementations have no blocks
         and ignore it. Sizes the chosen Pallas backend cannot tile with make it unsupported
-        (an explicit ``implementation`` raises, automatic dispatch falls back).
+        (an explicit ``implementation`` raises, automatic dispatch falls back), as do sizes
+        whose per-program working set cannot fit a GPU SM / TPU core (`_common.working_set`).
+      precision: "highest" (default) or "tf32" (`jaxblocks.kernels.precision`), for a uniform
+        signature across ops. The reference and both Pallas kernels are elementwise (W fp32
+        multiply-adds per output, no matrix products) and ignore it; it sets the precision of
+        the ``xla`` path's grouped convolution.
 
     Returns:
       y: [B, T, C] in ``x.dtype``.
@@ -90,8 +97,8 @@ def causal_conv1d(
             f"{OP}: block_sizes must be None or a jaxblocks.kernels.causal_conv1d.BlockSizes, "
             f"got {type(block_sizes).__name__}"
         )
+    prec = resolve_precision(OP, precision)
     act = "silu" if activation == "swish" else activation
-    _, fn = select_implementation(
-        OP, implementation, IMPLEMENTATIONS, x, w, bias, act, block_sizes=block_sizes
-    )
-    return fn(x, w, bias, act, block_sizes=block_sizes)
+    kw = dict(block_sizes=block_sizes, precision=prec)
+    _, fn = select_implementation(OP, implementation, IMPLEMENTATIONS, x, w, bias, act, **kw)
+    return fn(x, w, bias, act, **kw)

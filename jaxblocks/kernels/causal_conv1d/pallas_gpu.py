@@ -64,7 +64,7 @@ def _short_conv_call(x, w, bias, silu, blocks: _common.BlockSizes):
         compiler_params=pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=1),
         interpret=gpu_interpret(),
         cost_estimate=_common.cost_estimate(x, w, silu, x_reads=1),
-        name="causal_conv1d_gpu",
+        name=_common.KERNEL_NAMES["pallas_gpu"],
     )(xp, wp, _common.bias_row(bias, cp))
     return y[:, :T, :C]
 
@@ -72,12 +72,19 @@ def _short_conv_call(x, w, bias, silu, blocks: _common.BlockSizes):
 _causal_conv1d = _common.make_causal_conv1d(_short_conv_call)
 
 
-def supports(x, w, bias=None, activation=None, *, block_sizes=None):
+def supports(x, w, bias=None, activation=None, *, block_sizes=None, precision=None):
     """None when the Triton kernel takes these block sizes, else the reason."""
-    return _common.supports("pallas_gpu", x, w, bias, activation, block_sizes=block_sizes)
+    return _common.supports(
+        "pallas_gpu", x, w, bias, activation, block_sizes=block_sizes, precision=precision
+    )
 
 
-def causal_conv1d_pallas_gpu(x, w, bias=None, activation=None, *, block_sizes=None):
-    """Depthwise causal conv on the Triton backend (``x`` [B, T, C], ``w`` [W, C])."""
+def causal_conv1d_pallas_gpu(x, w, bias=None, activation=None, *, block_sizes=None, precision=None):
+    """Depthwise causal conv on the Triton backend (``x`` [B, T, C], ``w`` [W, C]).
+
+    The kernel is elementwise (W fp32 multiply-adds per output, no matrix products):
+    ``precision`` is accepted for the op's uniform signature and changes nothing.
+    """
+    del precision
     blocks = _common.default_block_sizes("pallas_gpu", block_sizes)
     return _causal_conv1d(x, w, bias, activation == "silu", blocks)

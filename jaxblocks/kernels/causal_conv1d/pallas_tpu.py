@@ -61,7 +61,7 @@ def _short_conv_call(x, w, bias, silu, blocks: _common.BlockSizes):
         ),
         interpret=tpu_interpret(),
         cost_estimate=_common.cost_estimate(x, w, silu, x_reads=2),
-        name="causal_conv1d_tpu",
+        name=_common.KERNEL_NAMES["pallas_tpu"],
     )(xp, xp, wp, _common.bias_row(bias, cp))
     return y[:, :T, :C]
 
@@ -69,12 +69,19 @@ def _short_conv_call(x, w, bias, silu, blocks: _common.BlockSizes):
 _causal_conv1d = _common.make_causal_conv1d(_short_conv_call)
 
 
-def supports(x, w, bias=None, activation=None, *, block_sizes=None):
+def supports(x, w, bias=None, activation=None, *, block_sizes=None, precision=None):
     """None when the Mosaic kernel takes these block sizes, else the reason."""
-    return _common.supports("pallas_tpu", x, w, bias, activation, block_sizes=block_sizes)
+    return _common.supports(
+        "pallas_tpu", x, w, bias, activation, block_sizes=block_sizes, precision=precision
+    )
 
 
-def causal_conv1d_pallas_tpu(x, w, bias=None, activation=None, *, block_sizes=None):
-    """Depthwise causal conv on Mosaic TPU (``x`` [B, T, C], ``w`` [W, C])."""
+def causal_conv1d_pallas_tpu(x, w, bias=None, activation=None, *, block_sizes=None, precision=None):
+    """Depthwise causal conv on Mosaic TPU (``x`` [B, T, C], ``w`` [W, C]).
+
+    The kernel is elementwise (W fp32 multiply-adds per output on the VPU, no matrix products):
+    ``precision`` is accepted for the op's uniform signature and changes nothing.
+    """
+    del precision
     blocks = _common.default_block_sizes("pallas_tpu", block_sizes)
     return _causal_conv1d(x, w, bias, activation == "silu", blocks)

@@ -6,8 +6,12 @@ import jax
 import jax.numpy as jnp
 
 
-def causal_conv1d_xla(x, w, bias=None, activation=None):
-    """Depthwise causal conv as one grouped ``conv_general_dilated`` (channels last)."""
+def causal_conv1d_xla(x, w, bias=None, activation=None, *, precision=jax.lax.Precision.HIGHEST):
+    """Depthwise causal conv as one grouped ``conv_general_dilated`` (channels last).
+
+    ``precision`` (a `jax.lax.Precision`) is the convolution's: `HIGHEST` (the api's "highest")
+    is fp32 on every backend; `DEFAULT` ("tf32") lets a GPU use TF32 and a TPU one bf16 pass.
+    """
     W, C = w.shape
     y = jax.lax.conv_general_dilated(
         x.astype(jnp.float32),  # [B, T, C]
@@ -16,7 +20,7 @@ def causal_conv1d_xla(x, w, bias=None, activation=None):
         padding=((W - 1, 0),),
         dimension_numbers=("NWC", "WIO", "NWC"),
         feature_group_count=C,
-        precision=jax.lax.Precision.HIGHEST,
+        precision=precision,
     )
     if bias is not None:
         y = y + bias.astype(jnp.float32)[None, None, :]

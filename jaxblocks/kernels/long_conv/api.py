@@ -7,6 +7,8 @@ This module is the op's public face: code outside the op folder imports `fft_con
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,7 @@ from jaxblocks.kernels.long_conv import _common, pallas_gpu, pallas_tpu
 from jaxblocks.kernels.long_conv._common import BlockSizes as BlockSizes
 from jaxblocks.kernels.long_conv.reference import fft_conv_reference
 from jaxblocks.kernels.long_conv.xla import fft_conv_xla
+from jaxblocks.kernels.precision import resolve_precision
 from jaxblocks.kernels.validation import (
     check_array,
     check_bool,
@@ -28,23 +31,31 @@ from jaxblocks.typing import Array, Float
 OP = "fft_conv"
 
 
-def _reference(u, k, D=None, pregate=None, postgate=None, *, causal, fft_size, block_sizes=None):
+def _reference(
+    u, k, D=None, pregate=None, postgate=None, *, causal, fft_size, block_sizes, precision
+):
     # No blocks: block_sizes is ignored.
-    return fft_conv_reference(u, k, D, pregate, postgate, causal=causal, fft_size=fft_size)
+    return fft_conv_reference(
+        u, k, D, pregate, postgate, causal=causal, fft_size=fft_size, precision=precision
+    )
 
 
-def _xla(u, k, D=None, pregate=None, postgate=None, *, causal, fft_size, block_sizes=None):
-    # No blocks: block_sizes is ignored.
+def _xla(u, k, D=None, pregate=None, postgate=None, *, causal, fft_size, block_sizes, precision):
+    # No blocks: block_sizes is ignored; no matrix products: XLA's FFT is fp32 at any precision.
     return fft_conv_xla(u, k, D, pregate, postgate, causal=causal, fft_size=fft_size)
 
 
-# Every entry takes (u, k, *, D, pregate, postgate, causal, fft_size, block_sizes); `supports`
-# the same arguments (both Monarch kernels take the same FFT sizes).
+# Every entry takes (u, k, *, D, pregate, postgate, causal, fft_size, block_sizes, precision);
+# `supports` the same arguments (the FFT-size rule, then each launch's resource estimate).
 IMPLEMENTATIONS: dict[str, Implementation] = {
     "reference": Implementation(_reference),
     "xla": Implementation(_xla),
-    "pallas_gpu": Implementation(pallas_gpu.fft_conv_pallas_gpu, supports=_common.supports),
-    "pallas_tpu": Implementation(pallas_tpu.fft_conv_pallas_tpu, supports=_common.supports),
+    "pallas_gpu": Implementation(
+        pallas_gpu.fft_conv_pallas_gpu, supports=functools.partial(_common.supports, "pallas_gpu")
+    ),
+    "pallas_tpu": Implementation(
+        pallas_tpu.fft_conv_pallas_tpu, supports=functools.partial(_common.supports, "pallas_tpu")
+    ),
 }
 
 # The Triton Monarch kernel has only been checked in interpret mode and by lowering (no GPU in
@@ -65,6 +76,7 @@ def fft_conv(
     implementation: str | None = None,
     block_sizes: BlockSizes | None = None,
     check_finite: bool = False,
+    precision: str = "highest",
 ) -> Float[Array, "B H L"]:
     """Long convolution by FFT (safari / FlashFFTConv, https://arxiv.org/abs/2311.05908).
 
@@ -80,7 +92,8 @@ def fft_conv(
       D: optional skip [H]. pregate, postgate: optional gates shaped like ``u``.
       causal: linear causal convolution (True) or circular of period ``fft_size`` (False).
       fft_size: N; causal: ≥ L + Lk − 1; circular: ≥ L (Pallas kernels: a power of two in
-        [256, 65536]; a smaller causal N is raised to 256 inside, which is exact).
+        [256, 65536], on a GPU at most 4096 (one row per program must fit its registers); a
+        smaller causal N is raised to 256 inside, which is exact).
       implementation: None (automatic: "pallas_tpu" on TPU when the FFT size fits, else "xla";
         the Triton kernel is opt-in), "reference", "xla", "pallas_gpu" or "pallas_tpu".
       block_sizes: launch parameters of the Pallas kernels (`BlockSizes`: Triton warps and
@@ -88,6 +101,11 @@ def fft_conv(
         The reference and xla implementations have no blocks and ignore it.
       check_finite: guard against non-finite inputs (see below). Off by default: it costs an
         extra pass over the inputs (and, outside ``jit``, a device-to-host copy).
+      precision: "highest" (default) or "tf32", the precision of the matrix products
+        (`jaxblocks.kernels.precision`): the Pallas kernels' Monarch DFT matmuls (fp32 operands:
+        IEEE fp32 FMAs on a GPU, multi-pass bf16 on the MXU; "tf32": TF32 tensor cores /
+        single-pass bf16, ~1e-3 relative error) and the reference's direct convolution. The
+        ``xla`` path has no matrix products (XLA's FFT is fp32 either way).
 
     Non-finite values: the FFT mixes every time step of a channel, so one NaN or inf anywhere in
     ``u`` (or ``pregate``, or ``k``) makes the *whole* channel's output NaN, earlier times
@@ -141,6 +159,7 @@ def fft_conv(
             f"got {type(block_sizes).__name__}"
         )
     check_bool(op, "check_finite", check_finite)
+    prec = resolve_precision(op, precision)
     if check_finite:
         _raise_on_concrete_non_finite(op, u=u, k=k, D=D, pregate=pregate, postgate=postgate)
         conv_in = u if pregate is None else pregate * u
@@ -157,6 +176,7 @@ def fft_conv(
         causal=bool(causal),
         fft_size=fft_size,
         block_sizes=block_sizes,
+        precision=prec,
     )
     impls = IMPLEMENTATIONS
     if implementation is None:

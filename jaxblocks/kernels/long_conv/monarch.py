@@ -26,9 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 
 MIN_FFT_SIZE = 256  # N2 >= 16: the smallest dot Triton takes
-MAX_FFT_SIZE = 65536  # N1 = N2 = 256: one row's factors and spectra fit in VMEM / SMEM tiles
-# The DFT matmuls run in full fp32: TF32 / one-pass bf16 DFTs would lose ~3 digits at N = 64K.
-PRECISION = jax.lax.Precision.HIGHEST
+# N1 = N2 = 256: one row's factors and spectra fit in VMEM; on a GPU, the registers stop at 4096
+# (`_common.working_set`, checked by `_common.supports`).
+MAX_FFT_SIZE = 65536
+# The DFT matmuls' default precision (the api's precision="highest"): full fp32 (IEEE FMAs on a
+# GPU, multi-pass bf16 on the MXU). TF32 / one-pass bf16 DFTs lose ~3 digits (precision="tf32").
+DEFAULT_PRECISION = jax.lax.Precision.HIGHEST
 
 
 def split(n: int) -> tuple[int, int]:
@@ -71,12 +74,12 @@ def filter_spectrum(k, n: int, *, conj: bool = False) -> tuple[jax.Array, jax.Ar
     return kf.real, im
 
 
-def _dot(a, b):
-    return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=PRECISION)
+def dft(a, f1r, f1i, f2r, f2i, tr, ti, *, precision=DEFAULT_PRECISION):
+    """Real row A [N1, N2] -> spectrum (Sr, Si) [N1, N2] in transposed order (module docstring).
 
-
-def dft(a, f1r, f1i, f2r, f2i, tr, ti):
-    """Real row A [N1, N2] -> spectrum (Sr, Si) [N1, N2] in transposed order (module docstring)."""
+    ``precision`` (a `jax.lax.Precision`) goes to all six matmuls (fp32 operands, fp32 result).
+    """
+    _dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32, precision=precision)
     # Step 1: length-N1 DFTs down the columns, B = F1 @ A; A is real so 2 matmuls.
     br = _dot(f1r, a)  # [N1, N1] @ [N1, N2] -> [N1, N2]
     bi = _dot(f1i, a)  # [N1, N1] @ [N1, N2] -> [N1, N2]
@@ -89,8 +92,12 @@ def dft(a, f1r, f1i, f2r, f2i, tr, ti):
     return sr, si
 
 
-def idft_real(sr, si, f1r, f1i, f2r, f2i, tr, ti):
-    """Spectrum (Sr, Si) [N1, N2] in transposed order -> N · Re(inverse DFT) as a row [N1, N2]."""
+def idft_real(sr, si, f1r, f1i, f2r, f2i, tr, ti, *, precision=DEFAULT_PRECISION):
+    """Spectrum (Sr, Si) [N1, N2] in transposed order -> N · Re(inverse DFT) as a row [N1, N2].
+
+    ``precision`` goes to all six matmuls, as in `dft`.
+    """
+    _dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32, precision=precision)
     # Inverse step 3: E = S @ conj(F2).
     er = _dot(sr, f2r) + _dot(si, f2i)  # [N1, N2] @ [N2, N2] -> [N1, N2]
     ei = _dot(si, f2r) - _dot(sr, f2i)  # [N1, N2] @ [N2, N2] -> [N1, N2]
@@ -101,11 +108,11 @@ def idft_real(sr, si, f1r, f1i, f2r, f2i, tr, ti):
     return _dot(f1r, gr) + _dot(f1i, gi)  # [N1, N1] @ [N1, N2] -> [N1, N2]
 
 
-def make_conv_kernel(has_pre: bool, has_post: bool, has_d: bool):
+def make_conv_kernel(has_pre: bool, has_post: bool, has_d: bool, precision):
     """Kernel body: one row of y = post ⊙ (IDFT(DFT(pre ⊙ u) ⊙ K) + D ⊙ u), all in fp32.
 
     Refs, in order: u, [pre], [post], [D (1, N2)], Kr, Ki (already scaled by 1/N), F1r, F1i,
-    F2r, F2i, Tr, Ti, out; every row block is [N1, N2].
+    F2r, F2i, Tr, Ti, out; every row block is [N1, N2]. ``precision``: the 12 DFT matmuls'.
     """
 
     def kernel(*refs):
@@ -118,10 +125,10 @@ def make_conv_kernel(has_pre: bool, has_post: bool, has_d: bool):
         fac = tuple(r[...] for r in (f1r_ref, f1i_ref, f2r_ref, f2i_ref, tr_ref, ti_ref))
         u = u_ref[...].astype(jnp.float32)  # [N1, N2]
         v = u * pre_ref[...].astype(jnp.float32) if has_pre else u
-        sr, si = dft(v, *fac)
+        sr, si = dft(v, *fac, precision=precision)
         kr, ki = kr_ref[...], ki_ref[...]  # [N1, N2]
         # FFT -> pointwise multiply -> inverse FFT, without leaving the kernel.
-        y = idft_real(sr * kr - si * ki, sr * ki + si * kr, *fac)
+        y = idft_real(sr * kr - si * ki, sr * ki + si * kr, *fac, precision=precision)
         if has_d:
             y = y + d_ref[...].astype(jnp.float32) * u  # [1, N2] broadcast over N1
         if has_post:
@@ -131,9 +138,15 @@ def make_conv_kernel(has_pre: bool, has_post: bool, has_d: bool):
     return kernel
 
 
-def xcorr_kernel(a_ref, b_ref, f1r_ref, f1i_ref, f2r_ref, f2i_ref, tr_ref, ti_ref, o_ref):
-    """One row of N · IDFT(DFT(a) ⊙ conj(DFT(b))): circular cross-correlation Σ_t a[t] b[t-j]."""
+def xcorr_kernel(
+    a_ref, b_ref, f1r_ref, f1i_ref, f2r_ref, f2i_ref, tr_ref, ti_ref, o_ref, *, precision
+):
+    """One row of N · IDFT(DFT(a) ⊙ conj(DFT(b))): circular cross-correlation Σ_t a[t] b[t-j].
+
+    ``precision``: the 18 DFT matmuls' (bind it with `functools.partial`).
+    """
     fac = tuple(r[...] for r in (f1r_ref, f1i_ref, f2r_ref, f2i_ref, tr_ref, ti_ref))
-    ar, ai = dft(a_ref[...].astype(jnp.float32), *fac)
-    br, bi = dft(b_ref[...].astype(jnp.float32), *fac)
-    o_ref[...] = idft_real(ar * br + ai * bi, ai * br - ar * bi, *fac).astype(o_ref.dtype)
+    ar, ai = dft(a_ref[...].astype(jnp.float32), *fac, precision=precision)
+    br, bi = dft(b_ref[...].astype(jnp.float32), *fac, precision=precision)
+    y = idft_real(ar * br + ai * bi, ai * br - ar * bi, *fac, precision=precision)
+    o_ref[...] = y.astype(o_ref.dtype)

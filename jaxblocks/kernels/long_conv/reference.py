@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 
-def _depthwise_valid(x, k):
+def _depthwise_valid(x, k, precision):
     """x: [B, H, Lx], k: [H, Lk] -> [B, H, Lx - Lk + 1], y[t] = Σ_s k[s] x[t + Lk - 1 - s]."""
     H = x.shape[1]
     return jax.lax.conv_general_dilated(
@@ -30,12 +30,26 @@ def _depthwise_valid(x, k):
         padding="VALID",
         dimension_numbers=("NCH", "OIH", "NCH"),
         feature_group_count=H,
-        precision=jax.lax.Precision.HIGHEST,
+        precision=precision,
     )
 
 
-def fft_conv_reference(u, k, D=None, pregate=None, postgate=None, *, causal=True, fft_size=None):
-    """Direct fp32 convolution; see the module docstring. Returns ``u.dtype``."""
+def fft_conv_reference(
+    u,
+    k,
+    D=None,
+    pregate=None,
+    postgate=None,
+    *,
+    causal=True,
+    fft_size=None,
+    precision=jax.lax.Precision.HIGHEST,
+):
+    """Direct fp32 convolution; see the module docstring. Returns ``u.dtype``.
+
+    ``precision`` goes to the convolution (the one product; `HIGHEST`: exact fp32 on any
+    backend).
+    """
     B, H, L = u.shape
     Lk = k.shape[-1]
     f32 = lambda a: None if a is None else a.astype(jnp.float32)
@@ -50,7 +64,7 @@ def fft_conv_reference(u, k, D=None, pregate=None, postgate=None, *, causal=True
         reps = -(-(Lk - 1) // N) if Lk > 1 else 0
         tail = jnp.tile(v_n, (1, 1, reps))[..., reps * N - (Lk - 1) :]
         left = tail
-    c = _depthwise_valid(jnp.concatenate([left, v], axis=-1), k32)  # [B, H, L]
+    c = _depthwise_valid(jnp.concatenate([left, v], axis=-1), k32, precision)  # [B, H, L]
     y = c if D is None else c + f32(D)[None, :, None] * u32
     if postgate is not None:
         y = y * f32(postgate)
