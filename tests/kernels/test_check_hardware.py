@@ -69,8 +69,8 @@ def _patched(monkeypatch, fn):
 def test_a_wrong_kernel_fails_the_comparison(monkeypatch):
     good = cc_api.IMPLEMENTATIONS["xla"].fn
 
-    def wrong(x, w, bias, act, *, block_sizes=None):  # shifted by one step: a plausible bug
-        y = good(x, w, bias, act, block_sizes=block_sizes)
+    def wrong(x, w, bias, act, *, block_sizes=None, **kw):  # shifted by one step: a plausible bug
+        y = good(x, w, bias, act, block_sizes=block_sizes, **kw)
         return jnp.concatenate([y[:, :1], y[:, :-1]], axis=1)
 
     _patched(monkeypatch, wrong)
@@ -83,8 +83,8 @@ def test_a_nondeterministic_kernel_fails_the_bitwise_repeat(monkeypatch):
     good = cc_api.IMPLEMENTATIONS["xla"].fn
     rng = np.random.default_rng(0)
 
-    def racy(x, w, bias, act, *, block_sizes=None):  # last-bit noise, as a race leaves
-        y = good(x, w, bias, act, block_sizes=block_sizes)
+    def racy(x, w, bias, act, *, block_sizes=None, **kw):  # last-bit noise, as a race leaves
+        y = good(x, w, bias, act, block_sizes=block_sizes, **kw)
         noise = jax.pure_callback(
             lambda: np.float32(1 + 1e-5 * rng.standard_normal()),
             jax.ShapeDtypeStruct((), jnp.float32),
