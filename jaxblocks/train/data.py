@@ -9,7 +9,8 @@ slice of a global batch without coordination. Epoch ``e`` is a permutation drawn
 Sources (all local, nothing is downloaded; `DATASETS` by ``config.data.name``, extended with
 `register_dataset`): ``synthetic`` (Gaussian images labelled by a fixed random linear teacher),
 ``digits`` (scikit-learn's digits via `jaxblocks.data.digits`), ``moving_digits`` (token
-videos of a moving digit, `jaxblocks.data.moving_digits`), ``reber`` (generated
+videos of a moving digit, `jaxblocks.data.moving_digits`), ``order_flow`` (order-flow images
+of a simulated market, `jaxblocks.data.order_flow`), ``reber`` (generated
 embedded-Reber strings, `jaxblocks.data.reber`), ``stdlib_text`` (bytes of the
 Python standard library's own ``.py`` files, for character LMs) and ``sr_sample_images``
 (super-resolution crops of scikit-learn's sample photographs, `jaxblocks.data.sr_images`).
@@ -212,6 +213,23 @@ def _moving_digits(cfg: ml_collections.ConfigDict) -> Splits:
     v = moving_digit_videos(d.num_examples, seed=cfg.seed, **kw)
     vt = moving_digit_videos(max(d.num_examples // 4, 1), seed=cfg.seed + 10_000, **kw)
     return v[:, :-block], v[:, block:], vt[:, :-block], vt[:, block:], 4
+
+
+@register_dataset("order_flow")
+def _order_flow(cfg: ml_collections.ConfigDict) -> Splits:
+    """Order-flow images of a simulated market (`jaxblocks.data.order_flow`) with the interval's
+    aggregated features packed in a fifth channel; target: the next interval's realized
+    volatility. ``data.num_examples`` training intervals, a quarter as many test intervals from
+    another simulated period (another seed); ``data.image_size`` time and price bins."""
+    from jaxblocks.data.order_flow import order_flow_dataset, pack_features
+
+    d = cfg.data
+    kw = dict(time_bins=d.image_size, price_bins=d.image_size, interval=4 * d.image_size)
+    tr = order_flow_dataset(d.num_examples, seed=cfg.seed, **kw)
+    te = order_flow_dataset(max(d.num_examples // 4, 1), seed=cfg.seed + 10_000, **kw)
+    x = pack_features(tr["images"], tr["features"])
+    xt = pack_features(te["images"], te["features"])
+    return x, tr["target"], xt, te["target"], 0
 
 
 @register_dataset("reber")

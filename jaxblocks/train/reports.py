@@ -22,6 +22,8 @@ the task's main metric against the sparsity measured on the pruned parameters.
 ``"variants"`` — the last stage retrained once per ``config.variants`` entry: parameters and the
 task's metrics. ``"mst_compression"`` — the same retraining, tabulating the binary layers'
 minimum-spanning-tree length, depth and operation counts (MST-compression, paper 29).
+``"volatility_baselines"`` — order-flow volatility: RMSPE of the run and its variants beside
+the naive forecast and GARCH(1,1) (paper 25).
 """
 
 from __future__ import annotations
@@ -250,12 +252,44 @@ def mst_compression(cfg: ml_collections.ConfigDict, workdir: str, results) -> st
     return "\n".join(lines)
 
 
+def volatility_baselines(cfg: ml_collections.ConfigDict, workdir: str, results) -> str:
+    """Order-flow volatility: RMSPE on the held-out intervals of the run and of each
+    ``config.variants`` entry (e.g. CNN-Aggr) beside the naive forecast (this interval's realized
+    volatility) and a GARCH(1,1) fitted by maximum likelihood on the training period's returns
+    and filtered through the test period (Lensky & Hao's baselines)."""
+    from jaxblocks.data.order_flow import fit_garch, garch_forecast, order_flow_dataset
+
+    last_cfg, rows = _retrain_variants(cfg, workdir, results, "volatility_baselines")
+    d = last_cfg.data
+    kw = dict(time_bins=d.image_size, price_bins=d.image_size, interval=4 * d.image_size)
+    tr = order_flow_dataset(d.num_examples, seed=last_cfg.seed, **kw)
+    te = order_flow_dataset(max(d.num_examples // 4, 1), seed=last_cfg.seed + 10_000, **kw)
+    y = te["target"].astype(np.float64)
+
+    def rmspe(pred):
+        return float(np.sqrt(np.mean(((pred - y) / y) ** 2)))
+
+    params = fit_garch(tr["returns"][: d.num_examples * kw["interval"]])
+    garch = garch_forecast(te["returns"], kw["interval"], params)[: len(y)]
+    lines = [
+        f"| method ({len(y)} held-out intervals) | test RMSPE |",
+        "|---|---|",
+        f"| naive (current realized volatility) | {rmspe(te['naive']):.3f} |",
+        f"| GARCH(1,1) (α={params[1]:.3f}, β={params[2]:.4f}) | {rmspe(garch):.3f} |",
+    ]
+    for name, r in rows:
+        mspe = r.eval_metrics.get("mspe", float("nan"))
+        lines.append(f"| {name} | {np.sqrt(mspe):.3f} |")
+    return "\n".join(lines)
+
+
 REPORTS: dict[str, Report] = {
     "variants": variants,
     "convbn_modes": convbn_modes,
     "sr_baseline": sr_baseline,
     "pruning_sweep": pruning_sweep,
     "mst_compression": mst_compression,
+    "volatility_baselines": volatility_baselines,
 }
 
 

@@ -106,3 +106,19 @@ register_task(Task("lm", _classification, "accuracy", seq_axis=1))
 register_task(Task("super_resolution", _image_regression, "psnr"))
 # Physical-field forecasting (surrogate simulators): MSE loss, relative L2 error reported.
 register_task(Task("field_regression", _field_regression, "rel_l2", higher_is_better=False))
+
+
+def _volatility(log_forecast: jax.Array, target: jax.Array) -> dict[str, jax.Array]:
+    """Per-example squared percentage error of ``exp(log_forecast)`` against a positive target
+    (the loss; its mean is the MSPE, whose root is the RMSPE of Lensky & Hao) and the absolute
+    percentage error."""
+    if log_forecast.shape != target.shape:
+        raise ValueError(f"volatility: model output {log_forecast.shape} does not match the "
+                         f"target {target.shape}")  # fmt: skip
+    y = target.astype(jnp.float32)
+    pe = (jnp.exp(log_forecast.astype(jnp.float32)) - y) / jnp.maximum(y, 1e-12)
+    return {"loss": jnp.square(pe), "mspe": jnp.square(pe), "ape": jnp.abs(pe)}
+
+
+# Realized-volatility forecasting (order-flow images): squared percentage error, MSPE reported.
+register_task(Task("volatility", _volatility, "mspe", higher_is_better=False))
