@@ -124,6 +124,7 @@ def triton_modules(mlir_text: str) -> list[str]:
     texts = []
     for m in _TRITON_IR.finditer(mlir_text):
         ctx = ir.Context()
+        ctx.allow_unregistered_dialects = True  # e.g. `gpu.barrier` from pltriton.debug_barrier
         tt_dialect.register_dialect(ctx)
         with ctx:
             texts.append(str(ir.Module.parse(_unescape_mlir_string(m.group(1)))))

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 
+from jaxblocks.kernels import resources
 from jaxblocks.kernels.conv_bn.xla import activate as activate
 from jaxblocks.kernels.conv_bn.xla import activation_grad as activation_grad
 from jaxblocks.kernels.conv_bn.xla import fold_vectors as fold_vectors
@@ -29,12 +32,18 @@ from jaxblocks.kernels.conv_bn.xla import residual_kind as residual_kind
 
 MIN_BLOCK = 16  # Triton's dot needs every tile dim >= 16; bf16 packs 16 rows per TPU vreg
 LANE = 128  # TPU: the last block dim is a multiple of the 128 lanes
+SUBLANE = 16  # TPU: second-to-last dim of row tiles: 8 sublanes x 2 (bf16 packing)
+# Aim for a few waves of programs on a 132-SM H100 when splitting the dw' reduction over M.
+TARGET_PROGRAMS = 264
+KERNELS = ("pointwise_conv_bn_fwd", "pointwise_conv_bn_bwd_dx", "pointwise_conv_bn_bwd_dw")
 BACKENDS = ("pallas_gpu", "pallas_tpu")
 
 # Per-backend defaults of the tile sizes left None in `BlockSizes`. Untuned on GPU (there was no
-# GPU to measure on); on TPU about 3 MiB of VMEM with double buffering (see README.md).
+# GPU to measure on): the largest square-ish tiles whose `working_set` fits an H100 SM at fp32
+# with a saved residual and 3 pipeline stages (128-row tiles do not: the dx kernel holds dy, the
+# residual and dz for a [block_m, block_n] tile). On TPU about 3.3 MiB of VMEM (see README.md).
 DEFAULT_BLOCKS: dict[str, dict[str, int]] = {
-    "pallas_gpu": dict(block_m=128, block_n=128, block_k=64),
+    "pallas_gpu": dict(block_m=64, block_n=64, block_k=32),
     "pallas_tpu": dict(block_m=256, block_n=256, block_k=512),
 }
 
@@ -67,12 +76,12 @@ class BlockSizes:
     ``supports`` predicate (so `pointwise_conv_bn` names it).
 
     Attributes:
-      block_m: rows of x per tile (forward, dx) and per reduction step of dw'. Default 128 (GPU),
+      block_m: rows of x per tile (forward, dx) and per reduction step of dw'. Default 64 (GPU),
         256 (TPU).
-      block_n: output channels per tile (forward, dw') and per reduction step of dx. Default 128
+      block_n: output channels per tile (forward, dw') and per reduction step of dx. Default 64
         (GPU), 256 (TPU).
       block_k: input channels per reduction step of the forward and per tile of dx, dw'. Default
-        64 (GPU), 512 (TPU).
+        32 (GPU), 512 (TPU).
       num_warps, num_stages: Triton launch parameters (``pallas_gpu`` only), default 4 and 3.
       dw_splits: M splits of the dw' reduction (``pallas_gpu`` only; None: enough programs for
         about two waves).
@@ -166,6 +175,145 @@ class Tiles:
     np_: int
     blocks: BlockSizes
     splits: int = 1
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _auto_splits(m_blocks: int, tiles: int) -> int:
+    """M splits of the dw' reduction: enough programs to fill the GPU, >= 4 row blocks each,
+    preferably a divisor of the row-block count (then x, dy are not padded again)."""
+    target = max(1, min(math.ceil(TARGET_PROGRAMS / tiles), m_blocks // 4))
+    divisor = max(d for d in range(1, target + 1) if m_blocks % d == 0)
+    return divisor if 2 * divisor >= target else target
+
+
+def gpu_tiles(blocks: BlockSizes, m: int, c_in: int, c_out: int, backward: bool) -> Tiles:
+    """Triton: power-of-two tiles shrunk to the problem (never below 16); the backward also
+    splits the dw' reduction over M (``blocks.dw_splits`` or `_auto_splits`) and pads M to
+    whole splits."""
+    fit = lambda b, n: min(b, max(MIN_BLOCK, _pow2_at_least(n)))
+    bm, bn, bk = fit(blocks.block_m, m), fit(blocks.block_n, c_out), fit(blocks.block_k, c_in)
+    kp, np_ = round_up(c_in, bk), round_up(c_out, bn)
+    m_blocks = round_up(max(m, 1), bm) // bm
+    splits = 1
+    if backward:
+        splits = blocks.dw_splits
+        if splits is None:
+            splits = _auto_splits(m_blocks, (kp // bk) * (np_ // bn))
+        splits = min(splits, m_blocks)
+    return Tiles(bm, bn, bk, round_up(max(m, 1), bm * splits), kp, np_, blocks, splits)
+
+
+def tpu_tiles(blocks: BlockSizes, m: int, c_in: int, c_out: int, backward: bool) -> Tiles:
+    """Mosaic: tiles shrunk to the padded problem, keeping the (16, 128) alignment; one dw'
+    reduction over all of M (a grid axis), forward and backward alike."""
+    del backward
+    bm = min(blocks.block_m, round_up(max(m, 1), SUBLANE))
+    bn = min(blocks.block_n, round_up(c_out, LANE))
+    bk = min(blocks.block_k, round_up(c_in, LANE))
+    return Tiles(
+        bm, bn, bk, round_up(max(m, 1), bm), round_up(c_in, bk), round_up(c_out, bn), blocks
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Resource budgets (see jaxblocks/kernels/resources.py and README.md §3)
+# --------------------------------------------------------------------------------------------
+
+
+def _gpu_working_set(t: Tiles, item: int, has_res: bool) -> tuple[resources.GpuWorkingSet, ...]:
+    """The three Triton programs at tiles ``t``. Shared memory: every load of a loop step is
+    pipelined into ``num_stages`` buffers (the Triton matmul autotuner's rule), plus one buffer
+    per dot operand computed in registers (the folded weight, dz), which reaches the dot through
+    a layout conversion in shared memory. Registers: the fp32 accumulator, the step's loaded
+    tiles and the operands computed from them, all taken as live at once."""
+    bm, bn, bk, f32 = t.bm, t.bn, t.bk, 4
+    warps, stages = t.blocks.num_warps, t.blocks.num_stages
+    r = 1 + has_res  # dy (and the residual) tiles
+    ws = resources.GpuWorkingSet
+    # fwd, one C_in step: x [bm, bk], w [bk, bn] fp32 loaded; w' [bk, bn] computed.
+    fwd = ws(
+        KERNELS[0],
+        live_bytes=bm * bn * f32 + bm * bk * item + bk * bn * (f32 + item),
+        num_warps=warps,
+        shared_memory_bytes=stages * (bm * bk * item + bk * bn * f32) + bk * bn * item,
+    )
+    # dx, one C_out step: dy (+ res) [bm, bn], w [bk, bn] fp32, s [bn] loaded; dz [bm, bn] in
+    # fp32 and in the compute dtype, w' [bk, bn] computed; accumulator [bm, bk].
+    dx = ws(
+        KERNELS[1],
+        live_bytes=bm * bk * f32 + bm * bn * (r * item + f32 + item) + bk * bn * (f32 + item),
+        num_warps=warps,
+        shared_memory_bytes=stages * (r * bm * bn * item + bk * bn * f32 + bn * f32)
+        + (bm + bk) * bn * item,
+    )
+    # dw', one row step: x [bm, bk], dy (+ res) [bm, bn] loaded; dz [bm, bn] fp32 and cast;
+    # accumulators [bk, bn] and [bn].
+    dw = ws(
+        KERNELS[2],
+        live_bytes=(bk + 1) * bn * f32 + bm * bk * item + bm * bn * (r * item + f32 + item),
+        num_warps=warps,
+        shared_memory_bytes=stages * (bm * bk * item + r * bm * bn * item) + bm * bn * item,
+    )
+    return fwd, dx, dw
+
+
+def _tpu_working_set(
+    t: Tiles, item: int, has_res: bool, save_pre: bool
+) -> tuple[resources.TpuWorkingSet, ...]:
+    """The three Mosaic grid steps at tiles ``t``: double-buffered blocks plus the fp32 VMEM
+    accumulators; a [1, bn] vector occupies a whole (8, bn) fp32 tile."""
+    bm, bn, bk, f32 = t.bm, t.bn, t.bk, 4
+    r = 1 + has_res
+    vec = 8 * bn * f32
+    ws = resources.TpuWorkingSet
+    fwd = ws(  # x [bm, bk], w [bk, bn] fp32, s and b' rows; y (+ pre) [bm, bn]
+        KERNELS[0],
+        block_bytes=bm * bk * item + bk * bn * f32 + 2 * vec + (1 + save_pre) * bm * bn * item,
+        scratch_bytes=bm * bn * f32,
+    )
+    dx = ws(  # dy (+ res) [bm, bn], w [bk, bn] fp32, s row; dx [bm, bk]
+        KERNELS[1],
+        block_bytes=r * bm * bn * item + bk * bn * f32 + vec + bm * bk * item,
+        scratch_bytes=bm * bk * f32,
+    )
+    dw = ws(  # x [bm, bk], dy (+ res) [bm, bn]; dw' [bk, bn] fp32, db' row
+        KERNELS[2],
+        block_bytes=bm * bk * item + r * bm * bn * item + bk * bn * f32 + vec,
+        scratch_bytes=bk * bn * f32 + vec,
+    )
+    return fwd, dx, dw
+
+
+def working_set(
+    backend: str,
+    m: int,
+    c_in: int,
+    c_out: int,
+    dtype,
+    activation=None,
+    block_sizes: BlockSizes | None = None,
+) -> tuple[resources.GpuWorkingSet, ...] | tuple[resources.TpuWorkingSet, ...]:
+    """Estimated per-program resources of the forward, dx and dw' kernels (in that order) of
+    ``backend`` for ``x [m, c_in] -> [m, c_out]`` in ``dtype`` with ``activation`` (which
+    decides the saved residual) at ``block_sizes`` (None fields: the backend's defaults)."""
+    blocks = default_block_sizes(backend, block_sizes)
+    item = jnp.dtype(dtype).itemsize
+    kind = residual_kind(activation)
+    if backend == "pallas_gpu":
+        return _gpu_working_set(gpu_tiles(blocks, m, c_in, c_out, True), item, kind is not None)
+    t = tpu_tiles(blocks, m, c_in, c_out, True)
+    return _tpu_working_set(t, item, kind is not None, kind == "pre")
+
+
+def resources_reason(backend: str, x, w, activation, block_sizes) -> str | None:
+    """None when every kernel's `working_set` fits an H100 SM / a TPU v5e core, else the
+    first kernel's reason (it names the kernel)."""
+    limits = resources.H100 if backend == "pallas_gpu" else resources.TPU_V5E
+    sets = working_set(backend, *x.shape, w.shape[1], x.dtype, activation, block_sizes)
+    return next((r for r in (s.check(limits) for s in sets) if r is not None), None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,11 +426,11 @@ class Backend:
       name: "pallas_gpu" or "pallas_tpu" (picks the default block sizes and their rules).
       tiles: ``(blocks, m, c_in, c_out, backward) -> Tiles`` for a problem of that size.
       forward_call: ``(xp [mp, kp], wp [kp, np_] fp32, sp [np_], shiftp [np_], *, tiles,
-        activation, save_pre) -> [y [mp, np_]] (+ [pre [mp, np_]] when save_pre)``.
-      dx_call: ``(dyp [mp, np_], resp [mp, np_] | None, wp, sp, *, tiles, activation)
-        -> dx [mp, kp]``.
-      dw_call: ``(xp, dyp, resp, *, tiles, activation) -> (dw' [kp, np_], db' [np_])``, fp32,
-        summed over the M splits.
+        activation, save_pre, precision) -> [y [mp, np_]] (+ [pre [mp, np_]] when save_pre)``.
+      dx_call: ``(dyp [mp, np_], resp [mp, np_] | None, wp, sp, *, tiles, activation,
+        precision) -> dx [mp, kp]``.
+      dw_call: ``(xp, dyp, resp, *, tiles, activation, precision) -> (dw' [kp, np_],
+        db' [np_])``, fp32, summed over the M splits.
     """
 
     name: str
@@ -294,9 +442,10 @@ class Backend:
 
 def make_pointwise_conv_bn(backend: Backend):
     """``f(x [M, C_in], w, scale, bias, mean, var, conv_bias=None, *, epsilon, activation,
-    block_sizes=None) -> y [M, C_out]`` on ``backend``'s kernels, with a custom VJP."""
+    block_sizes=None, precision=HIGHEST) -> y [M, C_out]`` on ``backend``'s kernels, with a
+    custom VJP; ``precision`` (a `jax.lax.Precision`) goes to every dot of the three kernels."""
 
-    def forward(x, w, scale, bias, mean, var, conv_bias, epsilon, activation, blocks, save):
+    def forward(x, w, scale, bias, mean, var, conv_bias, epsilon, activation, blocks, prec, save):
         m, c_in = x.shape
         c_out = w.shape[1]
         t = backend.tiles(blocks, m, c_in, c_out, False)
@@ -310,6 +459,7 @@ def make_pointwise_conv_bn(backend: Backend):
             tiles=t,
             activation=activation,
             save_pre=save and kind == "pre",
+            precision=prec,
         )
         y = outs[0][:m, :c_out]
         if not save:
@@ -325,15 +475,16 @@ def make_pointwise_conv_bn(backend: Backend):
         )
         return y, ((x, w, s, r, cbm, res), meta)
 
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-    def conv_bn(x, w, scale, bias, mean, var, conv_bias, epsilon, activation, blocks):
-        y, _ = forward(x, w, scale, bias, mean, var, conv_bias, epsilon, activation, blocks, False)
-        return y
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+    def conv_bn(x, w, scale, bias, mean, var, conv_bias, epsilon, activation, blocks, prec):
+        args = (x, w, scale, bias, mean, var, conv_bias, epsilon, activation, blocks, prec)
+        return forward(*args, False)[0]
 
-    def fwd(x, w, scale, bias, mean, var, conv_bias, epsilon, activation, blocks):
-        return forward(x, w, scale, bias, mean, var, conv_bias, epsilon, activation, blocks, True)
+    def fwd(x, w, scale, bias, mean, var, conv_bias, epsilon, activation, blocks, prec):
+        args = (x, w, scale, bias, mean, var, conv_bias, epsilon, activation, blocks, prec)
+        return forward(*args, True)
 
-    def bwd(epsilon, activation, blocks, residuals, dy):
+    def bwd(epsilon, activation, blocks, prec, residuals, dy):
         (x, w, s, r, cbm, res), (scale0, bias0, mean0, var0, cb0) = residuals
         m, c_in = x.shape
         c_out = w.shape[1]
@@ -341,7 +492,7 @@ def make_pointwise_conv_bn(backend: Backend):
         dyp = pad2(dy.astype(x.dtype), t.mp, t.np_)
         resp = None if res is None else pad2(res, t.mp, t.np_)
         wp = pad2(w.astype(jnp.float32), t.kp, t.np_)
-        kw = dict(tiles=t, activation=activation)
+        kw = dict(tiles=t, activation=activation, precision=prec)
         dx = backend.dx_call(dyp, resp, wp, pad1(s, t.np_), **kw)[:m, :c_in]
         dwf, dbp = backend.dw_call(pad2(x, t.mp, t.kp), dyp, resp, **kw)
         dwf, dbp = dwf[:c_in, :c_out], dbp[:c_out]
@@ -364,11 +515,13 @@ def make_pointwise_conv_bn(backend: Backend):
         epsilon=1e-5,
         activation=None,
         block_sizes: BlockSizes | None = None,
+        precision: lax.Precision = lax.Precision.HIGHEST,
     ):
         reason = block_sizes_reason(backend.name, block_sizes)
         if reason is not None:
             raise ValueError(f"pointwise_conv_bn[{backend.name}]: {reason}")
         blocks = default_block_sizes(backend.name, block_sizes)
-        return conv_bn(x, w, scale, bias, mean, var, conv_bias, float(epsilon), activation, blocks)
+        args = (x, w, scale, bias, mean, var, conv_bias, float(epsilon), activation, blocks)
+        return conv_bn(*args, lax.Precision(precision))
 
     return pointwise_conv_bn

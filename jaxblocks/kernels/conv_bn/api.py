@@ -17,6 +17,7 @@ from jaxblocks.kernels.conv_bn._common import BlockSizes as BlockSizes
 from jaxblocks.kernels.conv_bn.reference import ACTIVATIONS, pointwise_conv_bn_reference
 from jaxblocks.kernels.conv_bn.xla import pointwise_conv_bn_xla
 from jaxblocks.kernels.dispatch import Implementation, select_implementation
+from jaxblocks.kernels.precision import resolve_precision
 from jaxblocks.kernels.validation import (
     check_array,
     check_choice,
@@ -27,29 +28,22 @@ from jaxblocks.kernels.validation import (
 OP = "pointwise_conv_bn"
 
 
-def _reference(
-    x, w, scale, bias, mean, var, conv_bias=None, *, epsilon=1e-5, activation=None, block_sizes=None
-):
-    # No blocks: block_sizes is ignored.
-    return pointwise_conv_bn_reference(
-        x, w, scale, bias, mean, var, conv_bias, epsilon=epsilon, activation=activation
-    )
+def _ignoring_block_sizes(fn):
+    """``fn`` called as the Pallas implementations are, ``block_sizes`` dropped (no blocks)."""
 
+    def run(*args, block_sizes=None, **kwargs):
+        del block_sizes
+        return fn(*args, **kwargs)
 
-def _xla(
-    x, w, scale, bias, mean, var, conv_bias=None, *, epsilon=1e-5, activation=None, block_sizes=None
-):
-    # No blocks: block_sizes is ignored.
-    return pointwise_conv_bn_xla(
-        x, w, scale, bias, mean, var, conv_bias, epsilon=epsilon, activation=activation
-    )
+    return run
 
 
 # Every entry takes (x [M, C_in], w, scale, bias, mean, var, conv_bias, *, epsilon, activation,
-# block_sizes); `supports` the same arguments.
+# block_sizes, precision); `supports` the same arguments. ``precision`` is a resolved
+# `jax.lax.Precision`.
 IMPLEMENTATIONS: dict[str, Implementation] = {
-    "reference": Implementation(_reference),
-    "xla": Implementation(_xla),
+    "reference": Implementation(_ignoring_block_sizes(pointwise_conv_bn_reference)),
+    "xla": Implementation(_ignoring_block_sizes(pointwise_conv_bn_xla)),
     "pallas_gpu": Implementation(
         pallas_gpu.pointwise_conv_bn_pallas_gpu, supports=pallas_gpu.supports
     ),
@@ -72,6 +66,7 @@ def pointwise_conv_bn(
     activation: str | None = None,
     implementation: str | None = None,
     block_sizes: BlockSizes | None = None,
+    precision: str = "highest",
 ) -> Float[Array, "*B Cout"]:
     """Pointwise (1x1) convolution with the BatchNorm folded in and an activation fused.
 
@@ -107,7 +102,14 @@ def pointwise_conv_bn(
       block_sizes: tile sizes of the Pallas kernels (`BlockSizes`); None, or a None field,
         takes each backend's defaults. The reference and xla implementations have no blocks
         and ignore it. Sizes the chosen Pallas backend cannot tile with make it unsupported
-        (an explicit ``implementation`` raises, automatic dispatch falls back).
+        (an explicit ``implementation`` raises, automatic dispatch falls back), as do sizes
+        whose estimated registers, shared memory (GPU) or VMEM (TPU) per program exceed an
+        H100 SM / a TPU v5e core (`_common.working_set`; the reason names the kernel).
+      precision: "highest" (default) or "tf32": how fp32 operands of the matmuls (forward, dx,
+        dw') are multiplied in every implementation: "highest" in full fp32 (IEEE FMAs in
+        Triton, the multi-pass algorithm on the MXU, fp32 in XLA), "tf32" on TF32 tensor cores
+        (GPU) or one bf16 MXU pass (TPU). bf16/fp16 operands are exact either way (see
+        `jaxblocks.kernels.precision`).
 
     Returns:
       y [..., C_out] in ``x.dtype``.
@@ -149,8 +151,12 @@ def pointwise_conv_bn(
             f"got {type(block_sizes).__name__}"
         )
 
+    prec = resolve_precision(OP, precision)
+
     x2d = x.reshape(-1, c_in)  # [M, C_in]
-    kwargs = dict(epsilon=float(epsilon), activation=activation, block_sizes=block_sizes)
+    kwargs = dict(
+        epsilon=float(epsilon), activation=activation, block_sizes=block_sizes, precision=prec
+    )
     _, fn = select_implementation(
         OP, implementation, IMPLEMENTATIONS, x2d, w, scale, bias, mean, var, conv_bias, **kwargs
     )

@@ -20,15 +20,14 @@ custom VJP and the parameter gradients are `_common.make_pointwise_conv_bn`'s (s
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxblocks.kernels.conv_bn._common import (
-    MIN_BLOCK,
     Backend,
     BlockSizes,
     Tiles,
@@ -37,42 +36,13 @@ from jaxblocks.kernels.conv_bn._common import (
     cost_estimate,
     dtype_reason,
     dz_tile,
+    gpu_tiles,
     make_pointwise_conv_bn,
-    round_up,
+    resources_reason,
 )
 from jaxblocks.kernels.interpret import gpu_interpret
 
-# Aim for a few waves of programs on a 132-SM H100 when splitting the dw' reduction over M.
-TARGET_PROGRAMS = 264
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _auto_splits(m_blocks: int, tiles: int) -> int:
-    """M splits of the dw' reduction: enough programs to fill the GPU, >= 4 row blocks each,
-    preferably a divisor of the row-block count (then x, dy are not padded again)."""
-    target = max(1, min(math.ceil(TARGET_PROGRAMS / tiles), m_blocks // 4))
-    divisor = max(d for d in range(1, target + 1) if m_blocks % d == 0)
-    return divisor if 2 * divisor >= target else target
-
-
-def _tiles(blocks: BlockSizes, m: int, c_in: int, c_out: int, backward: bool) -> Tiles:
-    """Power-of-two tiles shrunk to the problem (never below 16); the backward also splits the
-    dw' reduction over M (``blocks.dw_splits`` or `_auto_splits`) and pads M to whole splits."""
-    fit = lambda b, n: min(b, max(MIN_BLOCK, _pow2_at_least(n)))
-    bm, bn, bk = fit(blocks.block_m, m), fit(blocks.block_n, c_out), fit(blocks.block_k, c_in)
-    kp, np_ = round_up(c_in, bk), round_up(c_out, bn)
-    m_blocks = round_up(max(m, 1), bm) // bm
-    splits = 1
-    if backward:
-        splits = blocks.dw_splits
-        if splits is None:
-            splits = _auto_splits(m_blocks, (kp // bk) * (np_ // bn))
-        splits = min(splits, m_blocks)
-    return Tiles(bm, bn, bk, round_up(max(m, 1), bm * splits), kp, np_, blocks, splits)
 
 
 def _params(blocks: BlockSizes):
@@ -85,7 +55,7 @@ def _params(blocks: BlockSizes):
 
 
 def _forward_kernel(
-    x_ref, w_ref, s_ref, shift_ref, y_ref, *pre_ref, bk: int, activation, compute_dtype
+    x_ref, w_ref, s_ref, shift_ref, y_ref, *pre_ref, bk: int, activation, compute_dtype, precision
 ):
     # x_ref [bm, Kp], w_ref [Kp, bn] fp32, s_ref/shift_ref [bn] fp32, y_ref [bm, bn].
     bm, bn = y_ref.shape
@@ -95,7 +65,8 @@ def _forward_kernel(
         xs = x_ref[:, pl.ds(k * bk, bk)]  # [bm, bk]
         # Fold prologue: w' = w * s in fp32, rounded once to the compute dtype (as xla.py).
         wf = (w_ref[pl.ds(k * bk, bk), :] * s).astype(compute_dtype)  # [bk, bn]
-        return acc + jnp.dot(xs, wf, preferred_element_type=jnp.float32)  # [bm, bn]
+        # precision: HIGHEST keeps fp32 operands in IEEE fp32 (Triton would use TF32).
+        return acc + jnp.dot(xs, wf, preferred_element_type=jnp.float32, precision=precision)
 
     acc = jax.lax.fori_loop(0, x_ref.shape[1] // bk, body, jnp.zeros((bm, bn), jnp.float32))
     pre = acc + shift_ref[...][None, :]  # epilogue: folded bias, fp32
@@ -104,7 +75,7 @@ def _forward_kernel(
         pre_ref[0][...] = pre.astype(pre_ref[0].dtype)
 
 
-def _dx_kernel(dy_ref, *refs, bn: int, activation, has_res: bool):
+def _dx_kernel(dy_ref, *refs, bn: int, activation, has_res: bool, precision):
     # dy_ref/res_ref [bm, Np], w_ref [bk, Np] fp32, s_ref [Np] fp32, dx_ref [bm, bk].
     res_ref, (w_ref, s_ref, dx_ref) = (refs[0], refs[1:]) if has_res else (None, refs)
     bm, bk = dx_ref.shape
@@ -117,14 +88,14 @@ def _dx_kernel(dy_ref, *refs, bn: int, activation, has_res: bool):
         wf = (w_ref[:, cols] * s_ref[cols][None, :]).astype(dtype)  # [bk, bn], fold again
         # dz @ wf^T: [bm, bn] x [bk, bn] -> [bm, bk]
         return acc + jax.lax.dot_general(
-            dz, wf, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+            dz, wf, (((1,), (1,)), ((), ())), precision, preferred_element_type=jnp.float32
         )
 
     acc = jax.lax.fori_loop(0, dy_ref.shape[1] // bn, body, jnp.zeros((bm, bk), jnp.float32))
     dx_ref[...] = acc.astype(dx_ref.dtype)
 
 
-def _dw_kernel(x_ref, dy_ref, *refs, bm: int, activation, has_res: bool):
+def _dw_kernel(x_ref, dy_ref, *refs, bm: int, activation, has_res: bool, precision):
     # x_ref [Ms, bk], dy_ref/res_ref [Ms, bn], dwf_ref [bk, bn] fp32, db_ref [bn] fp32;
     # Ms = the rows of this program's M split.
     res_ref, (dwf_ref, db_ref) = (refs[0], refs[1:]) if has_res else (None, refs)
@@ -138,7 +109,11 @@ def _dw_kernel(x_ref, dy_ref, *refs, bm: int, activation, has_res: bool):
         xs = x_ref[rows, :]  # [bm, bk]
         # x^T dz: [bm, bk] x [bm, bn] -> [bk, bn]
         dw = dw + jax.lax.dot_general(
-            xs, dz.astype(xs.dtype), (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+            xs,
+            dz.astype(xs.dtype),
+            (((0,), (0,)), ((), ())),
+            precision,
+            preferred_element_type=jnp.float32,
         )
         return dw, db + jnp.sum(dz, axis=0)
 
@@ -153,7 +128,7 @@ def _dw_kernel(x_ref, dy_ref, *refs, bm: int, activation, has_res: bool):
 # --------------------------------------------------------------------------------------------
 
 
-def _forward_call(xp, wp, sp, shiftp, *, tiles: Tiles, activation, save_pre):
+def _forward_call(xp, wp, sp, shiftp, *, tiles: Tiles, activation, save_pre, precision):
     mp, kp = xp.shape
     np_ = wp.shape[1]
     bm, bn, bk = tiles.bm, tiles.bn, tiles.bk
@@ -164,7 +139,11 @@ def _forward_call(xp, wp, sp, shiftp, *, tiles: Tiles, activation, save_pre):
         out_specs.append(pl.BlockSpec((bm, bn), lambda i, j: (i, j)))
     item = xp.dtype.itemsize
     kernel = functools.partial(
-        _forward_kernel, bk=bk, activation=activation, compute_dtype=xp.dtype
+        _forward_kernel,
+        bk=bk,
+        activation=activation,
+        compute_dtype=xp.dtype,
+        precision=precision,
     )
     return pl.pallas_call(
         kernel,
@@ -184,7 +163,7 @@ def _forward_call(xp, wp, sp, shiftp, *, tiles: Tiles, activation, save_pre):
     )(xp, wp, sp, shiftp)
 
 
-def _dx_call(dyp, resp, wp, sp, *, tiles: Tiles, activation):
+def _dx_call(dyp, resp, wp, sp, *, tiles: Tiles, activation, precision):
     mp, np_ = dyp.shape
     kp = wp.shape[0]
     bm, bn, bk = tiles.bm, tiles.bn, tiles.bk
@@ -196,7 +175,9 @@ def _dx_call(dyp, resp, wp, sp, *, tiles: Tiles, activation):
         pl.BlockSpec((np_,), lambda i, j: (0,)),  # s
     ]
     item = dyp.dtype.itemsize
-    kernel = functools.partial(_dx_kernel, bn=bn, activation=activation, has_res=has_res)
+    kernel = functools.partial(
+        _dx_kernel, bn=bn, activation=activation, has_res=has_res, precision=precision
+    )
     args = (dyp,) + ((resp,) if has_res else ()) + (wp, sp)
     return pl.pallas_call(
         kernel,
@@ -211,7 +192,7 @@ def _dx_call(dyp, resp, wp, sp, *, tiles: Tiles, activation):
     )(*args)
 
 
-def _dw_call(xp, dyp, resp, *, tiles: Tiles, activation):
+def _dw_call(xp, dyp, resp, *, tiles: Tiles, activation, precision):
     mp, kp = xp.shape
     np_ = dyp.shape[1]
     bm, bn, bk, splits = tiles.bm, tiles.bn, tiles.bk, tiles.splits
@@ -221,7 +202,9 @@ def _dw_call(xp, dyp, resp, *, tiles: Tiles, activation):
     in_specs += [pl.BlockSpec((ms, bn), lambda p, j, l: (p, l))] * (1 + has_res)  # dy, res
     item = xp.dtype.itemsize
     cost = cost_estimate("dw", mp, kp, np_, item, activation, has_res=has_res, splits=splits)
-    kernel = functools.partial(_dw_kernel, bm=bm, activation=activation, has_res=has_res)
+    kernel = functools.partial(
+        _dw_kernel, bm=bm, activation=activation, has_res=has_res, precision=precision
+    )
     args = (xp, dyp) + ((resp,) if has_res else ())
     dwf, db = pl.pallas_call(
         kernel,
@@ -246,18 +229,30 @@ def _dw_call(xp, dyp, resp, *, tiles: Tiles, activation):
 
 # The custom VJP (fold, padding, residuals, parameter gradients) is `_common`'s.
 _pointwise_conv_bn = make_pointwise_conv_bn(
-    Backend("pallas_gpu", _tiles, _forward_call, _dx_call, _dw_call)
+    Backend("pallas_gpu", gpu_tiles, _forward_call, _dx_call, _dw_call)
 )
 
 
 def supports(
-    x, w, scale, bias, mean, var, conv_bias=None, *, epsilon=1e-5, activation=None, block_sizes=None
+    x,
+    w,
+    scale,
+    bias,
+    mean,
+    var,
+    conv_bias=None,
+    *,
+    epsilon=1e-5,
+    activation=None,
+    block_sizes=None,
+    precision=lax.Precision.HIGHEST,
 ):
-    """None when the Triton kernels take these inputs and block sizes, else the reason."""
+    """None when the Triton kernels take these inputs and block sizes, else the reason (for
+    a kernel whose `working_set` does not fit an H100 SM, naming the kernel)."""
     reason = dtype_reason(x, DTYPES) or block_sizes_reason("pallas_gpu", block_sizes)
     if reason is None and x.shape[0] * max(x.shape[1], w.shape[1]) >= 2**31:
         reason = f"M={x.shape[0]} rows are too many for 32-bit indexing"
-    return reason
+    return reason or resources_reason("pallas_gpu", x, w, activation, block_sizes)
 
 
 def pointwise_conv_bn_pallas_gpu(
@@ -272,9 +267,11 @@ def pointwise_conv_bn_pallas_gpu(
     epsilon=1e-5,
     activation=None,
     block_sizes: BlockSizes | None = None,
+    precision: lax.Precision = lax.Precision.HIGHEST,
 ):
     """Folded pointwise conv + BN + activation on ``x`` [M, C_in] with Triton-backend kernels
-    (``block_sizes``: None for the GPU defaults; see `BlockSizes`)."""
+    (``block_sizes``: None for the GPU defaults; see `BlockSizes`; ``precision``: of the three
+    kernels' dots, HIGHEST = IEEE fp32 for fp32 operands, DEFAULT = TF32)."""
     return _pointwise_conv_bn(
         x,
         w,
@@ -286,4 +283,5 @@ def pointwise_conv_bn_pallas_gpu(
         epsilon=epsilon,
         activation=activation,
         block_sizes=block_sizes,
+        precision=precision,
     )

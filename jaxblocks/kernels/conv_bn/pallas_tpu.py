@@ -20,11 +20,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxblocks.kernels.conv_bn._common import (
-    LANE,
     Backend,
     BlockSizes,
     Tiles,
@@ -34,23 +34,12 @@ from jaxblocks.kernels.conv_bn._common import (
     dtype_reason,
     dz_tile,
     make_pointwise_conv_bn,
-    round_up,
+    resources_reason,
+    tpu_tiles,
 )
 from jaxblocks.kernels.interpret import tpu_interpret
 
-SUBLANE = 16  # second-to-last block dim of row tiles: 8 sublanes x 2 (bf16 packing)
 DTYPES = (jnp.float32, jnp.bfloat16)
-
-
-def _tiles(blocks: BlockSizes, m: int, c_in: int, c_out: int, backward: bool) -> Tiles:
-    """Tiles shrunk to the padded problem, keeping the (16, 128) alignment; one dw' reduction
-    over all of M (a grid axis), forward and backward alike."""
-    bm = min(blocks.block_m, round_up(max(m, 1), SUBLANE))
-    bn = min(blocks.block_n, round_up(c_out, LANE))
-    bk = min(blocks.block_k, round_up(c_in, LANE))
-    return Tiles(
-        bm, bn, bk, round_up(max(m, 1), bm), round_up(c_in, bk), round_up(c_out, bn), blocks
-    )
 
 
 def _params(*semantics: str):
@@ -62,7 +51,9 @@ def _params(*semantics: str):
 # --------------------------------------------------------------------------------------------
 
 
-def _forward_kernel(x_ref, w_ref, s_ref, shift_ref, y_ref, *rest, activation, save_pre: bool):
+def _forward_kernel(
+    x_ref, w_ref, s_ref, shift_ref, y_ref, *rest, activation, save_pre: bool, precision
+):
     # x_ref [bm, bk], w_ref [bk, bn] fp32, s_ref/shift_ref [1, bn] fp32, y_ref [bm, bn];
     # rest = ([pre_ref [bm, bn]], acc_ref [bm, bn] fp32 VMEM).
     acc_ref = rest[-1]
@@ -74,7 +65,10 @@ def _forward_kernel(x_ref, w_ref, s_ref, shift_ref, y_ref, *rest, activation, sa
 
     # Fold prologue: w' = w * s in fp32, rounded once to the compute dtype (as xla.py).
     wf = (w_ref[...] * s_ref[...]).astype(x_ref.dtype)  # [bk, bn]
-    acc_ref[...] += jnp.dot(x_ref[...], wf, preferred_element_type=jnp.float32)  # [bm, bn]
+    # precision: HIGHEST = the multi-pass fp32 MXU algorithm for fp32 operands.
+    acc_ref[...] += jnp.dot(
+        x_ref[...], wf, preferred_element_type=jnp.float32, precision=precision
+    )  # [bm, bn]
 
     @pl.when(k == pl.num_programs(2) - 1)
     def _epilogue():
@@ -84,7 +78,7 @@ def _forward_kernel(x_ref, w_ref, s_ref, shift_ref, y_ref, *rest, activation, sa
             rest[0][...] = pre.astype(rest[0].dtype)
 
 
-def _dx_kernel(dy_ref, *refs, activation, has_res: bool):
+def _dx_kernel(dy_ref, *refs, activation, has_res: bool, precision):
     # dy_ref/res_ref [bm, bn], w_ref [bk, bn] fp32, s_ref [1, bn], dx_ref [bm, bk],
     # acc_ref [bm, bk] fp32 VMEM; the C_out axis (2) is the reduction.
     res_ref, (w_ref, s_ref, dx_ref, acc_ref) = (refs[0], refs[1:]) if has_res else (None, refs)
@@ -98,7 +92,7 @@ def _dx_kernel(dy_ref, *refs, activation, has_res: bool):
     wf = (w_ref[...] * s_ref[...]).astype(dx_ref.dtype)  # [bk, bn], the fold again
     # dz @ w'^T: [bm, bn] x [bk, bn] -> [bm, bk]
     acc_ref[...] += jax.lax.dot_general(
-        dz, wf, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        dz, wf, (((1,), (1,)), ((), ())), precision, preferred_element_type=jnp.float32
     )
 
     @pl.when(n == pl.num_programs(2) - 1)
@@ -106,7 +100,7 @@ def _dx_kernel(dy_ref, *refs, activation, has_res: bool):
         dx_ref[...] = acc_ref[...].astype(dx_ref.dtype)
 
 
-def _dw_kernel(x_ref, dy_ref, *refs, activation, has_res: bool):
+def _dw_kernel(x_ref, dy_ref, *refs, activation, has_res: bool, precision):
     # x_ref [bm, bk], dy_ref/res_ref [bm, bn], dwf_ref [bk, bn] fp32, db_ref [1, bn] fp32,
     # acc_ref [bk, bn] and accb_ref [1, bn] fp32 VMEM; the M axis (2) is the reduction.
     if has_res:
@@ -124,7 +118,11 @@ def _dw_kernel(x_ref, dy_ref, *refs, activation, has_res: bool):
     xs = x_ref[...]  # [bm, bk]
     # x^T dz: [bm, bk] x [bm, bn] -> [bk, bn]
     acc_ref[...] += jax.lax.dot_general(
-        xs, dz.astype(xs.dtype), (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        xs,
+        dz.astype(xs.dtype),
+        (((0,), (0,)), ((), ())),
+        precision,
+        preferred_element_type=jnp.float32,
     )
     accb_ref[...] += jnp.sum(dz, axis=0, keepdims=True)  # [1, bn]
 
@@ -139,14 +137,16 @@ def _dw_kernel(x_ref, dy_ref, *refs, activation, has_res: bool):
 # --------------------------------------------------------------------------------------------
 
 
-def _forward_call(xp, wp, sp, shiftp, *, tiles: Tiles, activation, save_pre):
+def _forward_call(xp, wp, sp, shiftp, *, tiles: Tiles, activation, save_pre, precision):
     mp, kp = xp.shape
     np_ = wp.shape[1]
     bm, bn, bk = tiles.bm, tiles.bn, tiles.bk
     tile = pl.BlockSpec((bm, bn), lambda i, j, k: (i, j))
     out_shape = [jax.ShapeDtypeStruct((mp, np_), xp.dtype)] * (1 + save_pre)
     item = xp.dtype.itemsize
-    kernel = functools.partial(_forward_kernel, activation=activation, save_pre=save_pre)
+    kernel = functools.partial(
+        _forward_kernel, activation=activation, save_pre=save_pre, precision=precision
+    )
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -166,7 +166,7 @@ def _forward_call(xp, wp, sp, shiftp, *, tiles: Tiles, activation, save_pre):
     )(xp, wp, sp[None, :], shiftp[None, :])  # vectors as [1, Np] rows for the (8, 128) tiling
 
 
-def _dx_call(dyp, resp, wp, sp, *, tiles: Tiles, activation):
+def _dx_call(dyp, resp, wp, sp, *, tiles: Tiles, activation, precision):
     mp, np_ = dyp.shape
     kp = wp.shape[0]
     bm, bn, bk = tiles.bm, tiles.bn, tiles.bk
@@ -179,7 +179,7 @@ def _dx_call(dyp, resp, wp, sp, *, tiles: Tiles, activation):
     item = dyp.dtype.itemsize
     args = (dyp,) + ((resp,) if has_res else ()) + (wp, sp[None, :])  # s as a [1, Np] row
     return pl.pallas_call(
-        functools.partial(_dx_kernel, activation=activation, has_res=has_res),
+        functools.partial(_dx_kernel, activation=activation, has_res=has_res, precision=precision),
         out_shape=jax.ShapeDtypeStruct((mp, kp), dyp.dtype),
         grid=(mp // bm, kp // bk, np_ // bn),
         in_specs=in_specs,
@@ -192,7 +192,7 @@ def _dx_call(dyp, resp, wp, sp, *, tiles: Tiles, activation):
     )(*args)
 
 
-def _dw_call(xp, dyp, resp, *, tiles: Tiles, activation):
+def _dw_call(xp, dyp, resp, *, tiles: Tiles, activation, precision):
     mp, kp = xp.shape
     np_ = dyp.shape[1]
     bm, bn, bk = tiles.bm, tiles.bn, tiles.bk
@@ -202,7 +202,7 @@ def _dw_call(xp, dyp, resp, *, tiles: Tiles, activation):
     item = xp.dtype.itemsize
     args = (xp, dyp) + ((resp,) if has_res else ())
     dwf, db = pl.pallas_call(
-        functools.partial(_dw_kernel, activation=activation, has_res=has_res),
+        functools.partial(_dw_kernel, activation=activation, has_res=has_res, precision=precision),
         out_shape=[
             jax.ShapeDtypeStruct((kp, np_), jnp.float32),  # dw'
             jax.ShapeDtypeStruct((kp // bk, 1, np_), jnp.float32),  # db', once per C_in block
@@ -224,15 +224,31 @@ def _dw_call(xp, dyp, resp, *, tiles: Tiles, activation):
 
 # The custom VJP (fold, padding, residuals, parameter gradients) is `_common`'s.
 _pointwise_conv_bn = make_pointwise_conv_bn(
-    Backend("pallas_tpu", _tiles, _forward_call, _dx_call, _dw_call)
+    Backend("pallas_tpu", tpu_tiles, _forward_call, _dx_call, _dw_call)
 )
 
 
 def supports(
-    x, w, scale, bias, mean, var, conv_bias=None, *, epsilon=1e-5, activation=None, block_sizes=None
+    x,
+    w,
+    scale,
+    bias,
+    mean,
+    var,
+    conv_bias=None,
+    *,
+    epsilon=1e-5,
+    activation=None,
+    block_sizes=None,
+    precision=lax.Precision.HIGHEST,
 ):
-    """None when the Mosaic kernels take these inputs and block sizes, else the reason."""
-    return dtype_reason(x, DTYPES) or block_sizes_reason("pallas_tpu", block_sizes)
+    """None when the Mosaic kernels take these inputs and block sizes, else the reason (for
+    a kernel whose `working_set` does not fit a TPU v5e's VMEM, naming the kernel)."""
+    return (
+        dtype_reason(x, DTYPES)
+        or block_sizes_reason("pallas_tpu", block_sizes)
+        or resources_reason("pallas_tpu", x, w, activation, block_sizes)
+    )
 
 
 def pointwise_conv_bn_pallas_tpu(
@@ -247,9 +263,11 @@ def pointwise_conv_bn_pallas_tpu(
     epsilon=1e-5,
     activation=None,
     block_sizes: BlockSizes | None = None,
+    precision: lax.Precision = lax.Precision.HIGHEST,
 ):
     """Folded pointwise conv + BN + activation on ``x`` [M, C_in] with Mosaic TPU kernels
-    (``block_sizes``: None for the TPU defaults; see `BlockSizes`)."""
+    (``block_sizes``: None for the TPU defaults; see `BlockSizes`; ``precision``: of the three
+    kernels' dots, HIGHEST = multi-pass fp32, DEFAULT = one bf16 pass)."""
     return _pointwise_conv_bn(
         x,
         w,
@@ -261,4 +279,5 @@ def pointwise_conv_bn_pallas_tpu(
         epsilon=epsilon,
         activation=activation,
         block_sizes=block_sizes,
+        precision=precision,
     )

@@ -32,17 +32,28 @@ ACTIVATIONS = {
 
 
 def pointwise_conv_bn_reference(
-    x, w, scale, bias, mean, var, conv_bias=None, *, epsilon=1e-5, activation=None
+    x,
+    w,
+    scale,
+    bias,
+    mean,
+    var,
+    conv_bias=None,
+    *,
+    epsilon=1e-5,
+    activation=None,
+    precision: lax.Precision = lax.Precision.HIGHEST,
 ):
     """act(BN(x @ w + conv_bias)) in fp32, unfolded; returns ``x.dtype``.
 
     Args:
       x: [..., C_in]; w: [C_in, C_out]; scale, bias, mean, var, conv_bias: [C_out].
+      precision: of the one matmul (HIGHEST: full fp32, the specification).
     """
     f32 = lambda a: a.astype(jnp.float32)
     mean = lax.stop_gradient(f32(mean))
     var = lax.stop_gradient(f32(var))
-    conv = jnp.einsum("...i,io->...o", f32(x), f32(w), precision=lax.Precision.HIGHEST)
+    conv = jnp.einsum("...i,io->...o", f32(x), f32(w), precision=precision)
     per_channel = lambda v: jnp.reshape(v, (1,) * (conv.ndim - 1) + (-1,))  # [1, ..., C_out]
     if conv_bias is not None:
         conv = conv + per_channel(f32(conv_bias))

@@ -100,10 +100,11 @@ def param_grads(dwf, dbp, w, s, r, cbm, args):
     return dw, dscale, dbias, dcb
 
 
-def _forward(x, w, scale, bias, mean, var, conv_bias, epsilon, activation):
+def _forward(x, w, scale, bias, mean, var, conv_bias, epsilon, activation, precision):
     s, r, shift, cbm = fold_vectors(scale, bias, mean, var, conv_bias, epsilon)
     wf = fold_weight(w, s, x.dtype)
-    pre = jnp.dot(x, wf, preferred_element_type=jnp.float32) + shift[None, :]  # [M, C_out] fp32
+    pre = jnp.dot(x, wf, preferred_element_type=jnp.float32, precision=precision)  # [M, C_out]
+    pre = pre + shift[None, :]  # fp32
     y = activate(pre, activation).astype(x.dtype)
     # XLA:CPU otherwise fuses the activation into consumers and keeps `pre` alive for them.
     y = jax.lax.optimization_barrier(y)
@@ -112,19 +113,19 @@ def _forward(x, w, scale, bias, mean, var, conv_bias, epsilon, activation):
     return y, (x, w, wf, s, r, cbm, res)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _pointwise_conv_bn(x, w, scale, bias, mean, var, conv_bias, epsilon, activation):
-    return _forward(x, w, scale, bias, mean, var, conv_bias, epsilon, activation)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _pointwise_conv_bn(x, w, scale, bias, mean, var, conv_bias, epsilon, activation, precision):
+    return _forward(x, w, scale, bias, mean, var, conv_bias, epsilon, activation, precision)[0]
 
 
-def _fwd(x, w, scale, bias, mean, var, conv_bias, epsilon, activation):
-    y, res = _forward(x, w, scale, bias, mean, var, conv_bias, epsilon, activation)
+def _fwd(x, w, scale, bias, mean, var, conv_bias, epsilon, activation, precision):
+    y, res = _forward(x, w, scale, bias, mean, var, conv_bias, epsilon, activation, precision)
     # The primals below are only read for their dtypes (zero-size views keep them cheap).
     meta = (scale[:0], bias[:0], mean[:0], var[:0], None if conv_bias is None else conv_bias[:0])
     return y, (res, meta)
 
 
-def _bwd(epsilon, activation, residuals, dy):
+def _bwd(epsilon, activation, precision, residuals, dy):
     # Tie the residuals to the incoming gradient so transposed copies of x are made here, in
     # the backward, and freed at once (not made in the forward and held for the whole step).
     residuals, dy = jax.lax.optimization_barrier((residuals, dy))
@@ -133,8 +134,9 @@ def _bwd(epsilon, activation, residuals, dy):
     if res is not None:
         dz = dz * activation_grad(res.astype(jnp.float32), activation)  # [M, C_out] fp32
     dz_lo = dz.astype(x.dtype)  # matmul operands in the compute dtype, fp32 accumulation
-    dx = jnp.dot(dz_lo, wf.T, preferred_element_type=jnp.float32).astype(x.dtype)  # [M, C_in]
-    dwf = jnp.dot(x.T, dz_lo, preferred_element_type=jnp.float32)  # [C_in, C_out]
+    mm = functools.partial(jnp.dot, preferred_element_type=jnp.float32, precision=precision)
+    dx = mm(dz_lo, wf.T).astype(x.dtype)  # [M, C_in]
+    dwf = mm(x.T, dz_lo)  # [C_in, C_out]
     dbp = jnp.sum(dz, axis=0)  # [C_out]
     dw, dscale, dbias, dcb = param_grads(dwf, dbp, w, s, r, cbm, (w, scale0, bias0, cb0))
     c_out = w.shape[1]
@@ -147,7 +149,19 @@ _pointwise_conv_bn.defvjp(_fwd, _bwd)
 
 
 def pointwise_conv_bn_xla(
-    x, w, scale, bias, mean, var, conv_bias=None, *, epsilon=1e-5, activation=None
+    x,
+    w,
+    scale,
+    bias,
+    mean,
+    var,
+    conv_bias=None,
+    *,
+    epsilon=1e-5,
+    activation=None,
+    precision: jax.lax.Precision = jax.lax.Precision.HIGHEST,
 ):
-    """Folded pointwise conv + BN + activation on ``x`` [M, C_in] (see the module docstring)."""
-    return _pointwise_conv_bn(x, w, scale, bias, mean, var, conv_bias, float(epsilon), activation)
+    """Folded pointwise conv + BN + activation on ``x`` [M, C_in] (see the module docstring);
+    ``precision`` goes to the three matmuls (forward, dx, dw')."""
+    args = (x, w, scale, bias, mean, var, conv_bias, float(epsilon), activation)
+    return _pointwise_conv_bn(*args, jax.lax.Precision(precision))

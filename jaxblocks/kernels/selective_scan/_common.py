@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+
+from jaxblocks.kernels import resources
 
 # TPU tiling: channels on the 128 lanes, tokens on the 8 sublanes of a vreg.
 LANES, SUBLANES = 128, 8
@@ -47,6 +50,11 @@ class BlockSizes:
       tpu_block_d: channels per Mosaic tile (a multiple of 128: the lanes).
       tpu_chunk: tokens per grid step of the Mosaic kernels (a multiple of 8: the sublanes;
         shrunk to the sequence, rounded up to 8, when the sequence is shorter).
+      checkpoint_every: tokens between the states the forward saves for the backward (both
+        kernels; rounded up to whole chunks of the backend, at most the sequence). None: about
+        ``sqrt(L · chunk)`` tokens (`checkpoint_chunks`), which keeps the saved states and the
+        backward's per-program workspace both at ``~sqrt(L / chunk)`` states per channel while
+        the backward still recomputes every state only once.
 
     Example:
       >>> BlockSizes(gpu_block_d=64, tpu_chunk=128).gpu_chunk
@@ -59,10 +67,13 @@ class BlockSizes:
     num_stages: int = 1
     tpu_block_d: int = 128
     tpu_chunk: int = 64
+    checkpoint_every: int | None = None
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
             v = getattr(self, field.name)
+            if field.name == "checkpoint_every" and v is None:
+                continue
             if isinstance(v, bool) or not isinstance(v, int | np.integer):
                 raise TypeError(
                     f"BlockSizes.{field.name} must be an int, got {type(v).__name__} {v!r}"
@@ -86,11 +97,103 @@ class BlockSizes:
             raise ValueError(
                 f"BlockSizes.tpu_chunk must be a multiple of {SUBLANES}, got {self.tpu_chunk}"
             )
+        if self.checkpoint_every is not None and self.checkpoint_every <= 0:
+            raise ValueError(
+                f"BlockSizes.checkpoint_every must be None or positive, got {self.checkpoint_every}"
+            )
+
+
+def checkpoint_chunks(blocks: BlockSizes, chunk: int, L: int) -> int:
+    """Chunks of ``chunk`` tokens between saved states (a "segment"), for ``L`` tokens.
+
+    ``blocks.checkpoint_every`` rounded up to whole chunks, or by default ``ceil(sqrt(nc))``
+    of the ``nc = ceil(L / chunk)`` chunks: the forward then saves ``ceil(nc / k) ~ sqrt(nc)``
+    states per (row, channel) and the backward's workspace holds ``k ~ sqrt(nc)`` (instead of
+    the ``nc`` states a save per chunk costs; a divisor of ``nc`` up to ``2·sqrt(nc)`` when
+    there is one, so that no chunk is padded). Always in ``[1, nc]``.
+    """
+    nc = max(1, -(-L // chunk))
+    if blocks.checkpoint_every is not None:
+        return max(1, min(nc, -(-blocks.checkpoint_every // chunk)))
+    root = math.isqrt(nc - 1) + 1  # ceil(sqrt(nc))
+    # Prefer a divisor of nc up to twice the root: the last segment is then not padded.
+    return next((k for k in range(root, 2 * root + 1) if nc % k == 0), root)
+
+
+def segments(blocks: BlockSizes, chunk: int, L: int) -> tuple[int, int]:
+    """``(k, nseg)``: chunks per segment and segments; the kernels pad L to ``nseg·k·chunk``
+    (padded tokens have Δ = 0 and carry the state through)."""
+    k = checkpoint_chunks(blocks, chunk, L)
+    return k, -(-max(1, -(-L // chunk)) // k)
+
+
+def saved_state_bytes(rows: int, dim: int, N: int, L: int, chunk: int, k: int) -> int:
+    """fp32 bytes of the states the forward saves: one ``[rows, dim, N]`` per segment."""
+    segments = -(-max(1, -(-L // chunk)) // k)
+    return rows * segments * dim * N * 4
 
 
 def default_block_sizes() -> BlockSizes:
     """The block sizes used when none are given (the same for every shape; untuned)."""
     return BlockSizes()
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def tpu_chunk(blocks: BlockSizes, L: int) -> int:
+    """Mosaic tokens per grid step: ``tpu_chunk``, or the sequence rounded up to 8 if shorter."""
+    return min(blocks.tpu_chunk, round_up(L, SUBLANES))
+
+
+# --- resource budgets (jaxblocks/kernels/resources.py) ------------------------------------------
+
+
+def working_set(
+    backend: str, rows: int, dim: int, N: int, L: int, block_sizes: BlockSizes | None = None
+) -> tuple[resources.GpuWorkingSet, ...] | tuple[resources.TpuWorkingSet, ...]:
+    """Estimated per-program resources of the forward and backward kernels of ``backend`` for
+    ``rows = batch·G`` rows of ``dim / G`` channels (``dim`` here), state ``N``, ``L`` tokens.
+
+    GPU (Triton): the kernels have no dots; registers hold ``[gpu_block_d, N]`` fp32 tensors
+    (N padded to a power of two): the forward the state, the decay, the input and a product;
+    the backward the chunk's ``T + 1`` recomputed states and ``T`` decays (unrolled), ``g``,
+    ``dA`` and two temporaries. Shared memory: the chunk's row loads, pipelined only when
+    ``num_stages > 1``. TPU (Mosaic): double-buffered blocks padded to (8, 128) fp32 tiles,
+    plus the scratch (the state; the backward's ``g``, ``T + 1`` chunk states and ``k``
+    segment states, and the segment's ``u, Δ, B`` blocks it recomputes them from).
+    """
+    blocks = default_block_sizes() if block_sizes is None else block_sizes
+    f32 = 4
+    if backend == "pallas_gpu":
+        bd, T, Np = blocks.gpu_block_d, blocks.gpu_chunk, next_pow2(N)
+        state = bd * Np * f32
+        loads = T * (3 * bd + 2 * Np) * f32 if blocks.num_stages > 1 else 0  # u, Δ, dy, B, C
+        ws = functools.partial(
+            resources.GpuWorkingSet,
+            num_warps=blocks.num_warps,
+            shared_memory_bytes=blocks.num_stages * loads,
+        )
+        return (
+            ws("selective_scan_fwd_gpu", live_bytes=4 * state),
+            ws("selective_scan_bwd_gpu", live_bytes=(2 * T + 4) * state),
+        )
+    bd, T = blocks.tpu_block_d, tpu_chunk(blocks, L)
+    k = checkpoint_chunks(blocks, T, L)
+    tok = round_up(T, SUBLANES) * bd * f32  # a (T, bd) block
+    bc = round_up(T, SUBLANES) * round_up(N, LANES) * f32  # a (T, N) block
+    state = round_up(N, SUBLANES) * bd * f32  # an (N, bd) block
+    ws = resources.TpuWorkingSet
+    fwd = ws(  # u, Δ, y; B, C; A, last, hs; scratch h
+        "selective_scan_fwd_tpu", block_bytes=3 * tok + 2 * bc + 3 * state, scratch_bytes=state
+    )
+    bwd = ws(  # u, Δ, dy, du, dΔ; B, C, dB, dC; A, hs, dlast, dA; the segment's u, Δ, B
+        "selective_scan_bwd_tpu",
+        block_bytes=5 * tok + 4 * bc + 4 * state + k * (2 * tok + bc),
+        scratch_bytes=(1 + (T + 1) + k) * state,
+    )
+    return fwd, bwd
 
 
 # --- input preparation --------------------------------------------------------------------------
@@ -223,3 +326,19 @@ def cost_estimate(rows, H, N, L, itemsize, backward=False) -> pl.CostEstimate:
         transcendentals=transcendentals(rows, H, N, L, backward),
         bytes_accessed=bytes_accessed(rows, H, N, L, itemsize, backward),
     )
+
+
+def make_entry(scan_core, doc: str):
+    """A backend's `selective_scan` implementation: ``scan_core`` (its kernels and custom VJP)
+    behind the op's signature. ``precision`` is accepted for a uniform API and unused: the
+    kernels are elementwise (no matrix products)."""
+
+    def entry(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *,
+              block_sizes=None, precision=None):  # fmt: skip
+        del precision
+        return selective_scan_with(
+            scan_core, u, delta, A, B, C, D, z, delta_bias, delta_softplus, block_sizes
+        )
+
+    entry.__doc__ = doc
+    return entry

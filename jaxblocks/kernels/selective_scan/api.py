@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from jaxblocks.kernels.dispatch import Implementation, select_implementation
+from jaxblocks.kernels.precision import resolve_precision
 from jaxblocks.kernels.selective_scan import pallas_gpu, pallas_tpu
 from jaxblocks.kernels.selective_scan._common import BlockSizes, default_block_sizes
 from jaxblocks.kernels.selective_scan.reference import selective_scan_reference
@@ -25,9 +26,9 @@ OP = "selective_scan"
 def _ignoring_block_sizes(fn):
     """``fn`` called as the Pallas implementations are, ``block_sizes`` dropped."""
 
-    def run(*args, block_sizes):
+    def run(*args, block_sizes, precision):
         del block_sizes
-        return fn(*args)
+        return fn(*args, precision=precision)
 
     return run
 
@@ -99,6 +100,7 @@ def selective_scan(
     return_last_state: bool = False,
     implementation: str | None = None,
     block_sizes: BlockSizes | None = None,
+    precision: str = "highest",
 ):
     """Mamba's selective scan (arXiv 2312.00752), the S6 layer's core, with Mamba's own API.
 
@@ -120,7 +122,12 @@ def selective_scan(
       implementation: None (automatic), "reference", "xla", "pallas_gpu" or "pallas_tpu".
       block_sizes: tile sizes of the Pallas kernels (`BlockSizes`: ``gpu_*`` fields and the
         Triton launch parameters for ``pallas_gpu``, ``tpu_*`` fields for ``pallas_tpu``);
-        None gives `default_block_sizes`. ``reference`` and ``xla`` ignore it.
+        None gives `default_block_sizes`. ``reference`` and ``xla`` ignore it. Sizes whose
+        estimated registers / VMEM per program (`_common.working_set`) exceed an H100 SM or a
+        TPU v5e core make the kernel unsupported (the reason names the kernel).
+      precision: "highest" (default) or "tf32" (`jaxblocks.kernels.precision`). The Pallas
+        kernels are elementwise (no matrix products: the readout ``C_t h_t`` is a sum over N
+        in fp32), so it changes nothing there; ``xla`` passes it to its readout einsum.
 
     Returns:
       ``out [batch, dim, L]`` in ``u.dtype``, and ``last_state`` if asked. L = 0 gives an empty
@@ -135,6 +142,7 @@ def selective_scan(
     _validate(u, delta, A, B, C, D, z, delta_bias, block_sizes)
     check_bool(OP, "delta_softplus", delta_softplus)
     check_bool(OP, "return_last_state", return_last_state)
+    prec = resolve_precision(OP, precision)
     block_sizes = default_block_sizes() if block_sizes is None else block_sizes
     batch, dim, L = u.shape
     if L == 0:  # no token: an empty output, the initial (zero) state
@@ -142,8 +150,7 @@ def selective_scan(
         last = jnp.zeros((batch, dim, A.shape[1]), jnp.float32)
         return (out, last) if return_last_state else out
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    _, fn = select_implementation(
-        OP, implementation, IMPLEMENTATIONS, *args, block_sizes=block_sizes
-    )
-    out, last = fn(*args, block_sizes=block_sizes)
+    kwargs = dict(block_sizes=block_sizes, precision=prec)
+    _, fn = select_implementation(OP, implementation, IMPLEMENTATIONS, *args, **kwargs)
+    out, last = fn(*args, **kwargs)
     return (out, last) if return_last_state else out

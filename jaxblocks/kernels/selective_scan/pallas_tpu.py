@@ -18,38 +18,17 @@ partial sums (summed outside).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from jaxblocks.kernels import resources
 from jaxblocks.kernels.interpret import tpu_interpret
 from jaxblocks.kernels.selective_scan import _common
-from jaxblocks.kernels.selective_scan._common import LANES, SUBLANES, BlockSizes, cost_estimate
-
-# The kernels set no `vmem_limit_bytes`, so they must fit the default scoped VMEM limit, as we
-# understand it 16 MiB on v4/v5e (newer chips default higher). Not verified: no TPU was available.
-VMEM_BUDGET = 16 * 2**20
-
-
-def _chunk(blocks: BlockSizes, L: int) -> int:
-    """Tokens per grid step: ``tpu_chunk``, or the sequence rounded up to 8 when shorter."""
-    return min(blocks.tpu_chunk, _common.round_up(L, SUBLANES))
-
-
-def vmem_bytes(N: int, chunk: int, block_d: int) -> int:
-    """VMEM of the backward kernel (the larger one), fp32, blocks padded to (8, 128) tiles.
-
-    Double-buffered blocks: ``(chunk, block_d)`` for u, Δ, dy, du, dΔ; ``(chunk, N)`` for B, C,
-    dB, dC; ``(N, block_d)`` for A, hs, dlast, dA; plus the ``g`` and ``chunk + 1`` states
-    scratch. Derived from the block specs, not measured on a TPU.
-    """
-    tok = _common.round_up(chunk, SUBLANES) * block_d
-    bc = _common.round_up(chunk, SUBLANES) * _common.round_up(N, LANES)
-    state = _common.round_up(N, SUBLANES) * block_d
-    blocks = 5 * tok + 4 * bc + 4 * state
-    return 4 * (2 * blocks + state + (chunk + 1) * state)
+from jaxblocks.kernels.selective_scan._common import BlockSizes, cost_estimate
 
 
 def supports(
@@ -64,18 +43,24 @@ def supports(
     delta_softplus=False,
     *,
     block_sizes: BlockSizes | None = None,
+    precision=None,
 ):
-    """None, or why the Mosaic kernels cannot take these inputs (VMEM: the states of a chunk)."""
-    del delta, B, C, D, z, delta_bias, delta_softplus
+    """None, or why the Mosaic kernels cannot take these inputs: a kernel's `working_set`
+    (VMEM per grid step) over a TPU v5e's 16 MiB default scoped limit (the kernels set no
+    ``vmem_limit_bytes``; newer chips default higher)."""
+    del delta, D, z, delta_bias, delta_softplus, precision
     blocks = _common.default_block_sizes() if block_sizes is None else block_sizes
-    N, T, bd = A.shape[1], _chunk(blocks, u.shape[2]), blocks.tpu_block_d
-    need = vmem_bytes(N, T, bd)
-    if need > VMEM_BUDGET:
-        return (
-            f"the backward kernel needs {need / 2**20:.1f} MiB of VMEM at N={N}, "
-            f"tpu_chunk={T}, tpu_block_d={bd}, over the {VMEM_BUDGET // 2**20} MiB budget; "
-            "use a smaller tpu_chunk or tpu_block_d"
-        )
+    G = 1 if B.ndim == 3 else B.shape[1]
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    for ws in _common.working_set("pallas_tpu", batch * G, dim // G, N, L, blocks):
+        reason = ws.check(resources.TPU_V5E)
+        if reason is not None:
+            T, bd = _common.tpu_chunk(blocks, L), blocks.tpu_block_d
+            return (
+                f"{reason} (N={N}, tpu_chunk={T}, tpu_block_d={bd}); use a smaller tpu_chunk, "
+                "tpu_block_d or checkpoint_every"
+            )
     return None
 
 
@@ -88,9 +73,10 @@ def _step(t, u_ref, dt_ref, b_ref, A):
     return a, (dt * u) * b, dt, u, b
 
 
-def _fwd_kernel(u_ref, dt_ref, a_ref, b_ref, c_ref, y_ref, last_ref, hs_ref, h_scr):
+def _fwd_kernel(u_ref, dt_ref, a_ref, b_ref, c_ref, y_ref, last_ref, hs_ref, h_scr, *, k):
     # u_ref, dt_ref, y_ref: (T, bd); a_ref: (N, bd); b_ref, c_ref: (T, N)
-    # last_ref: (N, bd) revisited over chunks; hs_ref: (N, bd) state entering this chunk
+    # last_ref: (N, bd) revisited over chunks; hs_ref: (N, bd) the state entering this chunk's
+    # segment of k chunks (revisited k times, written on the first)
     # h_scr: VMEM (N, bd) fp32, the carry across the sequential chunk axis
     s = pl.program_id(2)
 
@@ -99,7 +85,10 @@ def _fwd_kernel(u_ref, dt_ref, a_ref, b_ref, c_ref, y_ref, last_ref, hs_ref, h_s
         h_scr[...] = jnp.zeros_like(h_scr)
 
     A = a_ref[...]
-    hs_ref[...] = h_scr[...]
+
+    @pl.when(jax.lax.rem(s, k) == 0)
+    def _():  # the backward's checkpoint
+        hs_ref[...] = h_scr[...]
 
     def body(t, h):  # Mamba's recurrence over the chunk's tokens
         a, x, _, _, _ = _step(t, u_ref, dt_ref, b_ref, A)
@@ -125,6 +114,9 @@ def _bwd_kernel(
     hs_ref,
     dy_ref,
     dlast_ref,
+    useg_ref,
+    dtseg_ref,
+    bseg_ref,
     du_ref,
     ddt_ref,
     da_ref,
@@ -132,13 +124,21 @@ def _bwd_kernel(
     dc_ref,
     g_scr,
     st_scr,
+    seg_scr,
+    *,
+    k,
 ):
-    # Blocks of chunk nc-1-s. inputs as in the forward, + hs_ref (N, bd) the entering state,
-    # dy_ref (T, bd), dlast_ref (N, bd). du_ref, ddt_ref: (T, bd); da_ref: (N, bd) accumulated
-    # over chunks; db_ref, dc_ref: (T, N) sums over this tile's channels.
-    # g_scr: VMEM (N, bd) the state cotangent across chunks; st_scr: VMEM (T + 1, N, bd) states.
+    # Blocks of chunk c = nc-1-s. inputs as in the forward, + hs_ref (N, bd) the state entering
+    # c's segment, dy_ref (T, bd), dlast_ref (N, bd), useg/dtseg_ref (k·T, bd) and bseg_ref
+    # (k·T, N) the whole segment. du_ref, ddt_ref: (T, bd); da_ref: (N, bd) accumulated over
+    # chunks; db_ref, dc_ref: (T, N) sums over this tile's channels.
+    # g_scr: VMEM (N, bd) the state cotangent across chunks; st_scr: VMEM (T + 1, N, bd) states;
+    # seg_scr: VMEM (k, N, bd) the states entering the segment's chunks.
     s = pl.program_id(2)
     T = u_ref.shape[0]
+    # c's place in its segment (lax.rem/div: operands are >= 0, and jnp's % and // add sign
+    # fix-ups that Mosaic cannot lower off a TPU)
+    ci = jax.lax.rem(pl.num_programs(2) - 1 - s, k)
 
     @pl.when(s == 0)
     def _():
@@ -146,7 +146,21 @@ def _bwd_kernel(
         da_ref[...] = jnp.zeros_like(da_ref)
 
     A = a_ref[...]
-    st_scr[0] = hs_ref[...]
+
+    @pl.when(ci == k - 1)  # a segment's last chunk comes first in reverse: recompute its states
+    def _():
+        def fill(i, h):  # the state entering chunk i -> seg_scr[i], then run chunk i
+            seg_scr[i] = h
+
+            def step(t, h):
+                a, x, _, _, _ = _step(i * T + t, useg_ref, dtseg_ref, bseg_ref, A)
+                return a * h + x
+
+            return jax.lax.fori_loop(0, T, step, h)
+
+        seg_scr[k - 1] = jax.lax.fori_loop(0, k - 1, fill, hs_ref[...])
+
+    st_scr[0] = seg_scr[ci]
 
     def recompute(t, h):  # the chunk's states h_t -> st_scr[t + 1]
         a, x, _, _, _ = _step(t, u_ref, dt_ref, b_ref, A)
@@ -154,7 +168,7 @@ def _bwd_kernel(
         st_scr[t + 1] = h
         return h
 
-    jax.lax.fori_loop(0, T, recompute, hs_ref[...])
+    jax.lax.fori_loop(0, T, recompute, seg_scr[ci])
 
     def back(i, carry):  # tokens in reverse
         g, dA = carry  # g = dL/dh_t (total): (N, bd)
@@ -185,23 +199,23 @@ def _forward_call(u, dt, A, B, C, blocks):
     bG, Lp, Hp = u.shape
     G, N, _ = A.shape
     bd, T = blocks.tpu_block_d, blocks.tpu_chunk
-    nc = Lp // T
+    nc, k = Lp // T, blocks.checkpoint_every // T  # L padded to whole segments of k chunks
     tok = pl.BlockSpec((None, T, bd), lambda i, j, s: (i, s, j))
     bc = pl.BlockSpec((None, T, N), lambda i, j, s: (i, s, 0))
     f32 = jnp.float32
     return pl.pallas_call(
-        _fwd_kernel,
+        functools.partial(_fwd_kernel, k=k),
         out_shape=(
             jax.ShapeDtypeStruct((bG, Lp, Hp), f32),
             jax.ShapeDtypeStruct((bG, N, Hp), f32),
-            jax.ShapeDtypeStruct((bG, nc, N, Hp), f32),
+            jax.ShapeDtypeStruct((bG, nc // k, N, Hp), f32),
         ),
         grid=(bG, Hp // bd, nc),
         in_specs=[tok, tok, pl.BlockSpec((None, N, bd), lambda i, j, s: (i % G, 0, j)), bc, bc],
         out_specs=(
             tok,
             pl.BlockSpec((None, N, bd), lambda i, j, s: (i, 0, j)),
-            pl.BlockSpec((None, None, N, bd), lambda i, j, s: (i, s, 0, j)),
+            pl.BlockSpec((None, None, N, bd), lambda i, j, s: (i, jax.lax.div(s, k), 0, j)),
         ),
         scratch_shapes=[pltpu.VMEM((N, bd), f32)],
         compiler_params=_params(),
@@ -215,15 +229,19 @@ def _backward_call(u, dt, A, B, C, hs, dy, dlast, blocks):
     bG, Lp, Hp = u.shape
     G, N, _ = A.shape
     bd, T = blocks.tpu_block_d, blocks.tpu_chunk
-    nc, nd = Lp // T, Hp // bd
+    nc, nd, k = Lp // T, Hp // bd, blocks.checkpoint_every // T
     r = lambda s: nc - 1 - s  # chunks in reverse
+    seg = lambda s: jax.lax.div(r(s), k)  # their segments (operands >= 0)
     tok = pl.BlockSpec((None, T, bd), lambda i, j, s: (i, r(s), j))
     bc = pl.BlockSpec((None, T, N), lambda i, j, s: (i, r(s), 0))
+    # The chunk's whole segment (its block index changes every k steps: fetched once per segment)
+    seg_tok = pl.BlockSpec((None, k * T, bd), lambda i, j, s: (i, seg(s), j))
+    seg_bc = pl.BlockSpec((None, k * T, N), lambda i, j, s: (i, seg(s), 0))
     state = pl.BlockSpec((None, N, bd), lambda i, j, s: (i, 0, j))
     part = pl.BlockSpec((None, None, T, N), lambda i, j, s: (j, i, r(s), 0))
     f32 = jnp.float32
     return pl.pallas_call(
-        _bwd_kernel,
+        functools.partial(_bwd_kernel, k=k),
         out_shape=(
             jax.ShapeDtypeStruct((bG, Lp, Hp), f32),
             jax.ShapeDtypeStruct((bG, Lp, Hp), f32),
@@ -238,17 +256,24 @@ def _backward_call(u, dt, A, B, C, hs, dy, dlast, blocks):
             pl.BlockSpec((None, N, bd), lambda i, j, s: (i % G, 0, j)),
             bc,
             bc,
-            pl.BlockSpec((None, None, N, bd), lambda i, j, s: (i, r(s), 0, j)),
+            pl.BlockSpec((None, None, N, bd), lambda i, j, s: (i, seg(s), 0, j)),
             tok,
             state,
+            seg_tok,
+            seg_tok,
+            seg_bc,
         ],
         out_specs=(tok, tok, state, part, part),
-        scratch_shapes=[pltpu.VMEM((N, bd), f32), pltpu.VMEM((T + 1, N, bd), f32)],
+        scratch_shapes=[
+            pltpu.VMEM((N, bd), f32),
+            pltpu.VMEM((T + 1, N, bd), f32),
+            pltpu.VMEM((k, N, bd), f32),
+        ],
         compiler_params=_params(),
         cost_estimate=cost_estimate(bG, Hp, N, Lp, 4, backward=True),
         interpret=tpu_interpret(),
         name="selective_scan_bwd_tpu",
-    )(u, dt, A, B, C, hs, dy, dlast)
+    )(u, dt, A, B, C, hs, dy, dlast, u, dt, B)
 
 
 _scan = _common.make_scan(_forward_call, _backward_call)
@@ -259,9 +284,10 @@ def scan_core(u, dt, A, B, C, blocks: BlockSizes):
     f32 = jnp.float32
     bG, H, L = u.shape
     bd = blocks.tpu_block_d
-    T = _chunk(blocks, L)  # short sequences: one small chunk
-    blocks = dataclasses.replace(blocks, tpu_chunk=T)
-    Hp, Lp = _common.round_up(H, bd), _common.round_up(L, T)
+    T = _common.tpu_chunk(blocks, L)  # short sequences: one small chunk
+    k, nseg = _common.segments(blocks, T, L)
+    blocks = dataclasses.replace(blocks, tpu_chunk=T, checkpoint_every=k * T)
+    Hp, Lp = _common.round_up(H, bd), nseg * k * T
     ph, pt = Hp - H, Lp - L
     y, last = _scan(
         _common.token_major(u.astype(f32), ph, pt),  # [bG, Lp, Hp]
@@ -274,24 +300,12 @@ def scan_core(u, dt, A, B, C, blocks: BlockSizes):
     return jnp.swapaxes(y[:, :L, :H], 1, 2), jnp.swapaxes(last, 1, 2)[:, :H]
 
 
-def selective_scan_pallas_tpu(
-    u,
-    delta,
-    A,
-    B,
-    C,
-    D=None,
-    z=None,
-    delta_bias=None,
-    delta_softplus=False,
-    *,
-    block_sizes: BlockSizes | None = None,
-):
+selective_scan_pallas_tpu = _common.make_entry(
+    scan_core,
     """`selective_scan` with the Mosaic kernels; returns ``(out, last_state)``.
 
-    ``block_sizes`` (default `_common.default_block_sizes`) is read for ``tpu_block_d`` and
-    ``tpu_chunk``.
-    """
-    return _common.selective_scan_with(
-        scan_core, u, delta, A, B, C, D, z, delta_bias, delta_softplus, block_sizes
-    )
+    ``block_sizes`` (default `_common.default_block_sizes`) is read for ``tpu_block_d``,
+    ``tpu_chunk`` and ``checkpoint_every``. ``precision`` is accepted for a uniform API and
+    unused: the kernels are elementwise (no matrix products).
+    """,
+)

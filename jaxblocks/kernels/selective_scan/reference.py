@@ -27,9 +27,14 @@ def _per_channel(X, dim):
 
 
 def selective_scan_reference(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *, precision=None
 ):
-    """`selective_scan` as a `lax.scan` over tokens in fp32; returns ``(out, last_state)``."""
+    """`selective_scan` as a `lax.scan` over tokens in fp32; returns ``(out, last_state)``.
+
+    ``precision`` is accepted for a uniform API and unused: the readout is an elementwise
+    product and a sum in fp32, not a matrix product.
+    """
+    del precision
     f32 = jnp.float32
     batch, dim, L = u.shape
     u32, dt = u.astype(f32), delta.astype(f32)

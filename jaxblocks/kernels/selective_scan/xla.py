@@ -26,7 +26,7 @@ def _combine(left, right):
     return a1 * a2, a2 * x1 + x2
 
 
-def scan_core(u, dt, A, B, C, chunk: int = CHUNK):
+def scan_core(u, dt, A, B, C, chunk: int = CHUNK, precision=jax.lax.Precision.HIGHEST):
     """Chunked scan of the flattened problem: ``y [b', H, L]`` fp32 and ``h_L [b', H, N]`` fp32.
 
     ``u, dt: [b', H, L]``, ``A: [G, H, N]`` (row ``i`` of ``b' = b·G`` uses ``A[i % G]``),
@@ -52,7 +52,7 @@ def scan_core(u, dt, A, B, C, chunk: int = CHUNK):
         x = (dt_c * u_c)[..., None] * jnp.swapaxes(B_c, -1, -2)[:, :, None]  # [b, G, H, T, N]
         x = x.at[:, :, :, 0].add(a[:, :, :, 0] * h)  # fold the entering state into step 0
         _, hs = jax.lax.associative_scan(_combine, (a, x), axis=3)  # h_t for t in the chunk
-        y = jnp.einsum("bghtn,bgnt->bght", hs, C_c, precision=jax.lax.Precision.HIGHEST)
+        y = jnp.einsum("bghtn,bgnt->bght", hs, C_c, precision=precision)  # y_t = C_t h_t
         return hs[:, :, :, -1], y
 
     h0 = jnp.zeros((b, G, H, N), f32)
@@ -62,9 +62,23 @@ def scan_core(u, dt, A, B, C, chunk: int = CHUNK):
 
 
 def selective_scan_xla(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *, chunk=CHUNK
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    *,
+    chunk=CHUNK,
+    precision=jax.lax.Precision.HIGHEST,
 ):
-    """`selective_scan` with the chunked XLA scan; returns ``(out, last_state)``."""
+    """`selective_scan` with the chunked XLA scan; returns ``(out, last_state)``.
+
+    ``precision`` goes to its one product, the readout ``y_t = C_t h_t`` (an einsum over N).
+    """
     uf, dt, Af, Bf, Cf = prepare(u, delta, A, B, C, delta_bias, delta_softplus)
-    y, last = scan_core(uf, dt, Af, Bf, Cf, chunk)
+    y, last = scan_core(uf, dt, Af, Bf, Cf, chunk, jax.lax.Precision(precision))
     return finish(y, last, u, D, z)
