@@ -62,6 +62,9 @@ from jaxblocks.layers.recurrent import LayerNormGRU as LayerNormGRU
 from jaxblocks.layers.recurrent import LayerNormLSTM as LayerNormLSTM
 from jaxblocks.layers.recurrent import flax_gru_params as flax_gru_params
 from jaxblocks.layers.recurrent import flax_lstm_params as flax_lstm_params
+from jaxblocks.layers.reversible import plain_sequence as plain_sequence
+from jaxblocks.layers.reversible import reversible_inverse as reversible_inverse
+from jaxblocks.layers.reversible import reversible_sequence as reversible_sequence
 from jaxblocks.layers.ring_attention import dense_attention as dense_attention
 from jaxblocks.layers.ring_attention import ring_attention as ring_attention
 from jaxblocks.layers.squeeze_excite import SqueezeExcite as SqueezeExcite
@@ -70,6 +73,11 @@ from jaxblocks.layers.ssm import SS2D as SS2D
 from jaxblocks.layers.ssm import cross_merge as cross_merge
 from jaxblocks.layers.ssm import cross_scan as cross_scan
 from jaxblocks.layers.ssm import ss2d_scan as ss2d_scan
+from jaxblocks.layers.transformer import KVCache as KVCache
+from jaxblocks.layers.transformer import SelfAttention as SelfAttention
+from jaxblocks.layers.transformer import TransformerBlock as TransformerBlock
+from jaxblocks.layers.transformer import apply_rope as apply_rope
+from jaxblocks.layers.transformer import init_kv_cache as init_kv_cache
 from jaxblocks.layers.unmix_tns import UNMIX_TNS_COLLECTION as UNMIX_TNS_COLLECTION
 from jaxblocks.layers.unmix_tns import unmix_tns as unmix_tns
 from jaxblocks.layers.unmix_tns import unmix_tns_apply as unmix_tns_apply

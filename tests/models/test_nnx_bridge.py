@@ -108,6 +108,8 @@ LAYERS = {  # layer -> (module, input, call kwargs)
     "SS2D": (L.SS2D(), X4, {}),
     "PixelShuffle": (L.PixelShuffle(2), X4, {}),
     "OneWayConv": (L.OneWayConv(8, 3, rank=2), X4, {}),
+    "SelfAttention": (L.SelfAttention(num_heads=2, head_dim=8), X3, {}),
+    "TransformerBlock": (L.TransformerBlock(num_heads=2, head_dim=8), X3, {}),
 }
 
 
