@@ -10,7 +10,8 @@ Sources (all local, nothing is downloaded; `DATASETS` by ``config.data.name``, e
 `register_dataset`): ``synthetic`` (Gaussian images labelled by a fixed random linear teacher),
 ``digits`` (scikit-learn's digits via `jaxblocks.data.digits`), ``moving_digits`` (token
 videos of a moving digit, `jaxblocks.data.moving_digits`), ``order_flow`` (order-flow images
-of a simulated market, `jaxblocks.data.order_flow`), ``reber`` (generated
+of a simulated market, `jaxblocks.data.order_flow`), ``ellipsoids3d`` (labelled ellipsoids
+in noisy volumes, `jaxblocks.data.ellipsoids`), ``reber`` (generated
 embedded-Reber strings, `jaxblocks.data.reber`), ``stdlib_text`` (bytes of the
 Python standard library's own ``.py`` files, for character LMs) and ``sr_sample_images``
 (super-resolution crops of scikit-learn's sample photographs, `jaxblocks.data.sr_images`).
@@ -230,6 +231,19 @@ def _order_flow(cfg: ml_collections.ConfigDict) -> Splits:
     x = pack_features(tr["images"], tr["features"])
     xt = pack_features(te["images"], te["features"])
     return x, tr["target"], xt, te["target"], 0
+
+
+@register_dataset("ellipsoids3d")
+def _ellipsoids3d(cfg: ml_collections.ConfigDict) -> Splits:
+    """Labelled ellipsoids in noisy ``data.image_size``³ volumes (`jaxblocks.data.ellipsoids`),
+    ``len(data.classes)`` classes counting the background; test volumes from another seed."""
+    from jaxblocks.data.ellipsoids import ellipsoid_volumes
+
+    d = cfg.data
+    k = len(d.classes)
+    x, y = ellipsoid_volumes(d.num_examples, d.image_size, k, seed=cfg.seed)
+    xt, yt = ellipsoid_volumes(max(d.num_examples // 4, 1), d.image_size, k, seed=cfg.seed + 1)
+    return x, y, xt, yt, k
 
 
 @register_dataset("reber")

@@ -122,3 +122,26 @@ def _volatility(log_forecast: jax.Array, target: jax.Array) -> dict[str, jax.Arr
 
 # Realized-volatility forecasting (order-flow images): squared percentage error, MSPE reported.
 register_task(Task("volatility", _volatility, "mspe", higher_is_better=False))
+
+
+def _segmentation(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+    """Per-example voxel cross-entropy (the loss), mean foreground Dice of the argmax labels
+    (a class absent from both prediction and target counts as 1) and voxel accuracy; logits
+    ``[B, *spatial, K]``, labels ``[B, *spatial]``."""
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"segmentation: logits {logits.shape} do not match labels {labels.shape} "
+            "(expected [B, *spatial, K] and [B, *spatial])"
+        )
+    b, k = logits.shape[0], logits.shape[-1]
+    ce, correct = cross_entropy(logits, labels)
+    pred = jax.nn.one_hot(jnp.argmax(logits, -1).reshape(b, -1), k)[..., 1:]  # [B, N, K-1]
+    true = jax.nn.one_hot(labels.reshape(b, -1), k)[..., 1:]
+    inter, total = jnp.sum(pred * true, axis=1), jnp.sum(pred + true, axis=1)  # [B, K-1]
+    dice = jnp.where(total > 0, 2 * inter / jnp.maximum(total, 1.0), 1.0)
+    return {"loss": ce.reshape(b, -1).mean(1), "dice": dice.mean(1),
+            "voxel_accuracy": correct.reshape(b, -1).mean(1)}  # fmt: skip
+
+
+# Volumetric (or 2-D) semantic segmentation: voxel cross-entropy, mean foreground Dice reported.
+register_task(Task("segmentation", _segmentation, "dice"))
