@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from jaxblocks.kernels.dispatch import Implementation, select_implementation
+from jaxblocks.kernels.precision import resolve_precision
 from jaxblocks.kernels.rnn import pallas_gpu, pallas_tpu
 from jaxblocks.kernels.rnn._common import BlockSizes as BlockSizes
 from jaxblocks.kernels.rnn.cells import CELLS as CELLS
@@ -25,15 +26,16 @@ from jaxblocks.kernels.validation import check_array, check_choice
 OP = "flashrnn"
 
 
-def _reference(Wx, R, b, states, function, block_sizes=None):
-    return flashrnn_reference(Wx, R, b, states, function)  # no blocks: block_sizes is ignored
+def _reference(Wx, R, b, states, function, block_sizes, precision):
+    return flashrnn_reference(Wx, R, b, states, function, precision)  # no blocks to size
 
 
-def _xla(Wx, R, b, states, function, block_sizes=None):
-    return flashrnn_xla(Wx, R, b, states, function)  # no blocks: block_sizes is ignored
+def _xla(Wx, R, b, states, function, block_sizes, precision):
+    return flashrnn_xla(Wx, R, b, states, function, precision)  # no blocks to size
 
 
-# Every entry takes (Wx, R, b, states, function, block_sizes); `supports` the same arguments.
+# Every entry takes (Wx, R, b, states, function, block_sizes, precision) with precision a
+# `jax.lax.Precision`; `supports` the same arguments.
 IMPLEMENTATIONS: dict[str, Implementation] = {
     "reference": Implementation(_reference),
     "xla": Implementation(_xla),
@@ -80,6 +82,7 @@ def flashrnn(
     function: str = "lstm",
     implementation: str | None = None,
     block_sizes: BlockSizes | None = None,
+    precision: str = "highest",
 ) -> tuple[Float[Array, "S B T N D"], Float[Array, "S B N D"]]:
     """FlashRNN's head-wise recurrence (arXiv 2412.07752): `R` is block-diagonal over N heads.
 
@@ -98,6 +101,11 @@ def flashrnn(
       implementation: None (automatic), "reference", "xla", "pallas_gpu" or "pallas_tpu".
       block_sizes: tile sizes of the Pallas kernels (`BlockSizes`); None takes each backend's
         defaults. The reference and xla implementations have no blocks and ignore it.
+      precision: how the recurrent products (``h R`` forward; ``h R``, ``hᵀ dRy``, ``dRy Rᵀ``
+        backward) multiply fp32 operands in every implementation: "highest" (default; IEEE fp32
+        on GPU, multi-pass bf16 on TPU) or "tf32" (TF32 tensor cores on GPU, one bf16 pass on
+        TPU, ~1e-3 relative error per product). bf16 ``R`` is multiplied exactly either way.
+        See `jaxblocks.kernels.precision` and the op's README.
 
     Returns:
       ``(states_all [S, B, T, N, D], last_states [S, B, N, D])`` in ``Wx.dtype``: the states after
@@ -116,6 +124,7 @@ def flashrnn(
       (2, 2, 5, 3, 16)
     """
     _validate(OP, Wx, R, b, states, function)
+    lax_precision = resolve_precision(OP, precision)
     if implementation is not None and not isinstance(implementation, str):
         raise TypeError(
             f"{OP}: implementation must be None or a str, "
@@ -132,10 +141,9 @@ def flashrnn(
         states = jnp.zeros((cell.S, B, N, D), Wx.dtype)
     if T == 0:  # an empty sequence: no step, the initial states come back
         return jnp.zeros((cell.S, B, 0, N, D), Wx.dtype), states.astype(Wx.dtype)
-    _, fn = select_implementation(
-        OP, implementation, IMPLEMENTATIONS, Wx, R, b, states, function, block_sizes
-    )
-    return fn(Wx, R, b, states, function, block_sizes)
+    args = (Wx, R, b, states, function, block_sizes, lax_precision)
+    _, fn = select_implementation(OP, implementation, IMPLEMENTATIONS, *args)
+    return fn(*args)
 
 
 def flashrnn_step(
@@ -145,11 +153,13 @@ def flashrnn_step(
     states: Float[Array, "S B N D"],
     *,
     function: str = "lstm",
+    precision: str = "highest",
 ) -> Float[Array, "S B N D"]:
     """One step of `flashrnn` for decoding: the new states ``[S, B, N, D]`` in ``Wx.dtype``.
 
-    ``flashrnn_step(Wx[:, t], R, b, s)`` equals ``flashrnn(Wx[:, t:t+1], R, b, s)[1]``.
+    ``flashrnn_step(Wx[:, t], R, b, s)`` equals ``flashrnn(Wx[:, t:t+1], R, b, s)[1]``; it runs
+    the xla form (one einsum for ``h R`` at ``precision``, as in `flashrnn`).
     """
     op = "flashrnn_step"
     _validate(op, Wx, R, b, states, function, step=True)
-    return _step(Wx, R, b, states, function)
+    return _step(Wx, R, b, states, function, resolve_precision(op, precision))

@@ -11,6 +11,12 @@ Triton needs power-of-two tiles and ``tl.dot`` needs each side ≥ 16, so the wr
 dim to a power of two ≥ 16 and the batch to a multiple of ``block_b`` with zeros. Zero rows of R
 keep padded lanes from reaching real ones; padded outputs are sliced off. Time needs no padding:
 the kernel only ever loads one ``(block_b, D)`` tile of a step.
+
+Every product (forward ``h R``, backward ``hᵀ dRy`` and ``dRy Rᵀ``) takes the op's ``precision``
+for fp32 operands: HIGHEST lowers to ``tt.dot`` with ``inputPrecision = ieee`` (fp32 FMAs),
+DEFAULT ("tf32") to TF32 tensor cores. bf16 operands are multiplied exactly either way.
+Registers bound the head dim (`_common.working_set`): ``supports`` rejects a launch whose R
+(plus dR in the backward) and state tiles exceed 255 registers per thread.
 """
 
 from __future__ import annotations
@@ -25,54 +31,41 @@ from jax.experimental.pallas import triton as pltriton
 from jaxblocks.kernels.interpret import gpu_interpret
 from jaxblocks.kernels.rnn._common import (
     CELLS,
+    MIN_TILE,
     BlockSizes,
+    check_working_set,
     cost_estimate,
     default_block_sizes,
+    dot_precision,
     finish,
     make_flashrnn,
     matmul_dtype,
+    padded_head_dim,
     pointwise,
     pointwise_bwd,
     round_up,
     states_dtype,
 )
 
-MIN_TILE = 16  # tl.dot needs every matmul side >= 16
-# R of one head (Gr·D² elements) stays in registers for the whole sequence: 32 KiB in bf16 at
-# D = 64; beyond that it spills (FlashRNN's fused Triton kernel stops at D = 64 too).
-MAX_HEAD_DIM = 64
+_NN = ((1,), (0,))  # a @ b
+_TN = ((0,), (0,))  # aᵀ @ b (Triton transposes a in registers)
+_NT = ((1,), (1,))  # a @ bᵀ
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
-def _padded_head_dim(D: int) -> int:
-    return max(MIN_TILE, _next_pow2(D))
-
-
-def _dot(a, b, dot_dtype):
-    """(M, K) @ (K, N) in ``dot_dtype`` with fp32 accumulation."""
-    return jnp.dot(a.astype(dot_dtype), b.astype(dot_dtype), preferred_element_type=jnp.float32)
-
-
-def _dot_tn(a, b, dot_dtype):
-    """aᵀ @ b for a: (K, M), b: (K, N) -> (M, N) fp32 (Triton transposes a in registers)."""
-    dims = (((0,), (0,)), ((), ()))
+def _mm(a, b, dims, dot_dtype, precision):
+    """One product in ``dot_dtype`` with fp32 accumulation, at the op's ``precision`` (fp32)."""
     return jax.lax.dot_general(
-        a.astype(dot_dtype), b.astype(dot_dtype), dims, preferred_element_type=jnp.float32
+        a.astype(dot_dtype),
+        b.astype(dot_dtype),
+        (dims, ((), ())),
+        precision=dot_precision(dot_dtype, precision),
+        preferred_element_type=jnp.float32,
     )
 
 
-def _dot_nt(a, b, dot_dtype):
-    """a @ bᵀ for a: (M, K), b: (N, K) -> (M, N) fp32."""
-    dims = (((1,), (1,)), ((), ()))
-    return jax.lax.dot_general(
-        a.astype(dot_dtype), b.astype(dot_dtype), dims, preferred_element_type=jnp.float32
-    )
-
-
-def _flashrnn_fwd_kernel(wx_ref, r_ref, b_ref, s0_ref, out_ref, *, function, T, dot_dtype):
+def _flashrnn_fwd_kernel(
+    wx_ref, r_ref, b_ref, s0_ref, out_ref, *, function, T, dot_dtype, precision
+):
     # wx_ref: (bB, T, G, D), r_ref: (Gr, D, D), b_ref: (Gb, D), s0_ref: (S, bB, D)
     # out_ref: (S, bB, T, D)
     cell = CELLS[function]
@@ -82,7 +75,7 @@ def _flashrnn_fwd_kernel(wx_ref, r_ref, b_ref, s0_ref, out_ref, *, function, T, 
     s0 = tuple(s0_ref[k].astype(f32) for k in range(cell.S))  # (bB, D)
 
     def step(t, s):  # FlashRNN forward: Ry = h R (one dot per gate), then the pointwise cell
-        ry = [_dot(s[0], r[g], dot_dtype) for g in range(cell.Gr)]  # (bB, D) @ (D, D)
+        ry = [_mm(s[0], r[g], _NN, dot_dtype, precision) for g in range(cell.Gr)]  # (bB,D)@(D,D)
         wx = [wx_ref[:, t, g, :].astype(f32) for g in range(cell.G)]  # (bB, D)
         new = pointwise(function, wx, ry, bias, s)
         for k in range(cell.S):
@@ -106,6 +99,7 @@ def _flashrnn_bwd_kernel(
     function,
     T,
     dot_dtype,
+    precision,
 ):
     # wx_ref/dwx_ref: (bB, T, G, D); r_ref: (Gr, D, D); b_ref: (Gb, D)
     # sprev_ref: (S, bB, T, D) states before each step; dall_ref: (S, bB, T, D) cotangents
@@ -124,16 +118,16 @@ def _flashrnn_bwd_kernel(
         t = T - 1 - i
         sp = tuple(sprev_ref[k, :, t, :].astype(f32) for k in range(cell.S))  # s_{t-1}
         delta = tuple(delta[k] + dall_ref[k, :, t, :].astype(f32) for k in range(cell.S))
-        ry = [_dot(sp[0], r[g], dot_dtype) for g in range(cell.Gr)]  # recompute (bB, D)
+        ry = [_mm(sp[0], r[g], _NN, dot_dtype, precision) for g in range(cell.Gr)]  # recompute
         wx = [wx_ref[:, t, g, :].astype(f32) for g in range(cell.G)]
         d_wx, d_ry, d_b, d_sp = pointwise_bwd(function, wx, ry, bias, sp, delta)
         for g in range(cell.G):
             dwx_ref[:, t, g, :] = d_wx[g].astype(dwx_ref.dtype)
         # dR[g] += hᵀ dRy[g]: (D, bB) @ (bB, D);  dh += dRy[g] R[g]ᵀ: (bB, D) @ (D, D)
-        dr = tuple(dr[g] + _dot_tn(sp[0], d_ry[g], dot_dtype) for g in range(cell.Gr))
+        dr = tuple(dr[g] + _mm(sp[0], d_ry[g], _TN, dot_dtype, precision) for g in range(cell.Gr))
         dh = d_sp[0]
         for g in range(cell.Gr):
-            dh = dh + _dot_nt(d_ry[g], r[g], dot_dtype)
+            dh = dh + _mm(d_ry[g], r[g], _NT, dot_dtype, precision)
         db = tuple(db[g] + d_b[g] for g in range(cell.Gb))
         return (dh,) + tuple(d_sp[1:]), dr, db
 
@@ -146,12 +140,12 @@ def _flashrnn_bwd_kernel(
         ds0_ref[k] = delta[k].astype(ds0_ref.dtype)
 
 
-def _forward_call(wx, R, b, s0, function, blocks):
+def _forward_call(wx, R, b, s0, function, blocks, precision):
     cell = CELLS[function]
     B, T, G, N, D = wx.shape
     bB = blocks.block_b
     kernel = functools.partial(
-        _flashrnn_fwd_kernel, function=function, T=T, dot_dtype=matmul_dtype(R)
+        _flashrnn_fwd_kernel, function=function, T=T, dot_dtype=matmul_dtype(R), precision=precision
     )
     return pl.pallas_call(
         kernel,
@@ -173,13 +167,13 @@ def _forward_call(wx, R, b, s0, function, blocks):
     )(wx, R, b, s0)
 
 
-def _backward_call(wx, R, b, s_prev, d_all, function, blocks):
+def _backward_call(wx, R, b, s_prev, d_all, function, blocks, precision):
     cell = CELLS[function]
     B, T, G, N, D = wx.shape
     bB = blocks.block_b
     nb = B // bB
     kernel = functools.partial(
-        _flashrnn_bwd_kernel, function=function, T=T, dot_dtype=matmul_dtype(R)
+        _flashrnn_bwd_kernel, function=function, T=T, dot_dtype=matmul_dtype(R), precision=precision
     )
     f32 = jnp.float32
     return pl.pallas_call(
@@ -205,7 +199,7 @@ def _backward_call(wx, R, b, s_prev, d_all, function, blocks):
             pl.BlockSpec((cell.S, bB, None, D), lambda n, i: (0, i, n, 0)),
         ),
         compiler_params=pltriton.CompilerParams(
-            num_warps=blocks.num_warps, num_stages=blocks.num_stages
+            num_warps=blocks.num_warps_bwd, num_stages=blocks.num_stages
         ),
         cost_estimate=cost_estimate(function, B, T, N, D, wx.dtype.itemsize, backward=True),
         interpret=gpu_interpret(),
@@ -217,30 +211,40 @@ def _backward_call(wx, R, b, s_prev, d_all, function, blocks):
 _flashrnn_padded = make_flashrnn(_forward_call, _backward_call, time_axis=2, tile_axis=0)
 
 
-def supports(Wx, R, b, states, function: str, block_sizes: BlockSizes | None = None):
-    """None when the Triton kernels can take these inputs, else why not."""
+def supports(
+    Wx,
+    R,
+    b,
+    states,
+    function: str,
+    block_sizes: BlockSizes | None = None,
+    precision: jax.lax.Precision = jax.lax.Precision.HIGHEST,
+):
+    """None when the Triton kernels can take these inputs and fit an H100 SM, else why not."""
     blocks = default_block_sizes("pallas_gpu", block_sizes)
     if blocks.block_b < MIN_TILE:
         return f"block_b={blocks.block_b} < {MIN_TILE} (tl.dot needs >= 16 batch rows)"
-    D = Wx.shape[-1]
-    if _padded_head_dim(D) > MAX_HEAD_DIM:
-        return (
-            f"head dim D={D} > {MAX_HEAD_DIM}: the kernel keeps R (Gr·D² per head) in registers "
-            f"for the whole sequence"
-        )
-    return None
+    return check_working_set("pallas_gpu", Wx, R, function, blocks)
 
 
-def flashrnn_pallas_gpu(Wx, R, b, states, function: str, blocks: BlockSizes | None = None):
+def flashrnn_pallas_gpu(
+    Wx,
+    R,
+    b,
+    states,
+    function: str,
+    blocks: BlockSizes | None = None,
+    precision: jax.lax.Precision = jax.lax.Precision.HIGHEST,
+):
     """`flashrnn` with the Triton kernels; pads B and D, runs, slices back."""
     blocks = default_block_sizes("pallas_gpu", blocks)
     B, T, G, N, D = Wx.shape
-    Dp = _padded_head_dim(D)
+    Dp = padded_head_dim(D)
     Bp = round_up(B, blocks.block_b)
     pd, pb = Dp - D, Bp - B
     wx = jnp.pad(Wx, ((0, pb), (0, 0), (0, 0), (0, 0), (0, pd)))
     r = jnp.pad(R, ((0, 0), (0, 0), (0, pd), (0, pd)))
     bb = jnp.pad(b, ((0, 0), (0, 0), (0, pd)))
     s0 = jnp.pad(states, ((0, 0), (0, pb), (0, 0), (0, pd)))
-    states_all = _flashrnn_padded(wx, r, bb, s0, function, blocks)
+    states_all = _flashrnn_padded(wx, r, bb, s0, function, blocks, precision)
     return finish(states_all[:, :B, :, :, :D], Wx.dtype)

@@ -16,6 +16,11 @@ visits the time blocks in reverse and carries the state cotangents, ``dR`` and `
 scratch, writing ``dR``/``db`` (per batch tile, summed outside) and ``d states0`` at the end.
 The wrapper pads T to a multiple of ``block_t`` (at the end: padded steps never influence real
 ones, and get zero cotangents) and B to a multiple of ``block_b`` when B > ``block_b``.
+
+Every product (forward ``h R``, backward ``hᵀ dRy`` and ``dRy Rᵀ``) takes the op's ``precision``
+for fp32 operands: HIGHEST is Mosaic's multi-pass bf16 (fp32-accurate), DEFAULT ("tf32") one bf16
+pass. ``supports`` rejects blocks whose VMEM (`_common.working_set`) exceeds 16 MiB, Mosaic's
+default scoped-VMEM limit on v4/v5e (the kernels do not raise it).
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ from jaxblocks.kernels.interpret import tpu_interpret
 from jaxblocks.kernels.rnn._common import (
     CELLS,
     BlockSizes,
+    check_working_set,
     cost_estimate,
     default_block_sizes,
+    dot_precision,
     finish,
     make_flashrnn,
     matmul_dtype,
@@ -40,20 +47,17 @@ from jaxblocks.kernels.rnn._common import (
     pointwise_bwd,
     round_up,
     states_dtype,
+    tpu_tiling,
 )
 
-SUBLANES, LANES = 8, 128
-# Mosaic's default scoped-VMEM limit on v4/v5e (32 MiB on v6e): the kernels do not raise it.
-VMEM_BUDGET = 16 * 2**20
 
-
-def _mm(a, b, dims, dot_dtype):
-    precision = jax.lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None
+def _mm(a, b, dims, dot_dtype, precision):
+    """One product in ``dot_dtype`` with fp32 accumulation, at the op's ``precision`` (fp32)."""
     return jax.lax.dot_general(
         a.astype(dot_dtype),
         b.astype(dot_dtype),
         (dims, ((), ())),
-        precision=precision,
+        precision=dot_precision(dot_dtype, precision),
         preferred_element_type=jnp.float32,
     )
 
@@ -64,7 +68,7 @@ _NT = ((1,), (1,))  # a @ bᵀ
 
 
 def _flashrnn_fwd_kernel(
-    wx_ref, r_ref, b_ref, s0_ref, out_ref, s_scr, *, function, block_t, dot_dtype
+    wx_ref, r_ref, b_ref, s0_ref, out_ref, s_scr, *, function, block_t, dot_dtype, precision
 ):
     # wx_ref: (bT, G, bB, D), r_ref: (Gr, D, D), b_ref: (Gb, 1, D), s0_ref: (S, bB, D)
     # out_ref: (bT, S, bB, D), s_scr: (S, bB, D) fp32, carried across the time grid axis
@@ -78,7 +82,9 @@ def _flashrnn_fwd_kernel(
     bias = [b_ref[g].astype(f32) for g in range(cell.Gb)]  # (1, D)
 
     def step(t, s):  # FlashRNN forward: Ry = h R per gate, then the pointwise cell
-        ry = [_mm(s[0], r_ref[g], _NN, dot_dtype) for g in range(cell.Gr)]  # (bB,D)@(D,D)
+        ry = [
+            _mm(s[0], r_ref[g], _NN, dot_dtype, precision) for g in range(cell.Gr)
+        ]  # (bB,D)@(D,D)
         wx = [wx_ref[t, g].astype(f32) for g in range(cell.G)]  # (bB, D)
         new = pointwise(function, wx, ry, bias, s)
         for k in range(cell.S):
@@ -107,6 +113,7 @@ def _flashrnn_bwd_kernel(
     function,
     block_t,
     dot_dtype,
+    precision,
 ):
     # wx_ref/dwx_ref: (bT, G, bB, D); sprev_ref/dall_ref: (bT, S, bB, D); r_ref/dr_ref: (Gr, D, D)
     # b_ref/db_ref: (Gb, 1, D); ds0_ref: (S, bB, D); scratch: delta (S, bB, D), dR, db (fp32)
@@ -126,15 +133,15 @@ def _flashrnn_bwd_kernel(
         t = block_t - 1 - i
         sp = tuple(sprev_ref[t, k].astype(f32) for k in range(cell.S))  # s_{t-1}: (bB, D)
         delta = tuple(delta[k] + dall_ref[t, k].astype(f32) for k in range(cell.S))
-        ry = [_mm(sp[0], r_ref[g], _NN, dot_dtype) for g in range(cell.Gr)]  # recompute
+        ry = [_mm(sp[0], r_ref[g], _NN, dot_dtype, precision) for g in range(cell.Gr)]  # recompute
         wx = [wx_ref[t, g].astype(f32) for g in range(cell.G)]
         d_wx, d_ry, d_b, d_sp = pointwise_bwd(function, wx, ry, bias, sp, delta)
         for g in range(cell.G):
             dwx_ref[t, g] = d_wx[g].astype(dwx_ref.dtype)
         dh = d_sp[0]
         for g in range(cell.Gr):
-            dr_scr[g] += _mm(sp[0], d_ry[g], _TN, dot_dtype)  # hᵀ dRy: (D, bB) @ (bB, D)
-            dh = dh + _mm(d_ry[g], r_ref[g], _NT, dot_dtype)  # dRy Rᵀ: (bB, D) @ (D, D)
+            dr_scr[g] += _mm(sp[0], d_ry[g], _TN, dot_dtype, precision)  # hᵀ dRy: (D,bB)@(bB,D)
+            dh = dh + _mm(d_ry[g], r_ref[g], _NT, dot_dtype, precision)  # dRy Rᵀ: (bB,D)@(D,D)
         for g in range(cell.Gb):
             db_scr[g] += jnp.sum(d_b[g], axis=0, keepdims=True)  # (1, D)
         return (dh,) + tuple(d_sp[1:])
@@ -150,13 +157,17 @@ def _flashrnn_bwd_kernel(
         ds0_ref[...] = delta_scr[...].astype(ds0_ref.dtype)
 
 
-def _forward_call(wx, R, b, s0, function, tiling):
+def _forward_call(wx, R, b, s0, function, tiling, precision):
     # wx [N, T, G, B, D], R [N, Gr, D, D], b [N, Gb, 1, D], s0 [N, S, B, D]
     bT, bB = tiling
     cell = CELLS[function]
     N, T, G, B, D = wx.shape
     kernel = functools.partial(
-        _flashrnn_fwd_kernel, function=function, block_t=bT, dot_dtype=matmul_dtype(R)
+        _flashrnn_fwd_kernel,
+        function=function,
+        block_t=bT,
+        dot_dtype=matmul_dtype(R),
+        precision=precision,
     )
     return pl.pallas_call(
         kernel,
@@ -179,13 +190,17 @@ def _forward_call(wx, R, b, s0, function, tiling):
     )(wx, R, b, s0)
 
 
-def _backward_call(wx, R, b, s_prev, d_all, function, tiling):
+def _backward_call(wx, R, b, s_prev, d_all, function, tiling, precision):
     bT, bB = tiling
     cell = CELLS[function]
     N, T, G, B, D = wx.shape
     nb, nt = B // bB, T // bT
     kernel = functools.partial(
-        _flashrnn_bwd_kernel, function=function, block_t=bT, dot_dtype=matmul_dtype(R)
+        _flashrnn_bwd_kernel,
+        function=function,
+        block_t=bT,
+        dot_dtype=matmul_dtype(R),
+        precision=precision,
     )
     f32 = jnp.float32
     rev = lambda n, i, j: (n, nt - 1 - j, 0, i, 0)  # noqa: E731  time blocks in reverse
@@ -229,70 +244,37 @@ def _backward_call(wx, R, b, s_prev, d_all, function, tiling):
 _flashrnn_tiled = make_flashrnn(_forward_call, _backward_call, time_axis=1, tile_axis=1)
 
 
-def _tiling(B: int, T: int, blocks: BlockSizes) -> tuple[int, int]:
-    """``(block_t, block_b)`` for this problem: at most T steps; the whole batch when it fits."""
-    return min(blocks.block_t, T), (B if B <= blocks.block_b else blocks.block_b)
+def supports(
+    Wx,
+    R,
+    b,
+    states,
+    function: str,
+    block_sizes: BlockSizes | None = None,
+    precision: jax.lax.Precision = jax.lax.Precision.HIGHEST,
+):
+    """None when the Mosaic kernels' blocks fit a v5e core's scoped VMEM, else why not."""
+    return check_working_set("pallas_tpu", Wx, R, function, block_sizes)
 
 
-def _vmem_tile_bytes(shape: tuple[int, ...], itemsize: int) -> int:
-    """VMEM of one block: its two minor dims occupy whole (8, 128) tiles."""
-    *lead, rows, cols = shape
-    n = round_up(rows, SUBLANES) * round_up(cols, LANES) * itemsize
-    for d in lead:
-        n *= d
-    return n
-
-
-def vmem_bytes(function, D, bT, bB, itemsize, r_itemsize, b_itemsize, s_itemsize) -> int:
-    """An estimate of the backward kernel's VMEM (the larger kernel): every block double
-    buffered, plus the scratch. ``s_itemsize`` is the stored states' (fp32 for sLSTM)."""
-    cell = CELLS[function]
-    f32 = 4
-    blocks = (
-        2 * _vmem_tile_bytes((bT, cell.G, bB, D), itemsize)  # wx in, dwx out
-        + _vmem_tile_bytes((cell.Gr, D, D), r_itemsize)
-        + _vmem_tile_bytes((cell.Gb, 1, D), b_itemsize)
-        + 2 * _vmem_tile_bytes((bT, cell.S, bB, D), s_itemsize)  # states before, cotangents
-        + _vmem_tile_bytes((cell.Gr, D, D), f32)  # dR partial sum
-        + _vmem_tile_bytes((cell.Gb, 1, D), f32)
-        + _vmem_tile_bytes((cell.S, bB, D), f32)  # d states0
-    )
-    scratch = (
-        _vmem_tile_bytes((cell.S, bB, D), f32)
-        + _vmem_tile_bytes((cell.Gr, D, D), f32)
-        + _vmem_tile_bytes((cell.Gb, 1, D), f32)
-    )
-    return 2 * blocks + scratch
-
-
-def supports(Wx, R, b, states, function: str, block_sizes: BlockSizes | None = None):
-    """None when the Mosaic kernels' blocks fit in VMEM, else why not."""
-    blocks = default_block_sizes("pallas_tpu", block_sizes)
-    B, T, _, _, D = Wx.shape
-    bT, bB = _tiling(B, max(T, 1), blocks)
-    s_itemsize = jnp.dtype(states_dtype(function, Wx.dtype)).itemsize
-    need = vmem_bytes(
-        function, D, bT, bB, Wx.dtype.itemsize, R.dtype.itemsize, b.dtype.itemsize, s_itemsize
-    )
-    if need > VMEM_BUDGET:
-        return (
-            f"the backward's blocks need ~{need / 2**20:.1f} MiB of VMEM at D={D}, "
-            f"block_t={bT}, block_b={bB} (budget {VMEM_BUDGET // 2**20} MiB); "
-            f"pass smaller block_sizes"
-        )
-    return None
-
-
-def flashrnn_pallas_tpu(Wx, R, b, states, function: str, blocks: BlockSizes | None = None):
+def flashrnn_pallas_tpu(
+    Wx,
+    R,
+    b,
+    states,
+    function: str,
+    blocks: BlockSizes | None = None,
+    precision: jax.lax.Precision = jax.lax.Precision.HIGHEST,
+):
     """`flashrnn` with the Mosaic kernels: transposes to the kernel layout, pads T (and B)."""
     blocks = default_block_sizes("pallas_tpu", blocks)
     B, T, G, N, D = Wx.shape
-    bT, bB = _tiling(B, T, blocks)
+    bT, bB = tpu_tiling(B, T, blocks)
     Tp, Bp = round_up(T, bT), round_up(B, bB)
     wx = jnp.transpose(Wx, (3, 1, 2, 0, 4))  # [N, T, G, B, D]
     wx = jnp.pad(wx, ((0, 0), (0, Tp - T), (0, 0), (0, Bp - B), (0, 0)))
     r = jnp.transpose(R, (1, 0, 2, 3))  # [N, Gr, D, D]
     bb = jnp.transpose(b, (1, 0, 2))[:, :, None]  # [N, Gb, 1, D]
     s0 = jnp.pad(jnp.transpose(states, (2, 0, 1, 3)), ((0, 0), (0, 0), (0, Bp - B), (0, 0)))
-    out = _flashrnn_tiled(wx, r, bb, s0, function, (bT, bB))  # [N, Tp, S, Bp, D]
+    out = _flashrnn_tiled(wx, r, bb, s0, function, (bT, bB), precision)  # [N, Tp, S, Bp, D]
     return finish(jnp.transpose(out[:, :T, :, :B], (2, 3, 1, 0, 4)), Wx.dtype)

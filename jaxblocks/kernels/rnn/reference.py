@@ -25,15 +25,21 @@ import jax.numpy as jnp
 from jaxblocks.kernels.rnn.cells import CELLS, pointwise
 
 
-def flashrnn_reference(Wx, R, b, states, function: str):
-    """`flashrnn` as a `lax.scan` over time in fp32; outputs are cast to ``Wx.dtype``."""
+def flashrnn_reference(
+    Wx, R, b, states, function: str, precision: jax.lax.Precision = jax.lax.Precision.HIGHEST
+):
+    """`flashrnn` as a `lax.scan` over time in fp32; outputs are cast to ``Wx.dtype``.
+
+    ``Ry`` is computed at ``precision`` (HIGHEST: the fp32 specification; DEFAULT: what "tf32"
+    asks for of the fp32 products on an accelerator; the same on CPU).
+    """
     cell = CELLS[function]
     f32 = jnp.float32
     wx32, r32, b32, s32 = (x.astype(f32) for x in (Wx, R, b, states))
     bias = [b32[g][None] for g in range(cell.Gb)]  # [1, N, D] each
 
     def step(s, wx_t):  # s: [S, B, N, D], wx_t: [B, G, N, D]
-        ry = jnp.einsum("bnd,gnde->gbne", s[0], r32, precision=jax.lax.Precision.HIGHEST)
+        ry = jnp.einsum("bnd,gnde->gbne", s[0], r32, precision=precision)  # [B,N,D]@[G,N,D,D]
         new = pointwise(
             function,
             [wx_t[:, g] for g in range(cell.G)],

@@ -13,7 +13,9 @@ Differences from the reference that make it fast (all exact up to rounding):
   consecutive steps and amortises the loop overhead;
 * the per-step outputs are stored in the input dtype.
 
-Gradients come from autodiff of the scan.
+The matmul takes the op's ``precision`` when its operands are fp32 (HIGHEST: full fp32; DEFAULT,
+"tf32": TF32 on GPUs, one bf16 pass on TPUs); bf16 operands are multiplied exactly either way.
+Gradients come from autodiff of the scan, whose transposed products keep that precision.
 """
 
 from __future__ import annotations
@@ -33,7 +35,15 @@ def _dot_dtype(R):
     return R.dtype
 
 
-def flashrnn_xla(Wx, R, b, states, function: str, unroll: int = DEFAULT_UNROLL):
+def flashrnn_xla(
+    Wx,
+    R,
+    b,
+    states,
+    function: str,
+    precision: jax.lax.Precision = jax.lax.Precision.HIGHEST,
+    unroll: int = DEFAULT_UNROLL,
+):
     """`flashrnn` with hoisted bias, fused head-wise matmul and an unrolled scan.
 
     Inside the loop everything is head-major (``[N, B, D]``) so the per-step batched matmul has
@@ -54,7 +64,7 @@ def flashrnn_xla(Wx, R, b, states, function: str, unroll: int = DEFAULT_UNROLL):
     r_cat = jnp.transpose(R, (1, 2, 0, 3)).reshape(N, D, cell.Gr * D)  # [N, D, Gr*D]
     dot_dtype = _dot_dtype(R)
     r_cat = r_cat.astype(dot_dtype)
-    precision = jax.lax.Precision.HIGHEST if dot_dtype == f32 else None
+    precision = precision if dot_dtype == f32 else None  # bf16 operands: exact either way
 
     def step(s, x_t):  # s: tuple of S [N, B, D] fp32, x_t: [G, N, B, D]
         ry = jnp.einsum(  # [N, B, D] @ [N, D, Gr*D] -> [N, B, Gr*D]
@@ -80,12 +90,14 @@ def flashrnn_xla(Wx, R, b, states, function: str, unroll: int = DEFAULT_UNROLL):
     return states_all, last
 
 
-def flashrnn_step(wx_t, R, b, states, function: str):
+def flashrnn_step(
+    wx_t, R, b, states, function: str, precision: jax.lax.Precision = jax.lax.Precision.HIGHEST
+):
     """One step (decoding): ``wx_t: [B, G, N, D]``, ``states: [S, B, N, D]`` -> new states."""
     cell = CELLS[function]
     f32 = jnp.float32
     dot_dtype = _dot_dtype(R)
-    precision = jax.lax.Precision.HIGHEST if dot_dtype == f32 else None
+    precision = precision if dot_dtype == f32 else None
     ry = jnp.einsum(
         "bnd,gnde->gbne",
         states[0].astype(dot_dtype),
