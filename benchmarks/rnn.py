@@ -8,6 +8,11 @@ Baselines for the LSTM cases: ``flax.linen.RNN(OptimizedLSTMCell)`` with hidden 
 full recurrent matrix, so N× the recurrent FLOPs at N=4, and it includes the per-step input
 projection) and, on GPU, cuDNN's LSTM (`jax.experimental.rnn.lstm`, also full R). Inputs are
 fp32 on CPU and bf16 on accelerators. ``tokens/s`` = B·T / median time.
+
+On CPU with the ``torch`` extra installed, the LSTM and GRU cases also time ``torch.nn.LSTM`` /
+``torch.nn.GRU`` (hidden N·D, full recurrent matrix, input projection included) beside
+``xla + input projection`` (`flashrnn` after the ``x @ W`` projection, the same work at N = 1):
+the comparison of issue #13.
 """
 
 from __future__ import annotations
@@ -88,6 +93,65 @@ def _cudnn_lstm(case: Case, backward: bool):
     return jax.value_and_grad(loss, argnums=(0, 1, 2)), (x, h0, w)
 
 
+def _xla_with_projection(case: Case, backward: bool):
+    """x [B, T, H] @ W [H, G·N·D] then `flashrnn` (xla): what torch.nn's cells compute."""
+    from jaxblocks.kernels.rnn.cells import CELLS
+
+    cell = CELLS[case.function]
+    H = case.N * case.D
+    k = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(k[0], (case.B, case.T, H), case.dtype)
+    w = (jax.random.normal(k[1], (H, cell.G * H)) / H**0.5).astype(case.dtype)
+    _, r, b, s = make_inputs(case)
+
+    def fwd(x, w, r, b, s):
+        wx = (x @ w).reshape(case.B, case.T, cell.G, case.N, case.D)
+        return flashrnn(wx, r, b, s, function=case.function, implementation="xla")
+
+    if not backward:
+        return fwd, (x, w, r, b, s)
+
+    def loss(*a):
+        sa, last = fwd(*a)
+        return jnp.sum(sa.astype(jnp.float32)) + jnp.sum(last.astype(jnp.float32))
+
+    return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)), (x, w, r, b, s)
+
+
+def _torch_rnn(case: Case, backward: bool, iters: int, warmup: int) -> Measurement | None:
+    """torch.nn.LSTM / GRU on CPU (fp32), median wall time; None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    import statistics
+    import time
+
+    H = case.N * case.D
+    mod = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[case.function](H, H, batch_first=True)
+    x = torch.randn(case.B, case.T, H, requires_grad=backward)
+
+    def step():
+        if backward:
+            mod.zero_grad(set_to_none=True)
+            x.grad = None
+            out, _ = mod(x)
+            out.sum().backward()
+        else:
+            with torch.no_grad():
+                mod(x)
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    name = f"torch.nn.{case.function.upper()}, full R + input projection"
+    return Measurement(case.name, name, statistics.median(times))
+
+
 def _with_tokens(m: Measurement, case: Case) -> Measurement:
     m.extra["tokens/s"] = f"{case.tokens / m.median_s:,.0f}"
     return m
@@ -123,6 +187,13 @@ def run(quick: bool = False) -> str:
                     flops=flops(case, backward),
                 )
                 rows.append(_with_tokens(m, case))
+            if on_cpu and case.function in ("lstm", "gru") and case.N == 1:
+                torch_row = _torch_rnn(case, backward, iters, warmup)
+                if torch_row is not None:
+                    fn, fargs = _xla_with_projection(case, backward)
+                    m = measure(label, "xla + input projection", fn, fargs, iters=iters,
+                                warmup=warmup)  # fmt: skip
+                    rows += [_with_tokens(m, case), _with_tokens(torch_row, case)]
             if case.function == "lstm":
                 fn, fargs = _flax_lstm(case, backward)
                 m = measure(
