@@ -37,6 +37,10 @@ def base_config() -> ml_collections.ConfigDict:
     # BatchNorm layers use their running statistics too. Models without a `train` argument get
     # neither (their ConvBNs, if any, follow the context).
     c.model.convbn_mode = ""
+    # First-layer initialiser of models that take `first_kernel_init` (e.g. `cnn_tiny`): "" =
+    # the model's own, else a name of `jaxblocks.layers.filter_init.BANKS` (he_normal,
+    # orthogonal, gabor, dct; pca and kmeans learn their filters from training-image patches).
+    c.model.filter_bank = ""
 
     # Data (see `jaxblocks.train.data.make_dataset`).
     c.data = ml_collections.ConfigDict()

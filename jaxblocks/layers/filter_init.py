@@ -15,11 +15,24 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["gabor_bank", "dct_bank", "pca_bank", "kmeans_bank", "patches", "bank_init"]
+__all__ = [
+    "BANKS",
+    "bank_init",
+    "dct_bank",
+    "gabor_bank",
+    "kmeans_bank",
+    "named_init",
+    "patches",
+    "pca_bank",
+]
+
+# The initialisers `named_init` builds: Flax's He normal and orthogonal, and the filter banks.
+BANKS = ("he_normal", "orthogonal", "gabor", "dct", "pca", "kmeans")
 
 HE_FILTER_SQ_NORM = 2.0  # E‖w‖² of one He-normal filter: fan_in · (2 / fan_in)
 
@@ -136,6 +149,43 @@ def bank_init(bank: np.ndarray) -> Callable[..., jax.Array]:
         if tuple(shape) != bank.shape:
             raise ValueError(f"bank_init: the layer asks for a kernel {tuple(shape)}, the bank "
                              f"is {bank.shape}")  # fmt: skip
+        return jnp.asarray(bank, dtype)
+
+    return init
+
+
+def named_init(
+    name: str, images: np.ndarray | None = None, *, num_patches: int = 4000, seed: int = 0
+) -> Callable[..., jax.Array]:
+    """A ``kernel_init`` for a ``[k, k, C_in, C_out]`` conv by name (one of `BANKS`); the bank is
+    built for the shape the layer asks for, when it asks. ``"pca"`` and ``"kmeans"`` learn from
+    ``num_patches`` k×k patches of ``images`` (NHWC, e.g. the training set).
+
+    Example:
+      >>> conv = nn.Conv(8, (3, 3), kernel_init=named_init("pca", train_images))
+    """
+    if name not in BANKS:
+        raise ValueError(f"named_init: name must be one of {BANKS}, got {name!r}")
+    if name in ("pca", "kmeans") and images is None:
+        raise ValueError(f"named_init: {name!r} learns from data; pass images [N, H, W, C]")
+    if name == "he_normal":
+        return nn.initializers.he_normal()
+    if name == "orthogonal":
+        return nn.initializers.orthogonal(scale=np.sqrt(2.0))
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        del key
+        if len(shape) != 4 or shape[0] != shape[1]:
+            raise ValueError(f"named_init({name!r}): needs a square conv kernel "
+                             f"[k, k, C_in, C_out], got {tuple(shape)}")  # fmt: skip
+        k, c_in, c_out = shape[0], shape[2], shape[3]
+        if name == "gabor":
+            bank = gabor_bank(k, c_in, c_out, seed=seed)
+        elif name == "dct":
+            bank = dct_bank(k, c_in, c_out)
+        else:
+            data = patches(np.asarray(images, np.float32), k, num_patches, seed=seed)
+            bank = pca_bank(data, c_out) if name == "pca" else kmeans_bank(data, c_out, seed=seed)
         return jnp.asarray(bank, dtype)
 
     return init

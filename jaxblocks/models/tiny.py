@@ -80,6 +80,8 @@ class CNN(nn.Module):
       ghost_batch_size: if set, Ghost BatchNorm with this many examples per group.
       aux_bn: also create an auxiliary BatchNorm per layer (AdvProp/ConAdv): called with
         ``use_aux=True`` the model normalises with it (adversarial inputs), else with the main BN.
+      first_kernel_init: the first conv's ``kernel_init`` (default He normal), e.g. a filter
+        bank of `jaxblocks.layers.filter_init` (the trainer's ``model.filter_bank``).
       dtype: compute dtype (parameters stay fp32).
     """
 
@@ -87,6 +89,7 @@ class CNN(nn.Module):
     num_classes: int = 10
     ghost_batch_size: int | None = None
     aux_bn: bool = False
+    first_kernel_init: Any = None
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -104,7 +107,10 @@ class CNN(nn.Module):
                 use_bias=False,
                 dtype=self.dtype,
                 kernel_init=nn.with_logical_partitioning(
-                    nn.initializers.he_normal(), (None, None, "conv_in", "conv_out")
+                    self.first_kernel_init
+                    if i == 0 and self.first_kernel_init is not None
+                    else nn.initializers.he_normal(),
+                    (None, None, "conv_in", "conv_out"),
                 ),
                 name=f"conv{i}",
             )(x)

@@ -144,7 +144,14 @@ def build(cfg: ml_collections.ConfigDict, devices=None) -> Trainer:
     if cfg.agvm.enabled and cfg.conadv.enabled:
         raise ValueError("config: agvm and conadv are separate step variants; enable one")
     train_data, test_data, _ = data_lib.make_datasets(cfg)
-    model = create_model(cfg.model.name, **_model_kwargs(cfg))
+    model_kwargs = _model_kwargs(cfg)
+    if cfg.model.get("filter_bank", ""):
+        from jaxblocks.layers.filter_init import named_init
+
+        # the bank is built when the model asks for its first kernel, from the training images
+        model_kwargs["first_kernel_init"] = named_init(cfg.model.filter_bank, train_data.x,
+                                                       seed=cfg.seed)  # fmt: skip
+    model = create_model(cfg.model.name, **model_kwargs)
     train_kwargs = call_kwargs(model, cfg.model.convbn_mode, training=True)
     eval_kwargs = call_kwargs(model, cfg.model.convbn_mode, training=False)
     num_steps = optim.total_steps(cfg, train_data.num_examples)

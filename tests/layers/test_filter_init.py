@@ -88,3 +88,20 @@ def test_bank_init_in_a_conv():
         )
     with pytest.raises(ValueError, match="images must be NHWC"):
         patches(np.ones((2, 3, 3, 1)), 5, 10)
+
+
+def test_named_init_builds_each_bank_for_the_requested_shape():
+    from jaxblocks.layers.filter_init import BANKS, dct_bank, named_init
+
+    images = np.asarray(jax.random.uniform(jax.random.key(0), (20, 12, 12, 1)))
+    shape = (3, 3, 1, 8)
+    for name in BANKS:
+        k = named_init(name, images)(jax.random.key(1), shape)
+        assert k.shape == shape and bool(jnp.all(jnp.isfinite(k))), name
+    np.testing.assert_allclose(named_init("dct")(jax.random.key(0), shape), dct_bank(3, 1, 8))
+    with pytest.raises(ValueError, match="learns from data"):
+        named_init("pca")
+    with pytest.raises(ValueError, match="must be one of"):
+        named_init("wavelet")
+    with pytest.raises(ValueError, match="square conv kernel"):
+        named_init("gabor")(jax.random.key(0), (3, 8))
