@@ -8,10 +8,16 @@
   `barabasi_albert_mask`: gradual magnitude pruning and random-graph masks (papers 58, 62).
 * `binarize`, `BinaryConv`, `BinaryDense`, `mst_plan`, `delta_conv`, `count_ops`,
   `mst_distance_penalty`: binary networks and MST-compression (paper 29).
+* `BCTRecipe`, `bct_compress`, `bct_weights`, `bct_activation_quant`: blockwise compression of
+  every weight and activation of a Transformer without retraining (paper 60).
 * `to_block_sparse`, `block_sparse_pointwise`, `ell_pointwise`, `bcoo_pointwise`: the sparse
   1×1 convolution inference path of Fast Sparse ConvNets (paper 58).
 """
 
+from jaxblocks.compress.bct import BCTRecipe as BCTRecipe
+from jaxblocks.compress.bct import bct_activation_quant as bct_activation_quant
+from jaxblocks.compress.bct import bct_compress as bct_compress
+from jaxblocks.compress.bct import bct_weights as bct_weights
 from jaxblocks.compress.binary import BinaryConv as BinaryConv
 from jaxblocks.compress.binary import BinaryDense as BinaryDense
 from jaxblocks.compress.binary import MSTPlan as MSTPlan

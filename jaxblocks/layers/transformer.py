@@ -19,7 +19,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
 from jaxtyping import Array, Bool, Float, Int
 
 __all__ = ["KVCache", "SelfAttention", "TransformerBlock", "apply_rope", "init_kv_cache"]
@@ -72,12 +71,19 @@ class SelfAttention(nn.Module):
       num_heads, head_dim: heads and their width.
       dtype: compute dtype (None: the input's); the softmax runs in fp32.
       param_dtype: parameter storage dtype.
+      act_quant: optional ``fn(x, name) -> x`` applied to every intermediate (q, k, v, scores,
+        probabilities, attention output, projection output): fake quantisation of activations
+        (BCT, `jaxblocks.compress.bct`); None = identity.
     """
 
     num_heads: int
     head_dim: int
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    act_quant: Any = None
+
+    def _q(self, x, name):
+        return x if self.act_quant is None else self.act_quant(x, name)
 
     @nn.compact
     def __call__(
@@ -108,6 +114,7 @@ class SelfAttention(nn.Module):
             use_bias=False, name=name,
         )  # fmt: skip
         q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)  # [B, T, H, D]
+        q, k, v = self._q(q, "query"), self._q(k, "key"), self._q(v, "value")
         start = jnp.zeros((), jnp.int32) if cache is None else cache.length
         pos = start + jnp.arange(T, dtype=jnp.int32)  # [T]
         q, k = apply_rope(q, pos), apply_rope(k, pos)
@@ -136,13 +143,15 @@ class SelfAttention(nn.Module):
         scale = self.head_dim**-0.5
         s = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k.astype(jnp.float32))
         s = s * scale
+        s = self._q(s, "scores")
         if mask is not None:
             s = jnp.where(mask[None, None], s, jnp.finfo(jnp.float32).min)
-        p = jax.nn.softmax(s, axis=-1)
+        p = self._q(jax.nn.softmax(s, axis=-1), "probs")
         o = jnp.einsum("bhts,bshd->bthd", p, v.astype(jnp.float32)).astype(dtype)  # [B, T, H, D]
+        o = self._q(o, "attn_out")
         y = nn.DenseGeneral(C, axis=(-2, -1), dtype=dtype, param_dtype=self.param_dtype,
                             use_bias=False, name="out")(o)  # fmt: skip
-        return y, new_cache
+        return self._q(y, "proj_out"), new_cache
 
 
 class TransformerBlock(nn.Module):
@@ -152,6 +161,7 @@ class TransformerBlock(nn.Module):
       num_heads, head_dim: attention shape.
       mlp_ratio: hidden width of the MLP as a multiple of the model width.
       dtype, param_dtype: compute and storage dtypes.
+      act_quant: optional ``fn(x, name) -> x`` on every intermediate (see `SelfAttention`).
     """
 
     num_heads: int
@@ -159,16 +169,22 @@ class TransformerBlock(nn.Module):
     mlp_ratio: int = 4
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    act_quant: Any = None
 
     @nn.compact
     def __call__(self, x, *, mask=None, cache=None, chunk_causal=False):
-        """``(y, new_cache)``; arguments as `SelfAttention`."""
+        """``(y, new_cache)``; arguments as `SelfAttention` (``act_quant`` also wraps the
+        LayerNorm outputs, the residual sums, the MLP's hidden layer and its GELU)."""
+        q = (lambda x, n: x) if self.act_quant is None else self.act_quant  # noqa: E731
         C = x.shape[-1]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h, cache = SelfAttention(self.num_heads, self.head_dim, **kw, name="attn")(
-            nn.LayerNorm(name="ln1", **kw)(x), mask=mask, cache=cache, chunk_causal=chunk_causal
-        )
-        x = x + h
-        h = nn.Dense(self.mlp_ratio * C, name="fc1", **kw)(nn.LayerNorm(name="ln2", **kw)(x))
-        x = x + nn.Dense(C, name="fc2", **kw)(nn.gelu(h))
-        return x, cache
+        h, cache = SelfAttention(self.num_heads, self.head_dim, **kw, act_quant=self.act_quant,
+                                 name="attn")(
+            q(nn.LayerNorm(name="ln1", **kw)(x), "ln1"), mask=mask, cache=cache,
+            chunk_causal=chunk_causal,
+        )  # fmt: skip
+        x = q(x + h, "residual1")
+        h = q(nn.Dense(self.mlp_ratio * C, name="fc1", **kw)(
+            q(nn.LayerNorm(name="ln2", **kw)(x), "ln2")), "fc1")  # fmt: skip
+        x = x + q(nn.Dense(C, name="fc2", **kw)(q(nn.gelu(h), "gelu")), "fc2")
+        return q(x, "residual2"), cache

@@ -67,7 +67,8 @@ class TransformerLMConfig:
 
 class TransformerLM(nn.Module):
     """Softmax Transformer LM (see `TransformerLMConfig`); ``__call__`` scores a whole sequence
-    under the training mask, `decode` extends a list of `KVCache` by one chunk."""
+    under the training mask, `decode` extends a list of `KVCache` by one chunk. ``act_quant``
+    (``fn(x, name) -> x``) wraps every intermediate activation (BCT's fake quantisation)."""
 
     vocab_size: int = 256
     dim: int = 128
@@ -77,6 +78,7 @@ class TransformerLM(nn.Module):
     attention: str = "causal"
     block_size: int = 1
     prefix_len: int = 0
+    act_quant: Any = None
     dtype: Any = None
 
     from_config = classmethod(config_fields_module)
@@ -92,7 +94,9 @@ class TransformerLM(nn.Module):
         kw = dict(dtype=self.dtype)
         self.embed = nn.Embed(self.vocab_size, self.dim, **kw)
         self.blocks = [
-            TransformerBlock(self.num_heads, self.head_dim, self.mlp_ratio, **kw)
+            TransformerBlock(
+                self.num_heads, self.head_dim, self.mlp_ratio, **kw, act_quant=self.act_quant
+            )  # fmt: skip
             for _ in range(self.depth)
         ]
         self.ln_f = nn.LayerNorm(**kw)
@@ -114,10 +118,13 @@ class TransformerLM(nn.Module):
         """Logits of every position under the training mask (in ``dtype``)."""
         self._check_tokens(tokens)
         mask = self.training_mask(tokens.shape[1])
-        x = self.embed(tokens)
+        x = self._aq(self.embed(tokens), "embed")
         for blk in self.blocks:
             x, _ = blk(x, mask=mask)
-        return self.head(self.ln_f(x))
+        return self.head(self._aq(self.ln_f(x), "ln_f"))
+
+    def _aq(self, x, name):
+        return x if self.act_quant is None else self.act_quant(x, name)
 
     def decode(
         self, tokens: Int[Array, "B t"], caches: list[KVCache], *, chunk_causal: bool = False
@@ -126,12 +133,12 @@ class TransformerLM(nn.Module):
         self._check_tokens(tokens)
         if len(caches) != self.depth:
             raise ValueError(f"TransformerLM.decode: {len(caches)} caches for {self.depth} layers")
-        x = self.embed(tokens)
+        x = self._aq(self.embed(tokens), "embed")
         new = []
         for blk, c in zip(self.blocks, caches, strict=True):
             x, c = blk(x, cache=c, chunk_causal=chunk_causal)
             new.append(c)
-        return self.head(self.ln_f(x)), new
+        return self.head(self._aq(self.ln_f(x), "ln_f")), new
 
 
 def init_caches(model: TransformerLM, batch: int, max_len: int) -> list[KVCache]:
