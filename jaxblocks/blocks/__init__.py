@@ -8,6 +8,9 @@ from jaxblocks.blocks.lmuformer import Conv1dEmbedding as Conv1dEmbedding
 from jaxblocks.blocks.lmuformer import LMUFormerBlock as LMUFormerBlock
 from jaxblocks.blocks.lmuformer import LMUMixer as LMUMixer
 from jaxblocks.blocks.msvmamba import MSVMambaBlock as MSVMambaBlock
+from jaxblocks.blocks.nextvit import EfficientAttention as EfficientAttention
+from jaxblocks.blocks.nextvit import NextConvBlock as NextConvBlock
+from jaxblocks.blocks.nextvit import NextTransformerBlock as NextTransformerBlock
 from jaxblocks.blocks.rev_mbconv3d import MBConv3D as MBConv3D
 from jaxblocks.blocks.rev_mbconv3d import ReversibleMBConv3DStage as ReversibleMBConv3DStage
 from jaxblocks.blocks.scse import SCSE_MODES as SCSE_MODES

@@ -95,6 +95,8 @@ class TimmFamily:
 TIMM_FAMILIES: list[TimmFamily] = [
     # jaxblocks.models.inception_next names its modules as timm's MetaNeXt: no renames.
     TimmFamily("inception_next_*", classifier="head.fc2.weight"),
+    # jaxblocks.models.nextvit mirrors timm's NextViT names; only the classifier Dense is flat.
+    TimmFamily("nextvit_*", renames=((r"^head_fc\.", "head.fc."),), classifier="head.fc.weight"),
 ]
 
 
@@ -165,8 +167,9 @@ def load_timm_state_dict(
 ) -> dict[str, Any]:
     """Convert a timm state dict to the Flax variables of the registered model ``model_name``.
 
-    Imports trained timm weights (InceptionNeXt, https://arxiv.org/abs/2303.16900, and any
-    family added to `TIMM_FAMILIES`) into the jaxblocks model of the same name, channels-last.
+    Imports trained timm weights (InceptionNeXt, https://arxiv.org/abs/2303.16900, Next-ViT,
+    https://arxiv.org/abs/2207.05501, and any family added to `TIMM_FAMILIES`) into the jaxblocks
+    model of the same name, channels-last.
 
     Args:
       model_name: registry name, equal to timm's model name (``"inception_next_atto"``).
