@@ -23,7 +23,8 @@ the task's main metric against the sparsity measured on the pruned parameters.
 task's metrics. ``"mst_compression"`` — the same retraining, tabulating the binary layers'
 minimum-spanning-tree length, depth and operation counts (MST-compression, paper 29).
 ``"volatility_baselines"`` — order-flow volatility: RMSPE of the run and its variants beside
-the naive forecast and GARCH(1,1) (paper 25).
+the naive forecast and GARCH(1,1) (paper 25). ``"bct"`` — a trained LM's held-out perplexity
+in float and after BCT's blockwise compression of every weight and activation (paper 60).
 """
 
 from __future__ import annotations
@@ -283,6 +284,48 @@ def volatility_baselines(cfg: ml_collections.ConfigDict, workdir: str, results) 
     return "\n".join(lines)
 
 
+def bct(cfg: ml_collections.ConfigDict, workdir: str, results) -> str:
+    """BCT (paper 60): the trained LM's held-out loss and perplexity in float and after blockwise
+    compression of every weight and activation (`jaxblocks.compress.bct_compress`) at several
+    bit widths, beside the same widths with one scale per whole axis (no blocks)."""
+    from jaxblocks.compress.bct import BCTRecipe, bct_compress, mean_compression
+    from jaxblocks.registry import create_model
+    from jaxblocks.train.data import make_datasets
+    from jaxblocks.train.tasks import cross_entropy
+
+    if not results:
+        raise ValueError("report 'bct': needs a finished run")
+    (_, last_cfg), res = config_lib.stage_configs(cfg)[-1], results[-1][1]
+    _, (xt, yt), _ = make_datasets(last_cfg)
+    model = create_model(last_cfg.model.name, **dict(last_cfg.model.kwargs))
+    variables = {"params": jax.device_get(res.state.params)}
+    bs = int(last_cfg.eval_batch_size)
+
+    def test_loss(m, v) -> float:
+        f = jax.jit(lambda v, x, y: cross_entropy(m.apply(v, x), y)[0].mean())
+        n = (len(xt) // bs) * bs
+        losses = [float(f(v, xt[i : i + bs], yt[i : i + bs])) for i in range(0, n, bs)]
+        return float(np.mean(losses))
+
+    base = test_loss(model, variables)
+    lines = [
+        f"| model ({len(xt) // bs * bs} held-out sequences) | compression | test loss (nats) | "
+        "perplexity | bits per token |",
+        "|---|---|---|---|---|",
+        f"| float32 | 1.00× | {base:.4f} | {np.exp(base):.3f} | {base / np.log(2):.3f} |",
+    ]
+    recipes = [(BCTRecipe(w, a, 64), "blocks of 64") for w, a in ((8, 8), (6, 6), (4, 8), (4, 4))]
+    recipes += [(BCTRecipe(w, a, 1 << 30), "whole axis") for w, a in ((8, 8), (4, 8))]
+    for recipe, how in recipes:
+        qm, qv, report = bct_compress(model, variables, recipe)
+        loss = test_loss(qm, qv)
+        lines.append(
+            f"| BCT {recipe.name}, {how} | {mean_compression(report, variables):.2f}× | "
+            f"{loss:.4f} | {np.exp(loss):.3f} | {loss / np.log(2):.3f} |"
+        )
+    return "\n".join(lines)
+
+
 REPORTS: dict[str, Report] = {
     "variants": variants,
     "convbn_modes": convbn_modes,
@@ -290,6 +333,7 @@ REPORTS: dict[str, Report] = {
     "pruning_sweep": pruning_sweep,
     "mst_compression": mst_compression,
     "volatility_baselines": volatility_baselines,
+    "bct": bct,
 }
 
 
