@@ -27,3 +27,7 @@ from jaxblocks.blocks.tcn import TCNCA as TCNCA
 from jaxblocks.blocks.tcn import TemporalBlock as TemporalBlock
 from jaxblocks.blocks.tcn import chunked_attention as chunked_attention
 from jaxblocks.blocks.tcn import tcn_receptive_field as tcn_receptive_field
+from jaxblocks.blocks.unireplknet import GRN as GRN
+from jaxblocks.blocks.unireplknet import DilatedReparamBlock as DilatedReparamBlock
+from jaxblocks.blocks.unireplknet import UniRepLKNetBlock as UniRepLKNetBlock
+from jaxblocks.blocks.unireplknet import merge_dilated_branches as merge_dilated_branches
