@@ -318,6 +318,31 @@ def _path(module: nn.Module) -> str:
     return f"{type(module).__name__} at {path!r}" if path else type(module).__name__
 
 
+def resolve_train(module: nn.Module, train: bool | None) -> bool:
+    """Flax-style ``train`` of a BatchNorm model's call: the bool given, else True while
+    initializing or when ``batch_stats`` is mutable, else a ValueError naming the model and
+    saying how to ask (the rule of every registered BatchNorm model).
+
+    Example::
+
+        @nn.compact
+        def __call__(self, x, *, train: bool | None = None):
+            train = resolve_train(self, train)
+    """
+    who = type(module).__name__
+    if train is not None:
+        if not isinstance(train, bool):
+            raise TypeError(f"{who}: train must be a bool or None, got {train!r}")
+        return train
+    if module.is_initializing() or module.is_mutable_collection("batch_stats"):
+        return True
+    raise ValueError(
+        f"{who}: train=None and the 'batch_stats' collection is not mutable, so BatchNorm could "
+        "not update its running statistics. To evaluate, pass train=False; to train, apply "
+        "with mutable=['batch_stats'] (or pass train=True)."
+    )
+
+
 def resolve_convbn_mode(
     module: nn.Module, mode: str | None = None, train: bool | None = None
 ) -> str:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from jaxblocks.compress.binary import BinaryConv
+from jaxblocks.layers.conv_bn import resolve_train
 from jaxblocks.registry import Paper, config_fields_module, register_presets
 
 __all__ = ["BinaryCNN", "BinaryCNNConfig", "BNN_PRESETS"]
@@ -54,16 +55,6 @@ class BinaryCNN(nn.Module):
 
     from_config = classmethod(config_fields_module)
 
-    def _resolve_train(self, train: bool | None) -> bool:
-        if train is not None:
-            return bool(train)
-        if self.is_initializing() or self.is_mutable_collection("batch_stats"):
-            return True
-        raise ValueError(
-            "BinaryCNN: train=None and 'batch_stats' is not mutable; pass train=False to "
-            "evaluate, or apply with mutable=['batch_stats'] to train"
-        )
-
     @nn.compact
     def __call__(
         self, x: Float[Array, "B H W C"], *, train: bool | None = None
@@ -71,7 +62,7 @@ class BinaryCNN(nn.Module):
         BinaryCNNConfig(self.stem, tuple(self.widths), tuple(self.strides), self.num_classes)
         if x.ndim != 4:
             raise ValueError(f"BinaryCNN: x must be NHWC images, got shape {x.shape}")
-        train = self._resolve_train(train)
+        train = resolve_train(self, train)
         dtype = self.dtype or jnp.float32
 
         def bn(name):

@@ -25,6 +25,7 @@ from jaxblocks.blocks.inception_next import (
     MlpClassifierHead,
     default_kernel_init,
 )
+from jaxblocks.layers.conv_bn import resolve_train
 from jaxblocks.registry import Paper, config_fields_module, register_presets
 from jaxblocks.typing import Array, Float
 
@@ -233,19 +234,6 @@ class InceptionNeXt(nn.Module):
     # Build from an `InceptionNeXtConfig`; kwargs override config fields and module attributes.
     from_config = classmethod(config_fields_module)
 
-    def _resolve_train(self, train: bool | None) -> bool:
-        if train is not None:
-            if not isinstance(train, bool):
-                raise TypeError(f"InceptionNeXt: train must be a bool or None, got {train!r}")
-            return train
-        if self.is_initializing() or self.is_mutable_collection("batch_stats"):
-            return True
-        raise ValueError(
-            "InceptionNeXt: train=None and the 'batch_stats' collection is not mutable, so "
-            "BatchNorm could not update its running statistics. To evaluate, pass train=False; "
-            "to train, apply with mutable=['batch_stats'] (or pass train=True)."
-        )
-
     @nn.compact
     def __call__(
         self, x: Float[Array, "B H W 3"], *, train: bool | None = None
@@ -258,7 +246,7 @@ class InceptionNeXt(nn.Module):
           train: see the class docstring.
         """
         _validate(self)
-        train = self._resolve_train(train)
+        train = resolve_train(self, train)
         if x.ndim != 4:
             raise ValueError(f"InceptionNeXt: x must be NHWC [B, H, W, C], got shape {x.shape}")
         min_size = 4 * 2 ** (len(self.depths) - 1)

@@ -26,6 +26,7 @@ from jaxblocks.blocks.nextvit import (
     default_kernel_init,
     reparameterize_block,
 )
+from jaxblocks.layers.conv_bn import resolve_train
 from jaxblocks.models.inception_next import drop_path_rates
 from jaxblocks.registry import Paper, config_fields_module, register_presets
 from jaxblocks.typing import Array, Float
@@ -304,19 +305,6 @@ class NextViT(nn.Module):
     # Build from a `NextViTConfig`; kwargs override config fields and module attributes.
     from_config = classmethod(config_fields_module)
 
-    def _resolve_train(self, train: bool | None) -> bool:
-        if train is not None:
-            if not isinstance(train, bool):
-                raise TypeError(f"NextViT: train must be a bool or None, got {train!r}")
-            return train
-        if self.is_initializing() or self.is_mutable_collection("batch_stats"):
-            return True
-        raise ValueError(
-            "NextViT: train=None and the 'batch_stats' collection is not mutable, so BatchNorm "
-            "could not update its running statistics. To evaluate, pass train=False; to train, "
-            "apply with mutable=['batch_stats'] (or pass train=True)."
-        )
-
     @nn.compact
     def __call__(
         self, x: Float[Array, "B H W 3"], *, train: bool | None = None, features: bool = False
@@ -329,7 +317,7 @@ class NextViT(nn.Module):
           features: return the stage outputs instead (see the class docstring).
         """
         _validate(self)
-        train = self._resolve_train(train)
+        train = resolve_train(self, train)
         if x.ndim != 4:
             raise ValueError(f"NextViT: x must be NHWC [B, H, W, C], got shape {x.shape}")
         min_size = min_input_size(self)

@@ -21,6 +21,7 @@ from jaxblocks.blocks.unireplknet import (
     default_kernel_init,
     reparameterize,
 )
+from jaxblocks.layers.conv_bn import resolve_train
 from jaxblocks.models.inception_next import drop_path_rates
 from jaxblocks.registry import Paper, config_fields_module, register_presets
 from jaxblocks.typing import Array, Float
@@ -194,22 +195,14 @@ class UniRepLKNet(nn.Module):
     from_config = classmethod(config_fields_module)
 
     def _resolve_train(self, train: bool | None) -> bool:
-        if train is not None:
-            if not isinstance(train, bool):
-                raise TypeError(f"UniRepLKNet: train must be a bool or None, got {train!r}")
-            if train and self.deploy:
+        if self.deploy:  # the fused inference form has no BatchNorm left to train
+            if train:
                 raise ValueError("UniRepLKNet: deploy=True is the inference form; train=True "
                                  "needs the train form (deploy=False)")  # fmt: skip
-            return train
-        if self.deploy:
+            if train is not None and not isinstance(train, bool):
+                raise TypeError(f"UniRepLKNet: train must be a bool or None, got {train!r}")
             return False
-        if self.is_initializing() or self.is_mutable_collection("batch_stats"):
-            return True
-        raise ValueError(
-            "UniRepLKNet: train=None and the 'batch_stats' collection is not mutable, so "
-            "BatchNorm could not update its running statistics. To evaluate, pass train=False; "
-            "to train, apply with mutable=['batch_stats'] (or pass train=True)."
-        )
+        return resolve_train(self, train)
 
     @nn.compact
     def __call__(
