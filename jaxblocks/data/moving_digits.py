@@ -27,8 +27,10 @@ def moving_digit_videos(
 ) -> np.ndarray:
     """``[n, frames · size²]`` int32 token videos (values in ``[0, levels)``)."""
     if n < 1 or frames < 2 or size < 5 or levels < 2:
-        raise ValueError(f"moving_digit_videos: need n >= 1, frames >= 2, size >= 5 (room to move), levels >= 2; "
-                         f"got n={n}, frames={frames}, size={size}, levels={levels}")  # fmt: skip
+        raise ValueError(
+            "moving_digit_videos: need n >= 1, frames >= 2, size >= 5 (room to move), "
+            f"levels >= 2; got n={n}, frames={frames}, size={size}, levels={levels}"
+        )
     rng = np.random.default_rng(seed)
     sprites = _sprites(levels)
     idx = rng.integers(0, len(sprites), n)
