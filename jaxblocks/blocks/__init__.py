@@ -11,6 +11,8 @@ from jaxblocks.blocks.msvmamba import MSVMambaBlock as MSVMambaBlock
 from jaxblocks.blocks.nextvit import EfficientAttention as EfficientAttention
 from jaxblocks.blocks.nextvit import NextConvBlock as NextConvBlock
 from jaxblocks.blocks.nextvit import NextTransformerBlock as NextTransformerBlock
+from jaxblocks.blocks.ninformer import MixerGatingUnit as MixerGatingUnit
+from jaxblocks.blocks.ninformer import NiNBlock as NiNBlock
 from jaxblocks.blocks.rev_mbconv3d import MBConv3D as MBConv3D
 from jaxblocks.blocks.rev_mbconv3d import ReversibleMBConv3DStage as ReversibleMBConv3DStage
 from jaxblocks.blocks.scse import SCSE_MODES as SCSE_MODES
@@ -27,6 +29,9 @@ from jaxblocks.blocks.tcn import TCNCA as TCNCA
 from jaxblocks.blocks.tcn import TemporalBlock as TemporalBlock
 from jaxblocks.blocks.tcn import chunked_attention as chunked_attention
 from jaxblocks.blocks.tcn import tcn_receptive_field as tcn_receptive_field
+from jaxblocks.blocks.tvconv import TVConv as TVConv
+from jaxblocks.blocks.tvconv import TVConvInvertedResidual as TVConvInvertedResidual
+from jaxblocks.blocks.tvconv import precompute_tvconv_weights as precompute_tvconv_weights
 from jaxblocks.blocks.unireplknet import GRN as GRN
 from jaxblocks.blocks.unireplknet import DilatedReparamBlock as DilatedReparamBlock
 from jaxblocks.blocks.unireplknet import UniRepLKNetBlock as UniRepLKNetBlock
