@@ -15,9 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from jaxblocks.layers.stochastic_depth import drop_path as drop_path
 from jaxblocks.typing import Array, Float
 
 __all__ = [
@@ -61,18 +61,6 @@ def inception_split_sizes(channels: int, branch_ratio: float) -> tuple[int, int,
             f"{int(-(-1 // branch_ratio))})"
         )
     return (channels - 3 * g, g, g, g)
-
-
-def drop_path(module: nn.Module, x: Array, rate: float, deterministic: bool) -> Array:
-    """Stochastic depth: zero the whole residual branch per sample with probability ``rate``
-    and scale the kept ones by ``1 / (1 - rate)`` (rng stream ``"dropout"``)."""
-    if deterministic or rate == 0.0:
-        return x
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"drop_path: rate must be in [0, 1), got {rate!r}")
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
 
 
 def _check_nhwc(where: str, x: Array, channels: int | None = None) -> None:

@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from jaxblocks.layers.ssm import MS2D, SS2D
+from jaxblocks.layers.stochastic_depth import drop_path
 from jaxblocks.typing import Array, Float
 
 __all__ = ["ConvFFN", "MSVMambaBlock"]
@@ -50,14 +50,6 @@ class ConvFFN(nn.Module):
         x = nn.gelu(x, approximate=False)
         x = dense(C, "linear2")(x)
         return nn.Dropout(self.dropout, deterministic=not train)(x)
-
-
-def _drop_path(module: nn.Module, x, rate: float, train: bool):
-    """Stochastic depth: drop the whole residual branch per sample (rng stream 'dropout')."""
-    if not train or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, (x.shape[0], 1, 1, 1))
-    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
 class MSVMambaBlock(nn.Module):
@@ -121,8 +113,8 @@ class MSVMambaBlock(nn.Module):
         else:
             op = SS2D(name="op", **common)
         x = x.astype(self.dtype)
-        x = x + _drop_path(self, op(norm("norm")(x)), self.drop_path, train)
+        x = x + drop_path(self, op(norm("norm")(x)), self.drop_path, not train)
         ffn = ConvFFN(
             self.ffn_expansion, self.ffn_dropout, self.dtype, self.param_dtype, name="ffn"
         )
-        return x + _drop_path(self, ffn(norm("norm2")(x), train=train), self.drop_path, train)
+        return x + drop_path(self, ffn(norm("norm2")(x), train=train), self.drop_path, not train)

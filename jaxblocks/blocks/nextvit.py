@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxblocks.blocks.inception_next import drop_path
+from jaxblocks.layers.stochastic_depth import drop_path
 from jaxblocks.typing import Array, Float
 
 __all__ = [

@@ -29,8 +29,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
 
-from jaxblocks.blocks.inception_next import drop_path
 from jaxblocks.layers.conv_bn import fold
+from jaxblocks.layers.stochastic_depth import drop_path
 from jaxblocks.typing import Array, Float
 
 __all__ = [
