@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxblocks.layers.conv_bn import fold_factor
 from jaxblocks.layers.stochastic_depth import drop_path
 from jaxblocks.typing import Array, Float
 
@@ -125,7 +126,7 @@ def bn_affine(
 ) -> tuple[Array, Array]:
     """Per-channel ``(s, t)`` with ``BN_eval(x) = x * s + t`` from a Flax BatchNorm's
     ``params`` (``scale``, ``bias``) and ``batch_stats`` (``mean``, ``var``)."""
-    s = params["scale"] * jax.lax.rsqrt(stats["var"] + epsilon)
+    s = fold_factor(params["scale"], stats["var"], epsilon)
     return s, params["bias"] - stats["mean"] * s
 
 
