@@ -10,6 +10,11 @@ Models built from `ConvBN`/`LinearBN` are also switched
 between modes with `convbn_mode`: train updates the running statistics, tune gives eval's
 outputs, and deploy after `fold_for_deploy` gives eval's outputs.
 
+Presets whose ``tiny`` overrides build the same module (same class and fields, same example
+input) share one runtime check: a family's presets usually differ only in fields the overrides
+set, so the check is run once per distinct tiny model (`RUNTIME_GROUPS`), named after all of them.
+The per-name checks (published count, ``eval_shape`` of the full preset) still run for each name.
+
 Compiles use XLA's backend optimization level 0: these are correctness checks on tiny inputs,
 and unoptimized code compiles about twice as fast on CPU.
 """
@@ -80,6 +85,28 @@ def _uses_convbn(name: str) -> bool:
 
 
 CONVBN_MODELS = [n for n in MODELS if _uses_convbn(n)]
+
+
+def _runtime_groups(names: list[str]) -> list[tuple[str, ...]]:
+    """Names grouped by their tiny model (module repr, which lists every field, and input)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name in names:
+        try:
+            model, x = _tiny(name)
+            shapes = jax.tree.map(lambda a: (a.shape, str(a.dtype)), x)
+            key = (repr(model), str(shapes))
+        except Exception:  # a broken model fails in its own group, not at collection
+            key = (name, "")
+        groups.setdefault(key, []).append(name)
+    return [tuple(g) for g in groups.values()]
+
+
+RUNTIME_GROUPS = _runtime_groups(MODELS)
+CONVBN_GROUPS = [g for g in RUNTIME_GROUPS if g[0] in CONVBN_MODELS]
+
+
+def _group_id(group: tuple[str, ...]) -> str:
+    return "-".join(group)
 
 
 @functools.cache
@@ -170,8 +197,20 @@ def test_eval_shape_param_count(name, record_property):
     assert all(x.shape[0] == batch for x in jax.tree.leaves(out))
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_init_apply_jit_finite_grads(name):
+def test_runtime_groups_cover_every_model():
+    covered = [n for g in RUNTIME_GROUPS for n in g]
+    assert sorted(covered) == sorted(MODELS)
+    assert len(set(covered)) == len(covered)
+    for group in RUNTIME_GROUPS:
+        reprs = {repr(_tiny(n)[0]) for n in group}
+        assert len(reprs) == 1, f"{group}: different tiny models in one group"
+    # the dedup must not hide a family whose tiny models differ
+    assert not any({"resnet18", "resnet50"} <= set(g) for g in RUNTIME_GROUPS)
+
+
+@pytest.mark.parametrize("group", RUNTIME_GROUPS, ids=_group_id)
+def test_init_apply_jit_finite_grads(group):
+    name = group[0]
     model, x = _tiny(name)
     variables = _initialized(name)
     params = variables["params"]
@@ -195,8 +234,9 @@ def test_init_apply_jit_finite_grads(name):
     assert any(float(jnp.max(jnp.abs(leaf))) > 0 for leaf in g), f"{name}: all gradients zero"
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_dtype_bf16_followed(name):
+@pytest.mark.parametrize("group", RUNTIME_GROUPS, ids=_group_id)
+def test_dtype_bf16_followed(group):
+    name = group[0]
     tiny = model_info(name).tiny
     x = example_input(name, **tiny)
     model = create_model(name, dtype=jnp.bfloat16, **tiny)
@@ -227,8 +267,9 @@ def _perturb(tree, seed: int):
     return jax.tree.unflatten(treedef, new)
 
 
-@pytest.mark.parametrize("name", CONVBN_MODELS)
-def test_convbn_mode_switching(name):
+@pytest.mark.parametrize("group", CONVBN_GROUPS, ids=_group_id)
+def test_convbn_mode_switching(group):
+    name = group[0]
     model, x = _tiny(name)
     variables = _initialized(name)
     params = _perturb(variables["params"], seed=1)
