@@ -22,6 +22,7 @@ from jaxblocks.typing import Array, Float
 
 __all__ = [
     "ConvMlp",
+    "ConvNeXtMixer",
     "InceptionDWConv2d",
     "MetaNeXtBlock",
     "MlpClassifierHead",
@@ -68,6 +69,48 @@ def _check_nhwc(where: str, x: Array, channels: int | None = None) -> None:
         raise ValueError(f"{where}: x must be [B, H, W, C] (4-D), got shape {x.shape}")
     if channels is not None and x.shape[-1] != channels:
         raise ValueError(f"{where}: x has {x.shape[-1]} channels, expected {channels}")
+
+
+class ConvNeXtMixer(nn.Module):
+    """ConvNeXt's token mixer, the baseline of InceptionNeXt (https://arxiv.org/abs/2303.16900).
+
+    One ``k x k`` depthwise convolution over every channel (stride 1, ``k // 2`` zero padding,
+    with bias), as ConvNeXt's ``dwconv``. Passed as ``token_mixer`` to `MetaNeXtBlock` or the
+    `InceptionNeXt` model it gives the paper's comparison point: the same MetaNeXt network with
+    only the token mixer changed.
+
+    Attributes:
+      kernel_size: odd kernel size (ConvNeXt: 7).
+      dtype, param_dtype: compute and parameter dtypes.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> y, _ = ConvNeXtMixer().init_with_output(jax.random.key(0), jnp.ones((1, 8, 8, 4)))
+      >>> y.shape
+      (1, 8, 8, 4)
+    """
+
+    kernel_size: int = 7
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "B H W C"]) -> Float[Array, "B H W C"]:
+        _check_nhwc("ConvNeXtMixer", x)
+        k = self.kernel_size
+        if k < 1 or k % 2 == 0:
+            raise ValueError(f"ConvNeXtMixer: kernel_size must be odd and >= 1, got {k}")
+        c = x.shape[-1]
+        return nn.Conv(
+            c,
+            (k, k),
+            padding=((k // 2, k // 2), (k // 2, k // 2)),
+            feature_group_count=c,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(default_kernel_init, DEPTHWISE_AXES),
+            name="dwconv",
+        )(x)
 
 
 class InceptionDWConv2d(nn.Module):

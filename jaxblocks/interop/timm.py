@@ -84,12 +84,33 @@ class TimmFamily:
       classifier: timm key of the classifier weight ``[num_classes, features]``; when the
         caller does not pass ``num_classes``, it is read from this tensor's first dimension
         (0 when the key is absent: timm's ``num_classes=0``).
+      key_fn: ``(flax module path, flax leaf name, timm leaf name) -> timm key`` replacing
+        `timm_key` and ``renames``, for families where one Flax module holds several torch
+        modules (a `ConvBN` is torch's conv and its BatchNorm).
     """
 
     pattern: str
     renames: tuple[tuple[str, str], ...] = ()
     ignore: tuple[str, ...] = (r"\.num_batches_tracked$",)
     classifier: str | None = None
+    key_fn: Callable[[tuple[str, ...], str, str], str] | None = None
+
+
+def _resnet_key(modules: tuple[str, ...], name: str, torch_leaf: str) -> str:
+    """timm/torchvision ResNet key of a leaf of `jaxblocks.models.resnet.ResNet`.
+
+    A Flax `ConvBN` ``conv<i>`` holds torch's ``conv<i>`` (the kernel) and ``bn<i>`` (scale,
+    bias, running statistics); ``downsample`` holds ``downsample.0`` and ``downsample.1``.
+    """
+    *parents, last = modules
+    if last.startswith("conv") or last == "downsample":
+        is_conv = name == "kernel"
+        if last == "downsample":
+            last = "downsample.0" if is_conv else "downsample.1"
+        elif not is_conv:
+            last = "bn" + (last[len("conv") :] or "1")
+        modules = (*parents, last)
+    return timm_key(modules, torch_leaf)
 
 
 TIMM_FAMILIES: list[TimmFamily] = [
@@ -97,6 +118,8 @@ TIMM_FAMILIES: list[TimmFamily] = [
     TimmFamily("inception_next_*", classifier="head.fc2.weight"),
     # jaxblocks.models.nextvit mirrors timm's NextViT names; only the classifier Dense is flat.
     TimmFamily("nextvit_*", renames=((r"^head_fc\.", "head.fc."),), classifier="head.fc.weight"),
+    # resnet18/34/50: timm's names are torchvision's, so both load.
+    TimmFamily("resnet[135][048]", classifier="fc.weight", key_fn=_resnet_key),
 ]
 
 
@@ -168,8 +191,8 @@ def load_timm_state_dict(
     """Convert a timm state dict to the Flax variables of the registered model ``model_name``.
 
     Imports trained timm weights (InceptionNeXt, https://arxiv.org/abs/2303.16900, Next-ViT,
-    https://arxiv.org/abs/2207.05501, and any family added to `TIMM_FAMILIES`) into the jaxblocks
-    model of the same name, channels-last.
+    https://arxiv.org/abs/2207.05501, ResNet-18/34/50 with timm's or torchvision's keys, and any
+    family added to `TIMM_FAMILIES`) into the jaxblocks model of the same name, channels-last.
 
     Args:
       model_name: registry name, equal to timm's model name (``"inception_next_atto"``).
@@ -212,7 +235,11 @@ def load_timm_state_dict(
         names = tuple(str(getattr(k, "key", k)) for k in path)
         collection, modules, name = names[0], names[1:-1], names[-1]
         rule = _rule(collection, name, leaf.ndim)
-        key = timm_key(modules, rule.torch_name or name, family.renames)
+        torch_leaf = rule.torch_name or name
+        if family.key_fn is not None:
+            key = family.key_fn(modules, name, torch_leaf)
+        else:
+            key = timm_key(modules, torch_leaf, family.renames)
         if key not in state_dict:
             missing.append(key)
             return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -204,6 +205,10 @@ class InceptionNeXt(nn.Module):
       num_classes, depths, dims, mlp_ratios, head_mlp_ratio, square_kernel_size,
         band_kernel_size, branch_ratio, ls_init_value, drop_rate, drop_path_rate: see
         `InceptionNeXtConfig`.
+      token_mixer: factory of every block's token mixer, replacing `InceptionDWConv2d` (and
+        the three kernel fields above), called as ``token_mixer(dtype=, param_dtype=,
+        name=)``; `ConvNeXtMixer` gives the paper's MetaNeXt/ConvNeXt baseline. None (default):
+        `InceptionDWConv2d`.
       dtype: compute dtype (None: the input's, integers promoted to float32).
       param_dtype: parameter storage dtype.
 
@@ -228,6 +233,7 @@ class InceptionNeXt(nn.Module):
     ls_init_value: float = 1e-6
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    token_mixer: Callable[..., nn.Module] | None = None
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -280,7 +286,7 @@ class InceptionNeXt(nn.Module):
             name="stem_1",
         )(x)
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
-        mixer = functools.partial(
+        mixer = self.token_mixer or functools.partial(
             InceptionDWConv2d,
             square_kernel_size=self.square_kernel_size,
             band_kernel_size=self.band_kernel_size,

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from jaxblocks.blocks.inception_next import (
+    ConvNeXtMixer,
     InceptionDWConv2d,
     MetaNeXtBlock,
     MlpClassifierHead,
@@ -292,8 +293,8 @@ def test_load_timm_state_dict_errors(tiny):
     assert "missing keys (1): stages.2.blocks.1.gamma" in msg
     assert "unexpected keys (1): stages.9.extra.weight" in msg
     assert "stem.0.weight (8, 2, 4, 4) -> (4, 4, 2, 8), expected (4, 4, 3, 8)" in msg
-    with pytest.raises(ValueError, match="'resnet18' has no timm mapping"):
-        load_timm_state_dict("resnet18", sd)
+    with pytest.raises(ValueError, match="'mobilenet_v2' has no timm mapping"):
+        load_timm_state_dict("mobilenet_v2", sd)
 
 
 @pytest.mark.torch
@@ -323,3 +324,34 @@ def test_matches_timm_inception_next_atto():
     rel = np.sqrt(np.mean((got - want) ** 2)) / np.sqrt(np.mean(want**2))
     assert rel < 1e-4, f"relative RMS error {rel:.2e}"
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_convnext_token_mixer_swaps_only_the_mixer():
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    model = create_model("inception_next_atto", **TINY, token_mixer=ConvNeXtMixer)
+    v = nn.unbox(model.init(jax.random.key(1), x))
+    mixer = v["params"]["stages_1"]["blocks_0"]["token_mixer"]
+    assert set(mixer) == {"dwconv"} and mixer["dwconv"]["kernel"].shape == (
+        7,
+        7,
+        1,
+        TINY["dims"][1],
+    )
+    ref = nn.unbox(create_model("inception_next_atto", **TINY).init(jax.random.key(1), x))
+    strip = lambda p: {k: w for k, w in p.items() if k != "token_mixer"}  # noqa: E731
+    assert jax.tree.structure(strip(v["params"]["stages_1"]["blocks_0"])) == jax.tree.structure(
+        strip(ref["params"]["stages_1"]["blocks_0"])
+    )
+    # the mixer is a plain 7x7 depthwise conv: compare with lax on one block's input
+    y = ConvNeXtMixer().apply({"params": mixer}, x[..., :1].repeat(TINY["dims"][1], -1))
+    k = mixer["dwconv"]["kernel"]
+    want = jax.lax.conv_general_dilated(
+        x[..., :1].repeat(TINY["dims"][1], -1), k, (1, 1), ((3, 3), (3, 3)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=TINY["dims"][1],
+        precision="highest",
+    ) + mixer["dwconv"]["bias"][None, None, None]  # fmt: skip
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    out = model.apply(v, x, train=False)
+    assert out.shape == (2, TINY["num_classes"]) and np.all(np.isfinite(out))
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
+        ConvNeXtMixer(kernel_size=4).init(jax.random.key(0), x)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxblocks.interop.timm import load_timm_state_dict
 from jaxblocks.layers.conv_bn import convbn_mode, fold_for_deploy
 from jaxblocks.models.mobilenet import InvertedResidual, MobileNetV2, make_divisible
 from jaxblocks.models.resnet import RESNET_PRESETS, ResNet, ResNetConfig
@@ -315,3 +316,75 @@ def test_bad_norm_name_and_variant_presets():
         ResNet(norm="layer", num_classes=2).init(jax.random.key(0), jnp.ones((1, 8, 8, 3)))
     assert RESNET_PRESETS["resnet50_evonorm_s0"].norm == "evonorm_s0"
     assert RESNET_PRESETS["resnet18_ghost_bn"].ghost_batch_size == 128
+
+
+def _torchvision_state_dict(variables) -> dict[str, np.ndarray]:
+    """torchvision/timm ResNet keys written out by hand from a jaxblocks ResNet's variables."""
+    p, s = variables["params"], variables["batch_stats"]
+    sd = {}
+
+    def convbn(flax_path, conv_key, bn_key):
+        pp, ss = p, s
+        for k in flax_path:
+            pp, ss = pp[k], ss[k]
+        sd[f"{conv_key}.weight"] = np.asarray(pp["kernel"]).transpose(3, 2, 0, 1)
+        sd[f"{bn_key}.weight"], sd[f"{bn_key}.bias"] = pp["scale"], pp["bias"]
+        sd[f"{bn_key}.running_mean"], sd[f"{bn_key}.running_var"] = ss["mean"], ss["var"]
+        sd[f"{bn_key}.num_batches_tracked"] = np.array(7)
+
+    convbn(("conv1",), "conv1", "bn1")
+    for block in (k for k in p if k.startswith("layer")):
+        layer, idx = block.split("_")
+        for conv in (k for k in p[block] if k.startswith("conv")):
+            n = conv[len("conv") :]
+            convbn((block, conv), f"{layer}.{idx}.{conv}", f"{layer}.{idx}.bn{n}")
+        if "downsample" in p[block]:
+            pre = f"{layer}.{idx}.downsample"
+            convbn((block, "downsample"), f"{pre}.0", f"{pre}.1")
+    sd["fc.weight"], sd["fc.bias"] = np.asarray(p["fc"]["kernel"]).T, p["fc"]["bias"]
+    return {k: np.array(v) for k, v in sd.items()}
+
+
+def test_load_torchvision_resnet_state_dict_round_trip():
+    kw = {"width": 8, "num_classes": 5}
+    model = create_model("resnet18", **kw)
+    v = nn.unbox(model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3))))
+    leaves, treedef = jax.tree.flatten(v)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    v = jax.tree.unflatten(
+        treedef, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    )
+    sd = _torchvision_state_dict(v)
+    got = load_timm_state_dict("resnet18", sd, width=8)  # num_classes read from fc.weight
+    assert jax.tree.structure(got) == jax.tree.structure(v)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(v), strict=True):
+        np.testing.assert_array_equal(a, b)
+    del sd["layer2.0.downsample.1.running_var"]
+    with pytest.raises(ValueError, match=r"missing keys \(1\): layer2.0.downsample.1.running_var"):
+        load_timm_state_dict("resnet18", sd, width=8)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_matches_timm_resnet(name):
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    ref = timm.create_model(name, pretrained=False).eval()
+    with torch.no_grad():
+        for m in ref.modules():  # non-trivial BN statistics and affine
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0.0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1.0, 0.2)
+                m.bias.normal_(0.0, 0.2)
+    x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x)).numpy()
+    variables = load_timm_state_dict(name, ref.state_dict())
+    got = np.asarray(
+        create_model(name).apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1)), train=False)
+    )
+    rel = np.sqrt(np.mean((got - want) ** 2)) / np.sqrt(np.mean(want**2))
+    assert rel < 1e-4, f"{name}: relative RMS error {rel:.2e} against timm"
