@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import os
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -30,7 +31,16 @@ import numpy as np
 
 from jaxblocks.registry import create_model, example_input
 
-__all__ = ["LEAF_RULES", "TIMM_FAMILIES", "TimmFamily", "load_timm_state_dict", "timm_key"]
+__all__ = [
+    "LEAF_RULES",
+    "TIMM_FAMILIES",
+    "TimmFamily",
+    "convert",
+    "load",
+    "load_timm_state_dict",
+    "read_state_dict",
+    "timm_key",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,3 +268,43 @@ def load_timm_state_dict(
     if missing or unexpected or shapes:
         raise ValueError(_mismatch_message(model_name, missing, unexpected, shapes))
     return variables
+
+
+# `convert(name, state_dict)`: the name the issue and most users look for.
+convert = load_timm_state_dict
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A state dict (key -> NumPy array) from a ``.safetensors`` or ``.npz`` file, without torch.
+
+    ``.safetensors`` is read with the ``safetensors`` package's NumPy loader (part of the
+    ``torch`` extra; bfloat16 tensors need torch to be read); ``.npz`` with `numpy.load`.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"read_state_dict: path {path!r} is not a file")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.numpy import load_file
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "read_state_dict: reading .safetensors needs the `safetensors` package "
+                "(pip install 'jaxblocks[torch]' or pip install safetensors)"
+            ) from e
+        return dict(load_file(path))
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    raise ValueError(f"read_state_dict: path {path!r} must end in .safetensors or .npz")
+
+
+def load(model_name: str, path: str | os.PathLike, **overrides: Any) -> dict[str, Any]:
+    """`load_timm_state_dict` of the state dict stored at ``path`` (`read_state_dict`).
+
+    Example::
+
+        # once, where torch is installed:
+        #   safetensors.torch.save_file(timm_model.state_dict(), "atto.safetensors")
+        variables = jaxblocks.interop.timm.load("inception_next_atto", "atto.safetensors")
+    """
+    return load_timm_state_dict(model_name, read_state_dict(path), **overrides)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxblocks.interop import timm as timm_interop
 from jaxblocks.interop.timm import load_timm_state_dict
 from jaxblocks.layers.conv_bn import convbn_mode, fold_for_deploy
 from jaxblocks.models.mobilenet import InvertedResidual, MobileNetV2, make_divisible
@@ -345,7 +346,7 @@ def _torchvision_state_dict(variables) -> dict[str, np.ndarray]:
     return {k: np.array(v) for k, v in sd.items()}
 
 
-def test_load_torchvision_resnet_state_dict_round_trip():
+def test_load_torchvision_resnet_state_dict_round_trip(tmp_path):
     kw = {"width": 8, "num_classes": 5}
     model = create_model("resnet18", **kw)
     v = nn.unbox(model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3))))
@@ -359,6 +360,25 @@ def test_load_torchvision_resnet_state_dict_round_trip():
     assert jax.tree.structure(got) == jax.tree.structure(v)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(v), strict=True):
         np.testing.assert_array_equal(a, b)
+    # the same through files: .npz always, .safetensors with the package's NumPy loader
+    np.savez(tmp_path / "r18.npz", **sd)
+    paths = [tmp_path / "r18.npz"]
+    try:
+        from safetensors.numpy import save_file
+    except ImportError:
+        pass
+    else:
+        save_file({k: np.ascontiguousarray(a) for k, a in sd.items()}, tmp_path / "r18.safetensors")
+        paths.append(tmp_path / "r18.safetensors")
+    for path in paths:
+        got = timm_interop.load("resnet18", path, width=8)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(v), strict=True):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="must end in .safetensors or .npz"):
+        (tmp_path / "r18.pt").write_bytes(b"x")
+        timm_interop.load("resnet18", tmp_path / "r18.pt")
+    with pytest.raises(ValueError, match="is not a file"):
+        timm_interop.read_state_dict(tmp_path / "missing.npz")
     del sd["layer2.0.downsample.1.running_var"]
     with pytest.raises(ValueError, match=r"missing keys \(1\): layer2.0.downsample.1.running_var"):
         load_timm_state_dict("resnet18", sd, width=8)
