@@ -382,16 +382,26 @@ def check_config(
 class PreemptionGuard:
     """Context manager: while active, SIGTERM sets ``.requested`` instead of killing the process.
 
-    Only the main thread can install signal handlers; elsewhere the guard is inert.
+    With ``raise_as`` (an exception class) the handler also raises it, so code that does not
+    poll the flag (the report hooks) stops at once; a guard entered inside (a training stage)
+    takes over until it exits. Only the main thread can install signal handlers; elsewhere the
+    guard is inert.
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+    def __init__(
+        self,
+        signals: tuple[int, ...] = (signal.SIGTERM,),
+        raise_as: type[BaseException] | None = None,
+    ):
         self.signals = signals
+        self.raise_as = raise_as
         self.requested = False
         self._old: dict[int, Any] = {}
 
     def _handler(self, signum, frame):  # noqa: ARG002
         self.requested = True
+        if self.raise_as is not None:
+            raise self.raise_as(f"signal {signum}")
 
     def __enter__(self) -> PreemptionGuard:
         if threading.current_thread() is threading.main_thread():

@@ -12,6 +12,7 @@ and ``TrainResult.preempted=True``, which callers use to tell it from a finished
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import inspect
 import os
@@ -299,6 +300,23 @@ def _global_batch(tr: Trainer, step: int) -> dict:
     return shd.shard_batch(local, tr.mesh, seq_axis)
 
 
+class Preempted(Exception):
+    """SIGTERM while the report hooks ran (`run`): the run stops there.
+
+    ``result`` is the preempted `TrainResult` when a report was retraining (its checkpoint is
+    saved, a rerun resumes it), None when the signal came between trainings.
+    """
+
+    def __init__(self, result: TrainResult | str | None = None):
+        super().__init__("preempted by SIGTERM during the reports")
+        self.result = result if isinstance(result, TrainResult) else None
+
+
+# True while `run` runs the report hooks: a stage they train that SIGTERM stops raises
+# `Preempted` instead of returning, so the report does not go on to its next retraining.
+_IN_REPORTS: contextvars.ContextVar[bool] = contextvars.ContextVar("_IN_REPORTS", default=False)
+
+
 def train(
     cfg: ml_collections.ConfigDict,
     workdir: str,
@@ -352,11 +370,14 @@ def train(
             cfg.checkpoint.async_save,
         )
         try:
-            return _train(
+            result = _train(
                 cfg, tr, workdir, ckpt, guard, init_from, stop_after, description, t_build
             )
         finally:
             ckpt.close()
+    if result.preempted and _IN_REPORTS.get():
+        raise Preempted(result)  # a report's retraining: stop the whole run, not just this one
+    return result
 
 
 def _say(msg: str) -> None:
@@ -479,6 +500,9 @@ def run(
 
     A preempted stage (SIGTERM, see `train`) ends the run: the returned list stops at it and
     its result has ``preempted=True`` (``results[-1][1].preempted``); re-running resumes it.
+    SIGTERM during the reports stops them at once (a report's own retraining saves its
+    checkpoint first) and appends ``("reports", result)`` with ``preempted=True``: the
+    retraining's result, or the last stage's when no retraining was running.
 
     Args:
       cfg: the (possibly staged) config.
@@ -499,7 +523,18 @@ def run(
     if tuple(cfg.get("reports", ())):
         from jaxblocks.train import reports  # reports train through this module
 
-        for name, table in reports.run_reports(cfg, workdir, results).items():
+        token = _IN_REPORTS.set(True)
+        try:
+            with PreemptionGuard(raise_as=Preempted):
+                tables = reports.run_reports(cfg, workdir, results)
+        except Preempted as e:
+            res = e.result or dataclasses.replace(results[-1][1], preempted=True)
+            _say(f"reports: stopped by SIGTERM; rerun to resume ({res.workdir})")
+            results.append(("reports", res))
+            return results
+        finally:
+            _IN_REPORTS.reset(token)
+        for name, table in tables.items():
             if on_report is not None:
                 on_report(name, table)
     return results

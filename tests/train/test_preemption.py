@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -195,3 +196,55 @@ def test_progress_draws_a_bar_only_on_a_terminal(monkeypatch):
     Progress(10, 0, 4, enabled=False, stream=_Tty()).update(1, {"loss": 1.0})
     Progress(10, 0, 4, enabled=False, stream=off).update(1, {"loss": 1.0})
     assert off.getvalue() == "[train] step 1/10  loss=1\n"
+
+
+def _report_run(tmp_path, monkeypatch, report):
+    """`loop.run` of a 2-step config whose only report is ``report`` (one device)."""
+    from jaxblocks.train import reports
+
+    monkeypatch.setitem(reports.REPORTS, "under_test", report)
+    run_cfg = cfg(train_steps=2, reports=("under_test",))
+    return loop.run(run_cfg, str(tmp_path), devices=jax.devices()[:1])
+
+
+def test_sigterm_during_a_report_stops_the_run(tmp_path, monkeypatch):
+    reached = []
+
+    def report(run_cfg, workdir, results):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler raises here; never reached with the fix
+        reached.append(True)
+        return "| never |"
+
+    t0 = time.time()
+    results = _report_run(tmp_path, monkeypatch, report)
+    assert time.time() - t0 < 25 and not reached
+    (stage, first), (label, res) = results
+    assert not first.preempted and label == "reports" and res.preempted
+    assert not os.path.exists(tmp_path / "under_test.md")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the guard was taken down
+
+
+def test_sigterm_during_a_report_retraining_saves_it_and_stops_the_run(tmp_path, monkeypatch):
+    reached = []
+
+    def report(run_cfg, workdir, results):
+        wd = os.path.join(workdir, "variant")
+
+        def kill_when_training():
+            t0 = time.time()
+            while not train_steps_logged(wd) and time.time() - t0 < 60:
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=kill_when_training, daemon=True).start()
+        variant = cfg(train_steps=100_000, log_every=1)
+        loop.train(variant, wd, devices=jax.devices()[:1])
+        reached.append(True)  # a report used to go on to its next variant here
+        return "| never |"
+
+    results = _report_run(tmp_path, monkeypatch, report)
+    label, res = results[-1]
+    assert label == "reports" and res.preempted and not reached
+    assert res.workdir == str(tmp_path / "variant") and 0 < res.final_step < 100_000
+    assert checkpoint_steps(res.workdir) == [res.final_step]
