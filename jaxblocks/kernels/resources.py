@@ -53,6 +53,7 @@ class GpuLimits:
     shared_memory_bytes: int
     registers_per_thread: int
     threads_per_warp: int = 32
+    register_file: int = 64 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +65,7 @@ class TpuLimits:
 
 
 # H100 and H200 share the SM: 228 KB shared memory per SM (227 KB usable by one block),
-# 255 registers per thread at most.
+# 255 registers per thread at most, 64K 32-bit registers per SM for all of a block's threads.
 H100 = GpuLimits("H100/H200 SM", shared_memory_bytes=227 * 1024, registers_per_thread=255)
 # TPU v5e: 16 MiB of scoped VMEM by default (the smallest of v4/v5e/v5p/v6e defaults).
 TPU_V5E = TpuLimits("TPU v5e core", vmem_bytes=16 * 1024 * 1024)
@@ -103,6 +104,12 @@ class GpuWorkingSet:
             return (
                 f"{self.kernel}: ~{regs} registers per thread at num_warps={self.num_warps} "
                 f"exceed the {limits.registers_per_thread} of an {limits.name}"
+            )
+        threads = limits.threads_per_warp * self.num_warps
+        if regs * threads > limits.register_file:
+            return (
+                f"{self.kernel}: ~{regs} registers per thread x {threads} threads exceed the "
+                f"{limits.register_file} registers of an {limits.name}"
             )
         if self.shared_memory_bytes > limits.shared_memory_bytes:
             return (

@@ -130,6 +130,14 @@ def test_resource_estimates_and_limits():
     assert small.registers_per_thread == 128 + 32 and small.check() is None
     big = GpuWorkingSet("k", live_bytes=2 * nbytes((128, 128), "float32"), num_warps=4)
     assert "registers per thread" in big.check(H100) and big.check(H100).startswith("k:")
+    # 16 warps at ~160 registers a thread: each thread fits, the SM's 64K register file does not
+    wide = GpuWorkingSet("k", live_bytes=4 * nbytes((128, 128), "float32"), num_warps=16)
+    assert wide.registers_per_thread == 160
+    assert "x 512 threads exceed the 65536 registers" in wide.check(H100)
+    assert (
+        GpuWorkingSet("k", live_bytes=2 * nbytes((128, 128), "float32"), num_warps=8).check()
+        is None
+    )
     smem = GpuWorkingSet("k", live_bytes=0, num_warps=4, shared_memory_bytes=300 * 1024)
     assert "shared memory" in smem.check()
     tpu = TpuWorkingSet("t", block_bytes=5 * 2**20, scratch_bytes=2**20)

@@ -29,8 +29,6 @@ MAX_TAPS = 8  # the short conv's widest kernel (Mamba uses 4); longer kernels: f
 LANES = 128  # TPU: the last block dim is a multiple of the 128 lanes
 MIN_TRITON_BLOCK = 16  # Triton blocks are powers of two; 16 is the smallest dot-friendly tile
 BACKENDS = ("pallas_gpu", "pallas_tpu")
-# 32-bit registers of one H100/H200 SM, shared by all threads of a program (64K).
-REGISTER_FILE = 64 * 1024
 # The pallas_call names per backend.
 KERNEL_NAMES: dict[str, str] = {
     "pallas_gpu": "causal_conv1d_gpu",
@@ -189,18 +187,11 @@ def supports(
 
 
 def working_set_reason(ws) -> str | None:
-    """None when ``ws`` fits `resources.H100` / `resources.TPU_V5E`, else why (naming the kernel);
-    on a GPU the program's registers must also fit the SM's register file (`REGISTER_FILE`)."""
+    """None when ``ws`` fits `resources.H100` (registers per thread, the SM's register file,
+    shared memory) / `resources.TPU_V5E`, else why (naming the kernel)."""
     if isinstance(ws, resources.TpuWorkingSet):
         return ws.check(resources.TPU_V5E)
-    reason = ws.check(resources.H100)
-    threads = resources.H100.threads_per_warp * ws.num_warps
-    if reason is None and ws.registers_per_thread * threads > REGISTER_FILE:
-        reason = (
-            f"{ws.kernel}: ~{ws.registers_per_thread} registers per thread x {threads} threads "
-            f"exceed the {REGISTER_FILE} registers of an {resources.H100.name}"
-        )
-    return reason
+    return ws.check(resources.H100)
 
 
 def _tile_rule(backend: str, block_sizes: BlockSizes | None) -> str | None:

@@ -37,8 +37,6 @@ VMEM_LIMIT_BYTES = 48 * 2**20
 # products; during a DFT u, Cr, Ci, a finished spectrum half and two matmul results. The xcorr
 # kernel holds a's spectrum (2 rows) while b's DFT runs (5 rows): 7 as well.
 LIVE_ROWS = 7
-# 32-bit registers of one H100/H200 SM, shared by all threads of a program (64K).
-REGISTER_FILE = 64 * 1024
 # The pallas_call names, (convolution, correlation) per backend.
 KERNEL_NAMES: dict[str, tuple[str, str]] = {
     "pallas_gpu": ("fft_conv_monarch_gpu", "fft_xcorr_monarch_gpu"),
@@ -167,20 +165,13 @@ def working_set(
 def working_set_reason(ws, block_sizes: BlockSizes | None = None) -> str | None:
     """None when ``ws`` fits its target (`resources.H100` / `resources.TPU_V5E`), else why.
 
-    Besides `GpuWorkingSet.check`, a program's registers must fit the SM's register file
-    (`REGISTER_FILE`), and a grid step's VMEM the ``BlockSizes.vmem_limit_bytes`` it runs with.
+    On a GPU `GpuWorkingSet.check` (registers per thread, the SM's register file, shared
+    memory); on a TPU a grid step's VMEM must also fit the ``BlockSizes.vmem_limit_bytes`` it
+    runs with.
     """
     blocks = BlockSizes() if block_sizes is None else block_sizes
     if isinstance(ws, resources.GpuWorkingSet):
-        reason = ws.check(resources.H100)
-        total = ws.registers_per_thread * resources.H100.threads_per_warp * ws.num_warps
-        if reason is None and total > REGISTER_FILE:
-            reason = (
-                f"{ws.kernel}: ~{ws.registers_per_thread} registers per thread x "
-                f"{total // ws.registers_per_thread} threads exceed the {REGISTER_FILE} "
-                f"registers of an {resources.H100.name}"
-            )
-        return reason
+        return ws.check(resources.H100)
     limits = resources.TPU_V5E
     if blocks.vmem_limit_bytes < limits.vmem_bytes:
         limits = resources.TpuLimits("BlockSizes.vmem_limit_bytes", blocks.vmem_limit_bytes)
