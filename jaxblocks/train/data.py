@@ -11,7 +11,8 @@ Sources (all local, nothing is downloaded; `DATASETS` by ``config.data.name``, e
 ``digits`` (scikit-learn's digits via `jaxblocks.data.digits`), ``moving_digits`` (token
 videos of a moving digit, `jaxblocks.data.moving_digits`), ``order_flow`` (order-flow images
 of a simulated market, `jaxblocks.data.order_flow`), ``ellipsoids3d`` (labelled ellipsoids
-in noisy volumes, `jaxblocks.data.ellipsoids`), ``reber`` (generated
+in noisy volumes, `jaxblocks.data.ellipsoids`), ``action_clips`` (moving, growing and
+shrinking blobs, `jaxblocks.data.action_clips`), ``reber`` (generated
 embedded-Reber strings, `jaxblocks.data.reber`), ``stdlib_text`` (bytes of the
 Python standard library's own ``.py`` files, for character LMs) and ``sr_sample_images``
 (super-resolution crops of scikit-learn's sample photographs, `jaxblocks.data.sr_images`).
@@ -244,6 +245,20 @@ def _ellipsoids3d(cfg: ml_collections.ConfigDict) -> Splits:
     x, y = ellipsoid_volumes(d.num_examples, d.image_size, k, seed=cfg.seed)
     xt, yt = ellipsoid_volumes(max(d.num_examples // 4, 1), d.image_size, k, seed=cfg.seed + 1)
     return x, y, xt, yt, k
+
+
+@register_dataset("action_clips")
+def _action_clips(cfg: ml_collections.ConfigDict) -> Splits:
+    """Synthetic action clips (`jaxblocks.data.action_clips`): ``data.seq_len`` frames of
+    ``data.image_size``² pixels, six motion classes in time-reversed pairs; test clips from
+    another seed."""
+    from jaxblocks.data.action_clips import ACTIONS, action_clips
+
+    d = cfg.data
+    kw = dict(frames=d.seq_len, size=d.image_size)
+    x, y = action_clips(d.num_examples, seed=cfg.seed, **kw)
+    xt, yt = action_clips(max(d.num_examples // 4, 1), seed=cfg.seed + 10_000, **kw)
+    return x, y, xt, yt, len(ACTIONS)
 
 
 @register_dataset("reber")
