@@ -13,6 +13,13 @@ from jaxblocks.blocks.nextvit import NextConvBlock as NextConvBlock
 from jaxblocks.blocks.nextvit import NextTransformerBlock as NextTransformerBlock
 from jaxblocks.blocks.ninformer import MixerGatingUnit as MixerGatingUnit
 from jaxblocks.blocks.ninformer import NiNBlock as NiNBlock
+from jaxblocks.blocks.raftmlp import ChannelMLPBlock as ChannelMLPBlock
+from jaxblocks.blocks.raftmlp import CrossScaleMLPEmbedding as CrossScaleMLPEmbedding
+from jaxblocks.blocks.raftmlp import PermutedBlock as PermutedBlock
+from jaxblocks.blocks.raftmlp import RaftLayerNorm as RaftLayerNorm
+from jaxblocks.blocks.raftmlp import RaftMLPBlock as RaftMLPBlock
+from jaxblocks.blocks.raftmlp import RaftTokenMixingBlock as RaftTokenMixingBlock
+from jaxblocks.blocks.raftmlp import resize_bicubic as resize_bicubic
 from jaxblocks.blocks.rev_mbconv3d import MBConv3D as MBConv3D
 from jaxblocks.blocks.rev_mbconv3d import ReversibleMBConv3DStage as ReversibleMBConv3DStage
 from jaxblocks.blocks.scse import SCSE_MODES as SCSE_MODES
@@ -29,6 +36,10 @@ from jaxblocks.blocks.tcn import TCNCA as TCNCA
 from jaxblocks.blocks.tcn import TemporalBlock as TemporalBlock
 from jaxblocks.blocks.tcn import chunked_attention as chunked_attention
 from jaxblocks.blocks.tcn import tcn_receptive_field as tcn_receptive_field
+from jaxblocks.blocks.temporal_heads import TemporalAvgPoolHead as TemporalAvgPoolHead
+from jaxblocks.blocks.temporal_heads import TemporalInceptionHead as TemporalInceptionHead
+from jaxblocks.blocks.temporal_heads import TSLSTMHead as TSLSTMHead
+from jaxblocks.blocks.temporal_heads import temporal_segments as temporal_segments
 from jaxblocks.blocks.tvconv import TVConv as TVConv
 from jaxblocks.blocks.tvconv import TVConvInvertedResidual as TVConvInvertedResidual
 from jaxblocks.blocks.tvconv import precompute_tvconv_weights as precompute_tvconv_weights
