@@ -28,7 +28,7 @@ def get_config(arg: str | None = None):
     c.data.seq_len = 8
     c.batch_size = 32
     c.eval_batch_size = 128
-    c.train_steps = 600
+    c.train_steps = 2000
     c.optimizer.name = "adamw"
     c.optimizer.learning_rate = 3e-3
     c.optimizer.schedule = "cosine"
@@ -39,7 +39,7 @@ def get_config(arg: str | None = None):
     )
     c.log_every = 100
     c.eval_every = 0
-    c.checkpoint.every_steps = 600
+    c.checkpoint.every_steps = 2000
     c.reports = ("variants",)
     if "smoke" in sw:
         apply_smoke(c, train_steps=3, eval_batch_size=16)
