@@ -1,5 +1,10 @@
 """The papers' residual blocks, composed from layers. Public re-exports only."""
 
+from jaxblocks.blocks.ffnet import ChannelMixer as ChannelMixer
+from jaxblocks.blocks.ffnet import FFBlock as FFBlock
+from jaxblocks.blocks.ffnet import PatchMerging as PatchMerging
+from jaxblocks.blocks.ffnet import RepVGGDW as RepVGGDW
+from jaxblocks.blocks.ffnet import TokenMixer as TokenMixer
 from jaxblocks.blocks.gla import GLABlock as GLABlock
 from jaxblocks.blocks.inception_next import InceptionDWConv2d as InceptionDWConv2d
 from jaxblocks.blocks.inception_next import MetaNeXtBlock as MetaNeXtBlock
@@ -7,6 +12,11 @@ from jaxblocks.blocks.inception_next import MlpClassifierHead as MlpClassifierHe
 from jaxblocks.blocks.lmuformer import Conv1dEmbedding as Conv1dEmbedding
 from jaxblocks.blocks.lmuformer import LMUFormerBlock as LMUFormerBlock
 from jaxblocks.blocks.lmuformer import LMUMixer as LMUMixer
+from jaxblocks.blocks.moat import MBConvBlock as MBConvBlock
+from jaxblocks.blocks.moat import MOATAttention as MOATAttention
+from jaxblocks.blocks.moat import MOATBlock as MOATBlock
+from jaxblocks.blocks.moat import SqueezeExcitation as SqueezeExcitation
+from jaxblocks.blocks.moat import relative_position_bias as relative_position_bias
 from jaxblocks.blocks.msvmamba import MSVMambaBlock as MSVMambaBlock
 from jaxblocks.blocks.nextvit import EfficientAttention as EfficientAttention
 from jaxblocks.blocks.nextvit import NextConvBlock as NextConvBlock
@@ -43,6 +53,12 @@ from jaxblocks.blocks.temporal_heads import temporal_segments as temporal_segmen
 from jaxblocks.blocks.tvconv import TVConv as TVConv
 from jaxblocks.blocks.tvconv import TVConvInvertedResidual as TVConvInvertedResidual
 from jaxblocks.blocks.tvconv import precompute_tvconv_weights as precompute_tvconv_weights
+from jaxblocks.blocks.uniformer import DPE as DPE
+from jaxblocks.blocks.uniformer import CBlock as CBlock
+from jaxblocks.blocks.uniformer import EvoSABlock as EvoSABlock
+from jaxblocks.blocks.uniformer import GlobalMHRABlock as GlobalMHRABlock
+from jaxblocks.blocks.uniformer import LocalMHRABlock as LocalMHRABlock
+from jaxblocks.blocks.uniformer import SABlock as SABlock
 from jaxblocks.blocks.unireplknet import GRN as GRN
 from jaxblocks.blocks.unireplknet import DilatedReparamBlock as DilatedReparamBlock
 from jaxblocks.blocks.unireplknet import UniRepLKNetBlock as UniRepLKNetBlock
