@@ -1,5 +1,7 @@
 """The papers' residual blocks, composed from layers. Public re-exports only."""
 
+from jaxblocks.blocks.emov2 import EWMHSA as EWMHSA
+from jaxblocks.blocks.emov2 import IIRMB as IIRMB
 from jaxblocks.blocks.ffnet import ChannelMixer as ChannelMixer
 from jaxblocks.blocks.ffnet import FFBlock as FFBlock
 from jaxblocks.blocks.ffnet import PatchMerging as PatchMerging
