@@ -1,5 +1,12 @@
 """The papers' residual blocks, composed from layers. Public re-exports only."""
 
+from jaxblocks.blocks.craft import GDFN as GDFN
+from jaxblocks.blocks.craft import HFB as HFB
+from jaxblocks.blocks.craft import HFERB as HFERB
+from jaxblocks.blocks.craft import SRWAB as SRWAB
+from jaxblocks.blocks.craft import DynamicPosBias as DynamicPosBias
+from jaxblocks.blocks.craft import InterAttention as InterAttention
+from jaxblocks.blocks.craft import rect_window_attention as rect_window_attention
 from jaxblocks.blocks.emov2 import EWMHSA as EWMHSA
 from jaxblocks.blocks.emov2 import IIRMB as IIRMB
 from jaxblocks.blocks.ffnet import ChannelMixer as ChannelMixer

@@ -29,7 +29,13 @@ SLOW_SMOKE = {
 # Full-size first steps of 10-20 s of CPU (a full test-set evaluation included); the smoke run of
 # the same config builds the same model and step (convbn_digits's in test_main_job).
 # Full-size first steps that compile large models (20–35 s each on 2 cores): `make test-slow`.
-SLOW_FULL_SIZE = {"char_lm", "convbn_digits", "sparse_mobilenet_digits", "stunet_ellipsoids"}
+SLOW_FULL_SIZE = {
+    "char_lm",
+    "convbn_digits",
+    "craft_sr",  # ~40 s: CRAFT's windowed attention; its smoke run builds the same blocks
+    "sparse_mobilenet_digits",
+    "stunet_ellipsoids",
+}
 
 
 def _variants(with_smoke: bool) -> list:
