@@ -25,6 +25,10 @@ minimum-spanning-tree length, depth and operation counts (MST-compression, paper
 ``"volatility_baselines"`` — order-flow volatility: RMSPE of the run and its variants beside
 the naive forecast and GARCH(1,1) (paper 25). ``"bct"`` — a trained LM's held-out perplexity
 in float and after BCT's blockwise compression of every weight and activation (paper 60).
+``"diffusion_samples"`` — a diffusion model's samples per class: PNG grid, mean brightness
+against the data, a digit classifier's accuracy on them. ``"oms_samples"`` — One More Step
+(paper 23): trains the OMS module as the first variant and compares the frozen base model's
+samples with and without it.
 """
 
 from __future__ import annotations
@@ -326,6 +330,164 @@ def bct(cfg: ml_collections.ConfigDict, workdir: str, results) -> str:
     return "\n".join(lines)
 
 
+# --- diffusion (papers 23 and 49's host model; One More Step) --------------------------------
+
+# Sampling of the diffusion reports (full run, smoke run): DDIM steps, samples per class, CFG.
+_DIFFUSION_SAMPLING = {False: (50, 16, 2.0), True: (3, 2, 2.0)}
+
+
+def _diffusion_setup(last_cfg: ml_collections.ConfigDict, params: Any):
+    """(model, variables, test images in [0, 1], test labels, digit-classifier proxy)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from jaxblocks.registry import create_model
+    from jaxblocks.train.data import make_datasets
+
+    model = create_model(last_cfg.model.name, **dict(last_cfg.model.kwargs))
+    train, (xt, yt), _ = make_datasets(last_cfg)
+    c = model.channels
+
+    def images(packed):
+        return np.clip((np.asarray(packed)[..., :c] + 1.0) / 2.0, 0.0, 1.0)
+
+    # A logistic regression on the training images is the cheap "does it look like the digit"
+    # proxy of the generated samples (as an Inception classifier is for FID/IS).
+    clf = LogisticRegression(max_iter=1000)
+    clf.fit(images(train.x).reshape(len(train.x), -1), train.y)
+    return model, {"params": jax.device_get(params)}, images(xt), np.asarray(yt), clf
+
+
+def _sample_images(model, variables, labels, seed: int, steps: int, scale: float, oms=None):
+    from jaxblocks.models.diffusion_unet import generate
+
+    run = jax.jit(lambda v, y, k: generate(model, v, y, k, num_steps=steps, guidance_scale=scale,
+                                           oms=oms))  # fmt: skip
+    x = run(variables, jnp.asarray(labels, jnp.int32), jax.random.key(seed))
+    return np.clip((np.asarray(jax.device_get(x)) + 1.0) / 2.0, 0.0, 1.0)
+
+
+def _brightness_by_class(images: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    means = images.reshape(len(images), -1).mean(1)
+    return np.array([means[labels == c].mean() if np.any(labels == c) else np.nan
+                     for c in range(k)])  # fmt: skip
+
+
+def _save_grid(path: str, blocks: list[tuple[str, np.ndarray]], k: int, per_row: int) -> None:
+    """One PNG: a row per class, a block of ``per_row`` images per titled method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = []
+    for _, imgs in blocks:  # imgs [k, n, H, W, C]
+        b = imgs[:, :per_row, ..., 0]  # [k, n, H, W]
+        h, w = b.shape[2:]
+        pad = np.pad(b, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=0.5)
+        cols.append(pad.transpose(0, 2, 1, 3).reshape(k * (h + 2), -1))
+    fig, axes = plt.subplots(1, len(blocks), figsize=(0.5 * per_row * len(blocks) + 1, 0.5 * k + 1))
+    for ax, (title, _), img in zip(np.atleast_1d(axes), blocks, cols, strict=True):
+        ax.imshow(img, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _per_class(images: np.ndarray, k: int, n: int) -> np.ndarray:
+    return images.reshape(k, n, *images.shape[1:])
+
+
+def diffusion_samples(cfg: ml_collections.ConfigDict, workdir: str, results) -> str:
+    """Sample every class with the trained diffusion model (DDIM, classifier-free guidance),
+    save the grid as ``workdir/diffusion_samples.png`` and tabulate per class the samples' mean
+    brightness against the test images' and a digit classifier's accuracy on the samples given
+    their labels (logistic regression on the training images; its test accuracy for scale)."""
+    if not results:
+        raise ValueError("report 'diffusion_samples': needs a finished run")
+    (_, last_cfg), res = config_lib.stage_configs(cfg)[-1], results[-1][1]
+    steps, n, scale = _DIFFUSION_SAMPLING[bool(last_cfg.smoke)]
+    model, variables, xt, yt, clf = _diffusion_setup(last_cfg, res.state.params)
+    k = model.num_classes
+    labels = np.repeat(np.arange(k), n)
+    x = _sample_images(model, variables, labels, last_cfg.seed, steps, scale)
+    pred = clf.predict(x.reshape(len(x), -1))
+    data_b, samp_b = _brightness_by_class(xt, yt, k), _brightness_by_class(x, labels, k)
+    if jax.process_index() == 0:
+        data = np.stack([xt[yt == c][:n] for c in range(k)]) if all(
+            np.sum(yt == c) >= n for c in range(k)) else _per_class(x, k, n)  # fmt: skip
+        blocks = [("test images", data), ("samples", _per_class(x, k, n))]
+        _save_grid(os.path.join(workdir, "diffusion_samples.png"), blocks, k, min(n, 8))
+    test_acc = clf.score(xt.reshape(len(xt), -1), yt)
+    lines = [
+        f"| class | test mean brightness | sample mean brightness | classifier accuracy on "
+        f"samples ({n} per class, {steps} DDIM steps, CFG {scale:g}) |",
+        "|---|---|---|---|",
+    ]
+    for c in range(k):
+        acc = float(np.mean(pred[labels == c] == c))
+        lines.append(f"| {c} | {data_b[c]:.3f} | {samp_b[c]:.3f} | {acc:.2f} |")
+    lines.append(f"| all | {xt.mean():.3f} | {x.mean():.3f} | {np.mean(pred == labels):.3f} "
+                 f"(the classifier's test accuracy: {test_acc:.3f}) |")  # fmt: skip
+    return "\n".join(lines) + "\n\n![samples](diffusion_samples.png)"
+
+
+def oms_samples(cfg: ml_collections.ConfigDict, workdir: str, results) -> str:
+    """One More Step (paper 23): the run is the frozen base model (non-zero terminal SNR); the
+    first ``config.variants`` entry trains the OMS module (time-free, zero-SNR step only) with
+    the same trainer. Tabulates per class the mean brightness of the test images, of the base
+    model's samples from x_T ~ N(0, I), of base + OMS (same label) and of base + OMS given the
+    class of most different brightness (low-frequency control), with the digit classifier's
+    accuracy; saves the grid as ``workdir/oms_samples.png``."""
+    from jaxblocks.models.diffusion_unet import schedule_of
+
+    last_cfg, rows = _retrain_variants(cfg, workdir, results, "oms_samples")
+    base_res, oms_res = rows[0][1], rows[1][1]
+    oms_cfg = config_lib.apply_overrides(last_cfg, list(last_cfg.variants[0].get("overrides", ())))
+    steps, n, scale = _DIFFUSION_SAMPLING[bool(last_cfg.smoke)]
+    model, variables, xt, yt, clf = _diffusion_setup(last_cfg, base_res.state.params)
+    oms_model, oms_vars, *_ = _diffusion_setup(oms_cfg, oms_res.state.params)
+    k = model.num_classes
+    digits = len(last_cfg.data.classes)
+    labels = np.repeat(np.arange(k), n)
+    data_b = _brightness_by_class(xt, yt, k)
+    far = np.array([int(np.nanargmax(np.abs(data_b - data_b[c]))) for c in range(k)])
+    seed = last_cfg.seed
+
+    def run(oms_labels):
+        oms = None if oms_labels is None else (oms_model, oms_vars, jnp.asarray(oms_labels), scale)
+        return _sample_images(model, variables, labels, seed, steps, scale, oms)
+
+    methods = [("base, x_T ~ N(0, I)", run(None)), ("base + OMS", run(labels)),
+               ("base + OMS(far class)", run(far[labels]))]  # fmt: skip
+    bright = [_brightness_by_class(x, labels, k) for _, x in methods]
+    digit_acc = [clf.predict(x.reshape(len(x), -1)) % digits == labels % digits
+                 for _, x in methods]  # fmt: skip
+    if jax.process_index() == 0:
+        _save_grid(os.path.join(workdir, "oms_samples.png"),
+                   [(t, _per_class(x, k, n)) for t, x in methods], k, min(n, 6))  # fmt: skip
+    ab = schedule_of(model)
+    lines = [
+        f"| class | test brightness | {' | '.join(t for t, _ in methods)} | OMS class |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in range(k):
+        lines.append(f"| {c} | {data_b[c]:.3f} | "
+                     + " | ".join(f"{b[c]:.3f}" for b in bright) + f" | {far[c]} |")  # fmt: skip
+    err = [float(np.nanmean(np.abs(b - data_b))) for b in bright[:2]]
+    lines.append(f"| mean abs. brightness error | — | {err[0]:.3f} | {err[1]:.3f} | — | — |")
+    accs = " | ".join(f"{float(np.mean(a)):.3f}" for a in digit_acc)
+    lines.append(f"| digit classifier accuracy | — | {accs} | — |")
+    return (
+        "\n".join(lines)
+        + f"\n\nBase schedule: ᾱ at its last training step {ab[-1]:.4f} (terminal SNR "
+        f"{ab[-1] / (1 - ab[-1]):.4f}); OMS bridges to ᾱ_T' = {ab[-1]:.4f} with "
+        f"{n} samples per class, {steps} DDIM steps, CFG {scale:g} for both. OMS module test "
+        f"loss {oms_res.eval_metrics.get('loss', float('nan')):.4f}.\n\n![samples](oms_samples.png)"
+    )
+
+
 REPORTS: dict[str, Report] = {
     "variants": variants,
     "convbn_modes": convbn_modes,
@@ -334,6 +496,8 @@ REPORTS: dict[str, Report] = {
     "mst_compression": mst_compression,
     "volatility_baselines": volatility_baselines,
     "bct": bct,
+    "diffusion_samples": diffusion_samples,
+    "oms_samples": oms_samples,
 }
 
 

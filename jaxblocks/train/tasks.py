@@ -16,7 +16,10 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from jaxblocks.train.data import register_dataset
 
 __all__ = ["TASKS", "Task", "get_task", "register_task", "cross_entropy", "psnr"]
 
@@ -145,3 +148,105 @@ def _segmentation(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
 
 # Volumetric (or 2-D) semantic segmentation: voxel cross-entropy, mean foreground Dice reported.
 register_task(Task("segmentation", _segmentation, "dice"))
+
+
+def _diffusion(outputs: jax.Array, _targets: jax.Array) -> dict[str, jax.Array]:
+    """Per-example mean squared error between a diffusion network's prediction and its target
+    (v, ε or x₀), which the model returns stacked on a last axis of 2 (its objective form,
+    `jaxblocks.models.diffusion_unet.DiffusionUNet` on packed images); the targets (labels) are
+    already inside the model's input."""
+    if outputs.ndim < 2 or outputs.shape[-1] != 2:
+        raise ValueError(f"diffusion: model output must stack (prediction, target) on a last axis "
+                         f"of 2, got shape {outputs.shape}")  # fmt: skip
+    err = jnp.square(outputs[..., 0].astype(jnp.float32) - outputs[..., 1].astype(jnp.float32))
+    mse = jnp.mean(err.reshape(err.shape[0], -1), axis=1)
+    return {"loss": mse, "mse": mse}
+
+
+# Denoising diffusion (label-conditioned, classifier-free guidance): the model draws t, the
+# noise and the label dropout itself, so the step needs no second loop; the data are images in
+# [-1, 1] with the label packed as one more channel (datasets below).
+register_task(Task("diffusion", _diffusion, "mse", higher_is_better=False))
+
+
+def _diffusion_digits_splits(cfg, inverted: bool):
+    from jaxblocks.data.digits import load_digits
+    from jaxblocks.models.diffusion_unet import pack_labels
+
+    d = cfg.data
+    kw = dict(classes=tuple(d.classes), size=d.image_size, channels=d.channels)
+    out = []
+    for split in ("train", "test"):
+        x, y = load_digits(split, **kw)
+        if inverted:  # the negatives as classes k .. 2k-1: bright images with dark strokes
+            x, y = np.concatenate([x, 1.0 - x]), np.concatenate([y, y + len(d.classes)])
+        out += [pack_labels(2.0 * x - 1.0, y), y]
+    k = len(d.classes) * (2 if inverted else 1)
+    return (*out, k)
+
+
+@register_dataset("diffusion_digits")
+def _diffusion_digits(cfg):
+    """scikit-learn digits for the ``diffusion`` task: x = images in [-1, 1] with the label as a
+    last channel (`pack_labels`), y = the labels."""
+    return _diffusion_digits_splits(cfg, inverted=False)
+
+
+@register_dataset("diffusion_digits_bw")
+def _diffusion_digits_bw(cfg):
+    """``diffusion_digits`` plus every image's negative (label + number of classes): dark and
+    bright classes, for the mean-brightness bias of non-zero terminal SNR (One More Step)."""
+    return _diffusion_digits_splits(cfg, inverted=True)
+
+
+# Joint image completion + classification (monotone DBM, `jaxblocks.models.monotone_dbm`): the
+# model returns (completed image [B, H, W, 1], class logits [B, K]); the targets pack the full
+# image, the 0/1 observed mask and the label as three channels [B, H, W, 3] (`masked_digits`).
+# The reconstruction weight puts an untrained model's masked MSE (~0.1) on the scale of the CE.
+COMPLETION_RECON_WEIGHT = 10.0
+
+
+def _completion_classification(outputs, targets: jax.Array) -> dict[str, jax.Array]:
+    """Per-example loss = cross-entropy + ``COMPLETION_RECON_WEIGHT`` × MSE on the unobserved
+    pixels; metrics: accuracy and that masked-pixel MSE."""
+    image, logits = outputs
+    if targets.ndim != 4 or targets.shape[-1] != 3 or image.shape != targets.shape[:-1] + (1,):
+        raise ValueError(
+            f"completion_classification: targets must be [B, H, W, 3] (image, mask, label) "
+            f"matching the image {image.shape}, got {targets.shape}"
+        )
+    t = targets.astype(jnp.float32)
+    missing = 1.0 - t[..., 1:2]
+    err = jnp.square(image.astype(jnp.float32) - t[..., :1]) * missing
+    mse = err.sum((1, 2, 3)) / jnp.maximum(missing.sum((1, 2, 3)), 1.0)
+    labels = jnp.round(t[:, 0, 0, 2]).astype(jnp.int32)
+    ce, correct = cross_entropy(logits, labels)
+    return {"loss": ce + COMPLETION_RECON_WEIGHT * mse, "accuracy": correct, "masked_mse": mse}
+
+
+register_task(Task("completion_classification", _completion_classification, "accuracy"))
+
+
+MASKED_DIGITS_OBSERVED = 0.4
+MASKED_DIGITS_COPIES = 2
+
+
+@register_dataset("masked_digits")
+def _masked_digits(cfg):
+    """scikit-learn digits with fixed random observed-pixel masks (Bernoulli
+    ``MASKED_DIGITS_OBSERVED``, the official 0.4; ``MASKED_DIGITS_COPIES`` differently masked
+    copies of each training image): x = (masked image, mask) [N, H, W, 2], y = (image, mask,
+    label) [N, H, W, 3]."""
+    from jaxblocks.data.digits import load_digits
+
+    d = cfg.data
+    frac = MASKED_DIGITS_OBSERVED
+    copies = {"train": 1 if cfg.smoke else MASKED_DIGITS_COPIES, "test": 1}
+    out = []
+    for i, split in enumerate(("train", "test")):
+        x, y = load_digits(split, classes=tuple(d.classes), size=d.image_size, channels=1)
+        x, y = np.repeat(x, copies[split], axis=0), np.repeat(y, copies[split], axis=0)
+        mask = (np.random.default_rng((cfg.seed, i)).random(x.shape) < frac).astype(np.float32)
+        label = np.broadcast_to(y[:, None, None, None].astype(np.float32), x.shape)
+        out += [np.concatenate([x * mask, mask], -1), np.concatenate([x, mask, label], -1)]
+    return (*out, len(d.classes))

@@ -25,6 +25,9 @@ SLOW_SMOKE = {
     # Two ResNet stages plus the convbn_modes report (~30 s): tests/train/test_main_job.py runs
     # the same config and switch through the CLI in the fast suite.
     ("convbn_digits", "smoke"),
+    # Trains the base diffusion model and the OMS module and samples both (~2 min): the OMS
+    # step and sampler are tested in tests/models/test_diffusion_unet.py.
+    ("oms_digits", "smoke"),
 }
 # Full-size first steps of 10-20 s of CPU (a full test-set evaluation included); the smoke run of
 # the same config builds the same model and step (convbn_digits's in test_main_job).
@@ -33,6 +36,8 @@ SLOW_FULL_SIZE = {
     "char_lm",
     "convbn_digits",
     "craft_sr",  # ~40 s: CRAFT's windowed attention; its smoke run builds the same blocks
+    "diffusion_digits",  # the UNet's full-size step; its smoke run builds the same model
+    "oms_digits",
     "sparse_mobilenet_digits",
     "stunet_ellipsoids",
 }
