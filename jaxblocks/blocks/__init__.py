@@ -1,5 +1,8 @@
 """The papers' residual blocks, composed from layers. Public re-exports only."""
 
+from jaxblocks.blocks.bossnas import ResAtt as ResAtt
+from jaxblocks.blocks.bossnas import ResConv as ResConv
+from jaxblocks.blocks.bossnas import bossnas_attention as bossnas_attention
 from jaxblocks.blocks.craft import GDFN as GDFN
 from jaxblocks.blocks.craft import HFB as HFB
 from jaxblocks.blocks.craft import HFERB as HFERB
@@ -32,6 +35,8 @@ from jaxblocks.blocks.nextvit import NextConvBlock as NextConvBlock
 from jaxblocks.blocks.nextvit import NextTransformerBlock as NextTransformerBlock
 from jaxblocks.blocks.ninformer import MixerGatingUnit as MixerGatingUnit
 from jaxblocks.blocks.ninformer import NiNBlock as NiNBlock
+from jaxblocks.blocks.poincare_resnet import PoincareResidualBlock as PoincareResidualBlock
+from jaxblocks.blocks.poincare_resnet import poincare_skip as poincare_skip
 from jaxblocks.blocks.raftmlp import ChannelMLPBlock as ChannelMLPBlock
 from jaxblocks.blocks.raftmlp import CrossScaleMLPEmbedding as CrossScaleMLPEmbedding
 from jaxblocks.blocks.raftmlp import PermutedBlock as PermutedBlock

@@ -11,6 +11,12 @@ from jaxblocks.layers.conv_bn import ConvBN as ConvBN
 from jaxblocks.layers.conv_bn import LinearBN as LinearBN
 from jaxblocks.layers.conv_bn import convbn_mode as convbn_mode
 from jaxblocks.layers.conv_bn import fold_for_deploy as fold_for_deploy
+from jaxblocks.layers.diffusion import cfg_combine as cfg_combine
+from jaxblocks.layers.diffusion import ddim_step as ddim_step
+from jaxblocks.layers.diffusion import ddpm_step as ddpm_step
+from jaxblocks.layers.diffusion import make_alphas_cumprod as make_alphas_cumprod
+from jaxblocks.layers.diffusion import oms_step as oms_step
+from jaxblocks.layers.diffusion import rescale_zero_terminal_snr as rescale_zero_terminal_snr
 from jaxblocks.layers.filter_init import bank_init as bank_init
 from jaxblocks.layers.filter_init import dct_bank as dct_bank
 from jaxblocks.layers.filter_init import gabor_bank as gabor_bank
@@ -29,6 +35,10 @@ from jaxblocks.layers.long_conv import smooth_kernel as smooth_kernel
 from jaxblocks.layers.long_conv import squash_kernel as squash_kernel
 from jaxblocks.layers.mlp import SwiGLU as SwiGLU
 from jaxblocks.layers.mlp import swiglu_hidden_size as swiglu_hidden_size
+from jaxblocks.layers.monotone_dbm import SolverConfig as SolverConfig
+from jaxblocks.layers.monotone_dbm import fixed_point as fixed_point
+from jaxblocks.layers.monotone_dbm import monotone_coupling as monotone_coupling
+from jaxblocks.layers.monotone_dbm import prox_softmax as prox_softmax
 from jaxblocks.layers.norm import POWER_NORM_BACKWARD_COLLECTION as POWER_NORM_BACKWARD_COLLECTION
 from jaxblocks.layers.norm import BatchChannelNorm as BatchChannelNorm
 from jaxblocks.layers.norm import EvoNormB0 as EvoNormB0
@@ -53,6 +63,12 @@ from jaxblocks.layers.one_way_conv import one_way_kernel as one_way_kernel
 from jaxblocks.layers.pixel_shuffle import PixelShuffle as PixelShuffle
 from jaxblocks.layers.pixel_shuffle import pixel_shuffle as pixel_shuffle
 from jaxblocks.layers.pixel_shuffle import pixel_unshuffle as pixel_unshuffle
+from jaxblocks.layers.poincare import PoincareConv2d as PoincareConv2d
+from jaxblocks.layers.poincare import PoincareLinear as PoincareLinear
+from jaxblocks.layers.poincare import expmap0 as expmap0
+from jaxblocks.layers.poincare import logmap0 as logmap0
+from jaxblocks.layers.poincare import mobius_add as mobius_add
+from jaxblocks.layers.poincare import poincare_midpoint as poincare_midpoint
 from jaxblocks.layers.recurrent import GRU as GRU
 from jaxblocks.layers.recurrent import LSTM as LSTM
 from jaxblocks.layers.recurrent import SLSTM as SLSTM

@@ -3,7 +3,8 @@
 * `batch`: Ghost BN, PowerNorm, Batch-Channel Normalization (statistics over the batch);
 * `evonorm`: EvoNorm-B0 / EvoNorm-S0;
 * `weight_standardization`: weight standardization and `WSConv`;
-* `repbn`: RepBN / PRepBN (SLAB) and their inference fold.
+* `repbn`: RepBN / PRepBN (SLAB) and their inference fold;
+* `poincare`: Poincaré midpoint batch norm (Poincaré ResNet, batch statistics only).
 
 Every module follows `flax.linen.BatchNorm` conventions: channels last, statistics computed in
 float32 and the output cast to ``dtype``, running statistics in the ``batch_stats`` collection with
@@ -66,3 +67,5 @@ __all__ = [
     "sequential_ema",
     "weight_standardize",
 ]
+from jaxblocks.layers.norm.poincare import PoincareBatchNorm as PoincareBatchNorm
+from jaxblocks.layers.norm.poincare import poincare_batch_norm as poincare_batch_norm
