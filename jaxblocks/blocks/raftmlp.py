@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxblocks.blocks.ninformer import torch_linear_bias_init, torch_linear_kernel_init
+from jaxblocks.blocks.ninformer import FeedForward, torch_linear_bias_init, torch_linear_kernel_init
 from jaxblocks.layers.stochastic_depth import drop_path
 from jaxblocks.typing import Array, Float
 
@@ -221,35 +221,9 @@ def _check_rafts(who: str, channels: int, raft_size: int) -> None:
                          f"raft_size={raft_size}")  # fmt: skip
 
 
-def _dense(features: int, fan_in: int, axes: tuple[Any, Any], module: Any, name: str):
-    return nn.Dense(
-        features,
-        dtype=module.dtype,
-        param_dtype=module.param_dtype,
-        kernel_init=nn.with_logical_partitioning(torch_linear_kernel_init, axes),
-        bias_init=nn.with_logical_partitioning(torch_linear_bias_init(fan_in), (axes[1],)),
-        name=name,
-    )
-
-
-class _Mlp(nn.Module):
-    """The official ``Block.fn``: Linear → GELU (erf) → Dropout → Linear → Dropout."""
-
-    hidden: int
-    dropout: float = 0.0
-    kernel_axes: tuple[Any, Any] = ("embed", "mlp")
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
-        dim = x.shape[-1]
-        h = _dense(self.hidden, dim, self.kernel_axes, self, "fc1")(x)
-        h = nn.gelu(h, approximate=False)
-        h = nn.Dropout(self.dropout, deterministic=deterministic)(h)
-        axes = (self.kernel_axes[1], self.kernel_axes[0])
-        h = _dense(dim, self.hidden, axes, self, "fc2")(h)
-        return nn.Dropout(self.dropout, deterministic=deterministic)(h)
+# The official ``Block.fn`` (Linear → GELU (erf) → Dropout → Linear → Dropout, torch's Linear
+# init) is NiNformer's ``FeedForward``.
+_Mlp = FeedForward
 
 
 class RaftLayerNorm(nn.Module):
