@@ -65,8 +65,9 @@ def run(quick: bool = False) -> str:
     rows = [
         f"1×1 conv, {HW} pixels × {C}→{C} channels, fp32, XLA:CPU; time relative to dense "
         "(median of interleaved runs).\n",
-        "| sparsity | block | stored density | dense | block-sparse (gather/segment-sum) | BCOO |",
-        "|---|---|---|---|---|---|",
+        "| sparsity | block | stored density | dense | block-sparse (gather/segment-sum) | ELL "
+        "(padded rows) | BCOO |",
+        "|---|---|---|---|---|---|---|",
     ]
     for sparsity, block in QUICK_CASES if quick else CASES:
         k = k0 * magnitude_mask(k0, sparsity, (1, block))
