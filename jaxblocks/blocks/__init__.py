@@ -3,6 +3,9 @@
 from jaxblocks.blocks.bossnas import ResAtt as ResAtt
 from jaxblocks.blocks.bossnas import ResConv as ResConv
 from jaxblocks.blocks.bossnas import bossnas_attention as bossnas_attention
+from jaxblocks.blocks.convfirst import ConvFirstBlock as ConvFirstBlock
+from jaxblocks.blocks.convfirst import MBConvBaselineBlock as MBConvBaselineBlock
+from jaxblocks.blocks.convfirst import block_macs as block_macs
 from jaxblocks.blocks.craft import GDFN as GDFN
 from jaxblocks.blocks.craft import HFB as HFB
 from jaxblocks.blocks.craft import HFERB as HFERB
@@ -29,6 +32,10 @@ from jaxblocks.blocks.moat import MOATAttention as MOATAttention
 from jaxblocks.blocks.moat import MOATBlock as MOATBlock
 from jaxblocks.blocks.moat import SqueezeExcitation as SqueezeExcitation
 from jaxblocks.blocks.moat import relative_position_bias as relative_position_bias
+from jaxblocks.blocks.mossformer2 import GatedFSMN as GatedFSMN
+from jaxblocks.blocks.mossformer2 import GatedFSMNBlock as GatedFSMNBlock
+from jaxblocks.blocks.mossformer2 import MossFormer2Block as MossFormer2Block
+from jaxblocks.blocks.mossformer2 import MossFormerLayer as MossFormerLayer
 from jaxblocks.blocks.msvmamba import MSVMambaBlock as MSVMambaBlock
 from jaxblocks.blocks.nextvit import EfficientAttention as EfficientAttention
 from jaxblocks.blocks.nextvit import NextConvBlock as NextConvBlock

@@ -22,6 +22,10 @@ from jaxblocks.layers.filter_init import dct_bank as dct_bank
 from jaxblocks.layers.filter_init import gabor_bank as gabor_bank
 from jaxblocks.layers.filter_init import kmeans_bank as kmeans_bank
 from jaxblocks.layers.filter_init import pca_bank as pca_bank
+from jaxblocks.layers.fsmn import DilatedDenseFsmn as DilatedDenseFsmn
+from jaxblocks.layers.fsmn import UniDeepFsmn as UniDeepFsmn
+from jaxblocks.layers.fsmn import UniDeepFsmnDilated as UniDeepFsmnDilated
+from jaxblocks.layers.fsmn import fsmn_memory as fsmn_memory
 from jaxblocks.layers.linear_attention import GatedLinearAttention as GatedLinearAttention
 from jaxblocks.layers.linear_attention import ShortConvolution as ShortConvolution
 from jaxblocks.layers.linear_attention import causal_depthwise_conv1d as causal_depthwise_conv1d
