@@ -286,6 +286,19 @@ def _wave2d(cfg: ml_collections.ConfigDict) -> Splits:
     return x, y, xt, yt, 0
 
 
+@register_dataset("speech_mix")
+def _speech_mix(cfg: ml_collections.ConfigDict) -> Splits:
+    """Synthetic two-speaker mixtures (`jaxblocks.data.speech_mix`) of ``data.seq_len`` samples:
+    x = mixture [N, T], y = sources then the mixture [N, T, 3]; test mixtures from another
+    seed."""
+    from jaxblocks.data.speech_mix import speech_mix
+
+    d = cfg.data
+    x, y = speech_mix(d.num_examples, d.seq_len, seed=cfg.seed)
+    xt, yt = speech_mix(max(d.num_examples // 4, 1), d.seq_len, seed=cfg.seed + 10_000)
+    return x, y, xt, yt, 0
+
+
 def make_datasets(cfg: ml_collections.ConfigDict):
     """``(train ArrayDataset, (x_test, y_test), num_classes)`` for ``cfg.data``."""
     name = cfg.data.name
