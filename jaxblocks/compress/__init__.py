@@ -12,6 +12,8 @@
   every weight and activation of a Transformer without retraining (paper 60).
 * `to_block_sparse`, `block_sparse_pointwise`, `ell_pointwise`, `bcoo_pointwise`: the sparse
   1×1 convolution inference path of Fast Sparse ConvNets (paper 58).
+* `CBQRecipe`, `CBQ_RECIPES`, `cbq_quantize`, `rtn_quantize`, `quantized_apply`: cross-block
+  quantisation with LoRA-Rounding and outlier preprocessing for the project's LMs (paper 42).
 """
 
 from jaxblocks.compress.bct import BCTRecipe as BCTRecipe
@@ -27,6 +29,13 @@ from jaxblocks.compress.binary import delta_conv as delta_conv
 from jaxblocks.compress.binary import hamming_distances as hamming_distances
 from jaxblocks.compress.binary import mst_distance_penalty as mst_distance_penalty
 from jaxblocks.compress.binary import mst_plan as mst_plan
+from jaxblocks.compress.cbq import CBQ_RECIPES as CBQ_RECIPES
+from jaxblocks.compress.cbq import CBQRecipe as CBQRecipe
+from jaxblocks.compress.cbq import cbq_quantize as cbq_quantize
+from jaxblocks.compress.cbq import detect_outliers as detect_outliers
+from jaxblocks.compress.cbq import lora_rounded_weight as lora_rounded_weight
+from jaxblocks.compress.cbq import quantized_apply as quantized_apply
+from jaxblocks.compress.cbq import rtn_quantize as rtn_quantize
 from jaxblocks.compress.orthogonal import (
     check_orthogonal_conv_exists as check_orthogonal_conv_exists,
 )

@@ -25,6 +25,8 @@ minimum-spanning-tree length, depth and operation counts (MST-compression, paper
 ``"volatility_baselines"`` — order-flow volatility: RMSPE of the run and its variants beside
 the naive forecast and GARCH(1,1) (paper 25). ``"bct"`` — a trained LM's held-out perplexity
 in float and after BCT's blockwise compression of every weight and activation (paper 60).
+``"cbq"`` — a trained LM's held-out perplexity in float, round-to-nearest and after CBQ's
+cross-block reconstruction at W4A8, W4A4 and W2A16 (paper 43).
 ``"diffusion_samples"`` — a diffusion model's samples per class: PNG grid, mean brightness
 against the data, a digit classifier's accuracy on them. ``"oms_samples"`` — One More Step
 (paper 23): trains the OMS module as the first variant and compares the frozen base model's
@@ -330,6 +332,63 @@ def bct(cfg: ml_collections.ConfigDict, workdir: str, results) -> str:
     return "\n".join(lines)
 
 
+# CBQ report settings (full run, smoke run): calibration sequences, Adam steps per window,
+# sequences per step.
+_CBQ_SETTINGS = {False: (64, 300, 4), True: (4, 2, 2)}
+
+
+def cbq(cfg: ml_collections.ConfigDict, workdir: str, results) -> str:
+    """CBQ (paper 43): the trained LM's held-out loss and perplexity in float, with
+    round-to-nearest weights and after CBQ (`jaxblocks.compress.cbq.cbq_quantize`, calibrated
+    on the first training sequences) at W4A8, W4A4 and W2A16 (activations per token, dynamic),
+    with the mean calibration MSE of CBQ's windows for both weight roundings."""
+    from jaxblocks.compress.cbq import RECIPES, cbq_quantize, quantized_apply, rtn_quantize
+    from jaxblocks.registry import create_model
+    from jaxblocks.train.data import make_datasets
+    from jaxblocks.train.tasks import cross_entropy
+
+    if not results:
+        raise ValueError("report 'cbq': needs a finished run")
+    (_, last_cfg), res = config_lib.stage_configs(cfg)[-1], results[-1][1]
+    n_calib, steps, batch = _CBQ_SETTINGS[bool(last_cfg.smoke)]
+    train, (xt, yt), _ = make_datasets(last_cfg)
+    calib = jnp.asarray(train.x[:n_calib])
+    model = create_model(last_cfg.model.name, **dict(last_cfg.model.kwargs))
+    variables = {"params": jax.device_get(res.state.params)}
+    bs = int(last_cfg.eval_batch_size)
+    n = (len(xt) // bs) * bs
+    losses: dict = {}  # one compiled loss per activation quantiser
+
+    def test_loss(apply, v) -> float:
+        f = losses.setdefault(apply, jax.jit(lambda v, x, y: cross_entropy(apply(v, x), y)[0]
+                                             .mean()))  # fmt: skip
+        return float(np.mean([float(f(v, xt[i : i + bs], yt[i : i + bs]))
+                              for i in range(0, n, bs)]))  # fmt: skip
+
+    def row(method, loss, mse="—"):
+        return (f"| {method} | {loss:.4f} | {np.exp(loss):.3f} | {np.exp(loss) - np.exp(base):+.3f}"
+                f" | {mse} |")  # fmt: skip
+
+    base = test_loss(model.apply, variables)
+    lines = [
+        f"| method ({n} held-out sequences; CBQ calibrated on {len(calib)}, {steps} steps per "
+        "window) | test loss (nats) | perplexity | Δ perplexity | calibration window MSE |",
+        "|---|---|---|---|---|",
+        row("float32", base),
+    ]
+    for name, recipe in RECIPES.items():
+        apply = quantized_apply(model, recipe)
+        rq, _ = rtn_quantize(model, variables, recipe)
+        cq, _, windows = cbq_quantize(
+            model, variables, calib, recipe, steps=steps, batch_size=batch,
+            key=jax.random.key(last_cfg.seed),
+        )  # fmt: skip
+        mse = {k: float(np.mean([w[k] for w in windows])) for k in ("mse_rtn", "mse_cbq")}
+        lines.append(row(f"{name} round-to-nearest", test_loss(apply, rq), f"{mse['mse_rtn']:.4g}"))
+        lines.append(row(f"{name} CBQ", test_loss(apply, cq), f"{mse['mse_cbq']:.4g}"))
+    return "\n".join(lines)
+
+
 # --- diffusion (papers 23 and 49's host model; One More Step) --------------------------------
 
 # Sampling of the diffusion reports (full run, smoke run): DDIM steps, samples per class, CFG.
@@ -496,6 +555,7 @@ REPORTS: dict[str, Report] = {
     "mst_compression": mst_compression,
     "volatility_baselines": volatility_baselines,
     "bct": bct,
+    "cbq": cbq,
     "diffusion_samples": diffusion_samples,
     "oms_samples": oms_samples,
 }

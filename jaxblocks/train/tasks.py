@@ -20,8 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxblocks.train.data import register_dataset
-
 __all__ = ["TASKS", "Task", "get_task", "register_task", "cross_entropy", "psnr"]
 
 
@@ -166,38 +164,8 @@ def _diffusion(outputs: jax.Array, _targets: jax.Array) -> dict[str, jax.Array]:
 
 # Denoising diffusion (label-conditioned, classifier-free guidance): the model draws t, the
 # noise and the label dropout itself, so the step needs no second loop; the data are images in
-# [-1, 1] with the label packed as one more channel (datasets below).
+# [-1, 1] with the label packed as one more channel (`jaxblocks.train.data`'s diffusion_digits).
 register_task(Task("diffusion", _diffusion, "mse", higher_is_better=False))
-
-
-def _diffusion_digits_splits(cfg, inverted: bool):
-    from jaxblocks.data.digits import load_digits
-    from jaxblocks.models.diffusion_unet import pack_labels
-
-    d = cfg.data
-    kw = dict(classes=tuple(d.classes), size=d.image_size, channels=d.channels)
-    out = []
-    for split in ("train", "test"):
-        x, y = load_digits(split, **kw)
-        if inverted:  # the negatives as classes k .. 2k-1: bright images with dark strokes
-            x, y = np.concatenate([x, 1.0 - x]), np.concatenate([y, y + len(d.classes)])
-        out += [pack_labels(2.0 * x - 1.0, y), y]
-    k = len(d.classes) * (2 if inverted else 1)
-    return (*out, k)
-
-
-@register_dataset("diffusion_digits")
-def _diffusion_digits(cfg):
-    """scikit-learn digits for the ``diffusion`` task: x = images in [-1, 1] with the label as a
-    last channel (`pack_labels`), y = the labels."""
-    return _diffusion_digits_splits(cfg, inverted=False)
-
-
-@register_dataset("diffusion_digits_bw")
-def _diffusion_digits_bw(cfg):
-    """``diffusion_digits`` plus every image's negative (label + number of classes): dark and
-    bright classes, for the mean-brightness bias of non-zero terminal SNR (One More Step)."""
-    return _diffusion_digits_splits(cfg, inverted=True)
 
 
 # Joint image completion + classification (monotone DBM, `jaxblocks.models.monotone_dbm`): the
@@ -226,31 +194,6 @@ def _completion_classification(outputs, targets: jax.Array) -> dict[str, jax.Arr
 
 
 register_task(Task("completion_classification", _completion_classification, "accuracy"))
-
-
-MASKED_DIGITS_OBSERVED = 0.4
-MASKED_DIGITS_COPIES = 2
-
-
-@register_dataset("masked_digits")
-def _masked_digits(cfg):
-    """scikit-learn digits with fixed random observed-pixel masks (Bernoulli
-    ``MASKED_DIGITS_OBSERVED``, the official 0.4; ``MASKED_DIGITS_COPIES`` differently masked
-    copies of each training image): x = (masked image, mask) [N, H, W, 2], y = (image, mask,
-    label) [N, H, W, 3]."""
-    from jaxblocks.data.digits import load_digits
-
-    d = cfg.data
-    frac = MASKED_DIGITS_OBSERVED
-    copies = {"train": 1 if cfg.smoke else MASKED_DIGITS_COPIES, "test": 1}
-    out = []
-    for i, split in enumerate(("train", "test")):
-        x, y = load_digits(split, classes=tuple(d.classes), size=d.image_size, channels=1)
-        x, y = np.repeat(x, copies[split], axis=0), np.repeat(y, copies[split], axis=0)
-        mask = (np.random.default_rng((cfg.seed, i)).random(x.shape) < frac).astype(np.float32)
-        label = np.broadcast_to(y[:, None, None, None].astype(np.float32), x.shape)
-        out += [np.concatenate([x * mask, mask], -1), np.concatenate([x, mask, label], -1)]
-    return (*out, len(d.classes))
 
 
 def si_sdr(estimate: jax.Array, reference: jax.Array, eps: float = 1e-8) -> jax.Array:

@@ -28,6 +28,9 @@ SLOW_SMOKE = {
     # Trains the base diffusion model and the OMS module and samples both (~2 min): the OMS
     # step and sampler are tested in tests/models/test_diffusion_unet.py.
     ("oms_digits", "smoke"),
+    # Calibrates CBQ three times (~35 s of compiles); tests/compress/test_cbq.py covers the
+    # algorithm and the report's pieces, and runs this smoke config under `slow` as well.
+    ("cbq_stdlib", "smoke"),
 }
 # Full-size first steps of 10-20 s of CPU (a full test-set evaluation included); the smoke run of
 # the same config builds the same model and step (convbn_digits's in test_main_job).
