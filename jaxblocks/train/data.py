@@ -12,7 +12,10 @@ Sources (all local, nothing is downloaded; `DATASETS` by ``config.data.name``, e
 videos of a moving digit, `jaxblocks.data.moving_digits`), ``order_flow`` (order-flow images
 of a simulated market, `jaxblocks.data.order_flow`), ``ellipsoids3d`` (labelled ellipsoids
 in noisy volumes, `jaxblocks.data.ellipsoids`), ``action_clips`` (moving, growing and
-shrinking blobs, `jaxblocks.data.action_clips`), ``reber`` (generated
+shrinking blobs, `jaxblocks.data.action_clips`), ``speech_mix`` (two synthetic speakers and
+their mixture, `jaxblocks.data.speech_mix`), ``diffusion_digits`` / ``diffusion_digits_bw``
+(digits in [-1, 1] with the label packed as a channel, the latter with inverted copies),
+``masked_digits`` (digits with fixed observed-pixel masks), ``reber`` (generated
 embedded-Reber strings, `jaxblocks.data.reber`), ``stdlib_text`` (bytes of the
 Python standard library's own ``.py`` files, for character LMs) and ``sr_sample_images``
 (super-resolution crops of scikit-learn's sample photographs, `jaxblocks.data.sr_images`).
