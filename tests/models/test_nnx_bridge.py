@@ -110,6 +110,11 @@ LAYERS = {  # layer -> (module, input, call kwargs)
     "OneWayConv": (L.OneWayConv(8, 3, rank=2), X4, {}),
     "SelfAttention": (L.SelfAttention(num_heads=2, head_dim=8), X3, {}),
     "TransformerBlock": (L.TransformerBlock(num_heads=2, head_dim=8), X3, {}),
+    "UniDeepFsmn": (L.UniDeepFsmn(hidden_size=16, lorder=3), X3, {}),
+    "UniDeepFsmnDilated": (L.UniDeepFsmnDilated(hidden_size=16, lorder=3), X3, {}),
+    "DilatedDenseFsmn": (L.DilatedDenseFsmn(depth=2, lorder=3), X3, {}),
+    "PoincareLinear": (L.PoincareLinear(8), X3, {}),
+    "PoincareConv2d": (L.PoincareConv2d(8, (3, 3), padding=1), X4, {}),
 }
 
 
