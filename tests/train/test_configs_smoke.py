@@ -40,6 +40,8 @@ SLOW_FULL_SIZE = {
     "convbn_digits",
     "craft_sr",  # ~40 s: CRAFT's windowed attention; its smoke run builds the same blocks
     "diffusion_digits",  # the UNet's full-size step; its smoke run builds the same model
+    "mdbm_digits",  # ~25 s: the full-size fixed-point solve and its implicit backward
+    "mossformer2_separation",  # ~20 s: the full-size separator's first step
     "oms_digits",
     "sparse_mobilenet_digits",
     "stunet_ellipsoids",
