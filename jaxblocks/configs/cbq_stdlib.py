@@ -13,35 +13,16 @@ same widths.
 sequences for 2 steps).
 """
 
-from jaxblocks.configs.base import apply_smoke, base_config, parse_switches
+from jaxblocks.configs import bct_stdlib
+from jaxblocks.configs.base import parse_switches
 
 SWITCHES = ("smoke",)
 
 
 def get_config(arg: str | None = None):
-    sw = parse_switches(arg)
-    c = base_config()
-    c.task = "lm"
-    c.model.name = "transformer_lm_tiny"
-    c.model.kwargs = {"vocab_size": 256, "dim": 128, "depth": 4, "num_heads": 4}
-    c.data.name = "stdlib_text"
-    c.data.seq_len = 128
-    c.data.max_bytes = 1_000_000
-    c.batch_size = 32
-    c.eval_batch_size = 64
-    c.train_steps = 1500
-    c.optimizer.name = "adamw"
-    c.optimizer.learning_rate = 2e-3
-    c.optimizer.weight_decay = 0.01
-    c.optimizer.schedule = "cosine"
-    c.optimizer.warmup_steps = 100
-    c.log_every = 100
-    c.eval_every = 500
-    c.checkpoint.every_steps = 500
+    # The same model, data and training as bct_stdlib (its checkpoints can be reused); only the
+    # report differs.
+    parse_switches(arg)
+    c = bct_stdlib.get_config(arg)
     c.reports = ("cbq",)
-    if "smoke" in sw:
-        apply_smoke(c, train_steps=3, eval_batch_size=8)
-        c.model.kwargs = {"vocab_size": 256, "dim": 64, "depth": 1, "num_heads": 2}
-        c.data.seq_len = 32
-        c.data.max_bytes = 20_000
     return c
