@@ -225,8 +225,6 @@ def test_sigterm_during_a_report_stops_the_run(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the guard was taken down
 
 
-# Failed once under pytest-xdist in a clean run (the signal thread's timing); slow until fixed.
-@pytest.mark.slow
 def test_sigterm_during_a_report_retraining_saves_it_and_stops_the_run(tmp_path, monkeypatch):
     reached = []
 
@@ -235,7 +233,7 @@ def test_sigterm_during_a_report_retraining_saves_it_and_stops_the_run(tmp_path,
 
         def kill_when_training():
             t0 = time.time()
-            while not train_steps_logged(wd) and time.time() - t0 < 60:
+            while not train_steps_logged(wd) and time.time() - t0 < 600:
                 time.sleep(0.01)
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -248,5 +246,8 @@ def test_sigterm_during_a_report_retraining_saves_it_and_stops_the_run(tmp_path,
     results = _report_run(tmp_path, monkeypatch, report)
     label, res = results[-1]
     assert label == "reports" and res.preempted and not reached
-    assert res.workdir == str(tmp_path / "variant") and 0 < res.final_step < 100_000
-    assert checkpoint_steps(res.workdir) == [res.final_step]
+    # The signal comes from a thread polling metrics.jsonl, so training may be a step or two
+    # further when it lands (orbax also saves a run's first step): the stop is prompt and the
+    # step it stopped at is the newest checkpoint.
+    assert res.workdir == str(tmp_path / "variant") and 0 < res.final_step < 1_000
+    assert checkpoint_steps(res.workdir)[-1] == res.final_step
