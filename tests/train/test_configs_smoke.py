@@ -31,6 +31,8 @@ SLOW_SMOKE = {
     # Calibrates CBQ three times (~35 s of compiles); tests/compress/test_cbq.py covers the
     # algorithm and the report's pieces, and runs this smoke config under `slow` as well.
     ("cbq_stdlib", "smoke"),
+    # The same report on the GLA LM (~40 s); tests/compress/test_cbq.py calibrates a GLA LM.
+    ("cbq_gla_stdlib", "smoke"),
 }
 # Full-size first steps of 10-20 s of CPU (a full test-set evaluation included); the smoke run of
 # the same config builds the same model and step (convbn_digits's in test_main_job).
