@@ -93,7 +93,11 @@ def _step_fns(model: nn.Module, x: jax.Array):
     def train(params, rest, opt, x):
         def loss(p):
             out = model.apply(
-                {"params": p, **rest}, x, rngs={"dropout": key}, mutable=list(rest), **train_kw
+                {"params": p, **rest},
+                x,
+                rngs={"dropout": key},
+                mutable=list(rest) or False,
+                **train_kw,
             )
             logits, updates = out if rest else (out, {})
             return jnp.mean(jax.nn.logsumexp(logits.astype(jnp.float32), -1)), updates

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import types
 
+import jax
+import numpy as np
 import pytest
 
 from benchmarks import run
@@ -132,3 +134,28 @@ def test_gla_benchmark_gflop_column_uses_the_cost_formula():
         want = [c.flops() + (c.flops(backward=True) if backward else 0) for c in cases]
         assert got == want
         assert got[1] == 4 * got[0]  # linear in T
+
+
+@pytest.mark.parametrize("with_batch_stats", [False, True])
+def test_vision_step_functions_train_models_with_and_without_collections(with_batch_stats):
+    # A model without non-parameter collections (LayerNorm-only backbones: RaftMLP, MSVMamba)
+    # used to come back as a (logits, {}) tuple from apply(mutable=[]).
+    import flax.linen as nn
+
+    from benchmarks import vision
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            x = nn.Conv(4, (3, 3))(x)
+            if with_batch_stats:
+                x = nn.BatchNorm(use_running_average=not train)(x)
+            return nn.Dense(3)(x.mean(axis=(1, 2)))
+
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    infer, train = vision._step_fns(Net(), x)
+    assert infer().shape == (2, 3)
+    before = jax.tree.map(np.asarray, train())
+    after = train()
+    pairs = zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True)
+    assert any(not np.allclose(a, b) for a, b in pairs)
