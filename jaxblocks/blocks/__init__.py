@@ -64,8 +64,11 @@ from jaxblocks.blocks.slab import SLABBlock as SLABBlock
 from jaxblocks.blocks.slab import fold_slab_block as fold_slab_block
 from jaxblocks.blocks.tcn import TCN as TCN
 from jaxblocks.blocks.tcn import TCNCA as TCNCA
+from jaxblocks.blocks.tcn import CausalDepthwiseConv as CausalDepthwiseConv
+from jaxblocks.blocks.tcn import NormalizedFeedForward as NormalizedFeedForward
 from jaxblocks.blocks.tcn import TemporalBlock as TemporalBlock
 from jaxblocks.blocks.tcn import chunked_attention as chunked_attention
+from jaxblocks.blocks.tcn import simple_relative_position_bias as simple_relative_position_bias
 from jaxblocks.blocks.tcn import tcn_receptive_field as tcn_receptive_field
 from jaxblocks.blocks.temporal_heads import TemporalAvgPoolHead as TemporalAvgPoolHead
 from jaxblocks.blocks.temporal_heads import TemporalInceptionHead as TemporalInceptionHead
