@@ -47,6 +47,7 @@ SMALL_PRESETS = (
     "emov2_1m",
     "raftmlp_s",
     "msvmamba_nano",
+    "slab_deit_tiny",
 )
 BASELINE = "resnet50"
 TOKENS = (196, 784, 3136, 12544)

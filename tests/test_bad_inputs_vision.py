@@ -1,6 +1,7 @@
 """Bad inputs to the vision ops and layers: one table, each row (callable, expected exception,
 regex the message must match). `pointwise_conv_bn`, `ConvBN`/`LinearBN`, the norm layers,
-`selective_scan`, `SS2D`/`MS2D`, `fft_conv`'s flags and the dispatch's implementation argument.
+`selective_scan`, `SS2D`/`MultiScaleSS2D`, `fft_conv`'s flags and the dispatch's implementation
+argument.
 What each does with non-finite values is tested below the table."""
 
 import functools
@@ -10,11 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxblocks.blocks.msvmamba import MultiScaleSS2D
 from jaxblocks.kernels.conv_bn import pointwise_conv_bn
 from jaxblocks.kernels.long_conv.api import fft_conv
 from jaxblocks.kernels.selective_scan.api import selective_scan
 from jaxblocks.layers import (
-    MS2D,
     SS2D,
     BatchChannelNorm,
     ConvBN,
@@ -92,8 +93,8 @@ CASES = [
     # --- SS2D / MS2D ---------------------------------------------------------------------------
     ("ss2d_rank", lambda: SS2D().init(KEY, jnp.ones((2, 16, 8))), ValueError,
      r"SS2D: x must be NHWC \[B, H, W, C\]"),
-    ("ms2d_rank", lambda: MS2D().init(KEY, jnp.ones((2, 16, 8))), ValueError,
-     r"MS2D: x must be NHWC"),
+    ("ms2d_rank", lambda: MultiScaleSS2D().init(KEY, jnp.ones((2, 16, 8))), ValueError,
+     r"MultiScaleSS2D: x must be NHWC"),
     ("ss2d_empty_w", lambda: SS2D().init(KEY, jnp.ones((2, 4, 0, 8))), ValueError,
      r"H, W, C >= 1"),
     # --- fft_conv flags ------------------------------------------------------------------------

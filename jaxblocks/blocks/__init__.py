@@ -37,6 +37,7 @@ from jaxblocks.blocks.mossformer2 import GatedFSMNBlock as GatedFSMNBlock
 from jaxblocks.blocks.mossformer2 import MossFormer2Block as MossFormer2Block
 from jaxblocks.blocks.mossformer2 import MossFormerLayer as MossFormerLayer
 from jaxblocks.blocks.msvmamba import MSVMambaBlock as MSVMambaBlock
+from jaxblocks.blocks.msvmamba import MultiScaleSS2D as MultiScaleSS2D
 from jaxblocks.blocks.nextvit import EfficientAttention as EfficientAttention
 from jaxblocks.blocks.nextvit import NextConvBlock as NextConvBlock
 from jaxblocks.blocks.nextvit import NextTransformerBlock as NextTransformerBlock
@@ -60,8 +61,14 @@ from jaxblocks.blocks.scse import SpatialSE as SpatialSE
 from jaxblocks.blocks.scse import channel_se as channel_se
 from jaxblocks.blocks.scse import combine_se as combine_se
 from jaxblocks.blocks.scse import spatial_se as spatial_se
+from jaxblocks.blocks.slab import PVTSimplifiedLinearAttention as PVTSimplifiedLinearAttention
 from jaxblocks.blocks.slab import SLABBlock as SLABBlock
+from jaxblocks.blocks.slab import SLABPVTBlock as SLABPVTBlock
+from jaxblocks.blocks.slab import SLABSwinBlock as SLABSwinBlock
+from jaxblocks.blocks.slab import SwinWindowAttention as SwinWindowAttention
 from jaxblocks.blocks.slab import fold_slab_block as fold_slab_block
+from jaxblocks.blocks.slab import fold_slab_pvt_block as fold_slab_pvt_block
+from jaxblocks.blocks.slab import fold_slab_swin_block as fold_slab_swin_block
 from jaxblocks.blocks.tcn import TCN as TCN
 from jaxblocks.blocks.tcn import TCNCA as TCNCA
 from jaxblocks.blocks.tcn import CausalDepthwiseConv as CausalDepthwiseConv

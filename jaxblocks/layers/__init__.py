@@ -17,6 +17,8 @@ from jaxblocks.layers.diffusion import ddpm_step as ddpm_step
 from jaxblocks.layers.diffusion import make_alphas_cumprod as make_alphas_cumprod
 from jaxblocks.layers.diffusion import oms_step as oms_step
 from jaxblocks.layers.diffusion import rescale_zero_terminal_snr as rescale_zero_terminal_snr
+from jaxblocks.layers.directpred import DirectPredictor as DirectPredictor
+from jaxblocks.layers.directpred import directpred_predictor as directpred_predictor
 from jaxblocks.layers.filter_init import bank_init as bank_init
 from jaxblocks.layers.filter_init import dct_bank as dct_bank
 from jaxblocks.layers.filter_init import gabor_bank as gabor_bank
@@ -88,7 +90,6 @@ from jaxblocks.layers.reversible import reversible_sequence as reversible_sequen
 from jaxblocks.layers.ring_attention import dense_attention as dense_attention
 from jaxblocks.layers.ring_attention import ring_attention as ring_attention
 from jaxblocks.layers.squeeze_excite import SqueezeExcite as SqueezeExcite
-from jaxblocks.layers.ssm import MS2D as MS2D
 from jaxblocks.layers.ssm import SS2D as SS2D
 from jaxblocks.layers.ssm import cross_merge as cross_merge
 from jaxblocks.layers.ssm import cross_scan as cross_scan

@@ -1,4 +1,6 @@
-"""2-D selective-scan layers: VMamba's SS2D and Multi-Scale VMamba's MS2D, with their scan helpers.
+"""2-D selective-scan layers: VMamba's SS2D and its scan helpers (Multi-Scale VMamba's official
+MS2D, with its two parameter sets and one concatenated low-resolution scan, is
+`jaxblocks.blocks.msvmamba.MultiScaleSS2D`).
 
 `cross_scan` flattens a ``[B, H, W, C]`` map into the four VMamba scan orders (row-major,
 column-major and both reversed) and `cross_merge` maps scan outputs back and sums them (it is
@@ -18,7 +20,6 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from jaxblocks.kernels.selective_scan.api import selective_scan
-from jaxblocks.layers.squeeze_excite import SqueezeExcite
 
 # VMamba's scan orders, in CrossScan's order: 0 row-major, 1 column-major, 2 and 3 reversed.
 ROW, COL, ROW_REV, COL_REV = 0, 1, 2, 3
@@ -255,67 +256,4 @@ class SS2D(_SS2DBase):
         ys = ss2d_scan(cross_scan(x, self.directions), *params, implementation=self.implementation)
         y = cross_merge(ys, H, W, self.directions)
         y = self._norm()(y) * z
-        return self._dense(C, "out_proj", ("mlp", "embed"))(y)
-
-
-class MS2D(_SS2DBase):
-    """Multi-Scale 2-D selective scan, MS2D (Shi et al., https://arxiv.org/abs/2405.14174).
-
-    SS2D's four scans at a quarter of the cost: one row-major scan of the full-resolution map
-    (depthwise 3×3 → SiLU), and the other three orders (row-major reversed, column-major, column-
-    major reversed) on a half-resolution map (depthwise 7×7 stride 2 → SiLU). Each direction's
-    output is layer-normalised (shared out-norm), the three low-resolution ones are mapped back,
-    summed and bilinearly upsampled (half-pixel centres, = ``align_corners=False``) and added to
-    the full-resolution one; then squeeze-excite (reduction 8), ``· SiLU(z)`` and out_proj
-    (MSVMamba's ``multiscale_4scan_12``, ms_split [1, 3]).
-
-    Attributes: as `SS2D`, plus ``low_res_kernel`` (7), ``se_reduction`` (8, None = no SE).
-
-    Example:
-      >>> y, params = MS2D(d_state=1).init_with_output(jax.random.key(0), jnp.ones((1, 8, 8, 16)))
-    """
-
-    low_res_kernel: int = 7
-    se_reduction: int | None = 8
-    low_res_directions: tuple[int, ...] = (ROW_REV, COL, COL_REV)
-
-    @nn.compact
-    def __call__(self, x: Float[Array, "B H W C"]) -> Float[Array, "B H W C"]:
-        self._check(x)
-        B, H, W, C = x.shape
-        x, z, d_inner, R = self._in(x)
-        x0 = nn.silu(self._dwconv(d_inner, self.d_conv, 1, "conv2d")(x))
-        x1 = nn.silu(self._dwconv(d_inner, self.low_res_kernel, 2, "conv2d_b1")(x))
-        h1, w1 = x1.shape[1:3]
-        K1 = len(self.low_res_directions)
-        x_proj, dt_w, dt_b, A_logs, Ds = _ScanParams(
-            1 + K1, d_inner, self.d_state, R, param_dtype=self.param_dtype
-        )()
-        norm = self._norm()
-        scan = lambda xs, s: ss2d_scan(
-            xs,
-            x_proj[s],
-            dt_w[s],
-            dt_b[s],
-            A_logs[s.start * d_inner : s.stop * d_inner],
-            Ds[s.start * d_inner : s.stop * d_inner],
-            implementation=self.implementation,
-        )
-        # full resolution, row-major; out-norm over channels per token
-        y0 = scan(cross_scan(x0, (ROW,)), slice(0, 1))
-        y0 = norm(jnp.moveaxis(y0[:, 0], 1, 2)).reshape(B, H, W, d_inner)
-        # half resolution, the other three orders; normed per direction, mapped back, summed
-        y1 = scan(cross_scan(x1, self.low_res_directions), slice(1, 1 + K1))
-        y1 = norm(jnp.moveaxis(y1, 2, 3))  # [B, K1, L1, D]
-        y1 = cross_merge(jnp.moveaxis(y1, 3, 2), h1, w1, self.low_res_directions)
-        y1 = jax.image.resize(y1, (B, H, W, d_inner), "bilinear").astype(y0.dtype)
-        y = y0 + y1
-        if self.se_reduction:
-            y = SqueezeExcite(
-                reduction=self.se_reduction,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name="se",
-            )(y)
-        y = y * z
         return self._dense(C, "out_proj", ("mlp", "embed"))(y)

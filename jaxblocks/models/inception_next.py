@@ -242,14 +242,16 @@ class InceptionNeXt(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Float[Array, "B H W 3"], *, train: bool | None = None
-    ) -> Float[Array, "B classes"]:
+        self, x: Float[Array, "B H W 3"], *, train: bool | None = None, features: bool = False
+    ) -> Float[Array, "B classes"] | tuple[Array, ...]:
         """Logits ``[B, num_classes]`` (the head's hidden features if ``num_classes == 0``).
 
         Args:
           x: NHWC images; H and W should be multiples of ``4 * 2**(len(depths) - 1)`` (other
             sizes are floored by the strided convs, as in torch).
           train: see the class docstring.
+          features: return the stage outputs ``([B, H/4, W/4, dims[0]], …)`` instead, the head
+            unused (timm's ``features_only``; for dense heads and `CompositeBackbone`).
         """
         _validate(self)
         train = resolve_train(self, train)
@@ -293,6 +295,7 @@ class InceptionNeXt(nn.Module):
             branch_ratio=self.branch_ratio,
         )
         rates = drop_path_rates(tuple(self.depths), self.drop_path_rate)
+        outputs = []
         for i, (depth, dim) in enumerate(zip(self.depths, self.dims, strict=True)):
             x = MetaNeXtStage(
                 dim=dim,
@@ -306,6 +309,9 @@ class InceptionNeXt(nn.Module):
                 param_dtype=self.param_dtype,
                 name=f"stages_{i}",
             )(x, train=train, deterministic=deterministic)
+            outputs.append(x)
+        if features:
+            return tuple(outputs)
         return MlpClassifierHead(
             num_classes=self.num_classes,
             mlp_ratio=self.head_mlp_ratio,

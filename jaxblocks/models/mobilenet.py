@@ -154,7 +154,8 @@ class MobileNetV2(nn.Module):
         *,
         train: bool | None = None,
         use_aux: bool = False,
-    ) -> Float[Array, "B classes"]:
+        features: bool = False,
+    ) -> Float[Array, "B classes"] | tuple[Array, ...]:
         """Logits ``[B, num_classes]`` (pooled features if ``num_classes == 0``).
 
         Args:
@@ -162,6 +163,9 @@ class MobileNetV2(nn.Module):
           mode: ConvBN mode for every layer of this call (wins over context and attribute).
           train: Flax-style alternative to ``mode`` (see the precedence above).
           use_aux: normalise with every layer's auxiliary BatchNorm (needs ``aux_bn=True``).
+          features: return the last block's output at each resolution instead (strides 2, 4,
+            8, 16, 32: 16, 24, 32, 96, 320 channels at width 1, timm's ``features_only``), the
+            final 1×1 conv and classifier unused.
         """
         mode = resolve_convbn_mode(self, mode, train)
         if x.ndim != 4:
@@ -189,8 +193,11 @@ class MobileNetV2(nn.Module):
             padding=((1, 1), (1, 1)), activation=nn.relu6, name="features_0",
         )(x, mode, use_aux=use_aux)  # fmt: skip
         index = 1
+        outputs = []
         for t, c, n, s in INVERTED_RESIDUAL_SETTING:
             for i in range(n):
+                if i == 0 and s == 2:  # the previous resolution ends here
+                    outputs.append(x)
                 x = InvertedResidual(
                     features=make_divisible(c * alpha),
                     strides=s if i == 0 else 1,
@@ -199,6 +206,8 @@ class MobileNetV2(nn.Module):
                     name=f"features_{index}",
                 )(x, mode, use_aux)
                 index += 1
+        if features:
+            return (*outputs, x)
         last = make_divisible(1280 * max(1.0, alpha))
         x = conv(last, (1, 1), padding="VALID", activation=nn.relu6, name=f"features_{index}")(
             x, mode, use_aux=use_aux

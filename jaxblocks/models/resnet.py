@@ -364,7 +364,8 @@ class ResNet(nn.Module):
         *,
         train: bool | None = None,
         use_aux: bool = False,
-    ) -> Float[Array, "B classes"]:
+        features: bool = False,
+    ) -> Float[Array, "B classes"] | tuple[Array, ...]:
         """Logits ``[B, num_classes]`` (pooled features if ``num_classes == 0``).
 
         Args:
@@ -373,6 +374,8 @@ class ResNet(nn.Module):
           train: Flax-style alternative to ``mode`` (see the precedence above).
           use_aux: normalise with every layer's auxiliary BatchNorm (adversarial inputs in
             ConAdv / AdvProp); needs ``aux_bn=True``.
+          features: return the four stages' outputs (strides 4, 8, 16, 32 with the ImageNet
+            stem) instead, the head unused (timm's ``features_only``).
         """
         if self.norm not in NORMS:
             raise ValueError(f"ResNet: norm must be one of {NORMS}, got {self.norm!r}")
@@ -438,6 +441,7 @@ class ResNet(nn.Module):
             )
         x = _constrain(x)
         block_cls = _BLOCK_CLASSES[self.block]
+        outputs = []
         for i, n_blocks in enumerate(self.stage_sizes):
             for j in range(n_blocks):
                 x = block_cls(
@@ -447,6 +451,9 @@ class ResNet(nn.Module):
                     conv=conv,
                     name=f"layer{i + 1}_{j}",
                 )(x, mode, use_aux)
+            outputs.append(x)
+        if features:
+            return tuple(outputs)
         x = global_avg_pool(x)  # [B, C]
         if self.num_classes == 0:
             return x

@@ -206,14 +206,16 @@ class UniRepLKNet(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Float[Array, "B H W C"], *, train: bool | None = None
-    ) -> Float[Array, "B classes"]:
+        self, x: Float[Array, "B H W C"], *, train: bool | None = None, features: bool = False
+    ) -> Float[Array, "B classes"] | tuple[Array, ...]:
         """Logits ``[B, num_classes]`` (the normalised pooled features if ``num_classes == 0``).
 
         Args:
           x: NHWC images; H and W should be multiples of ``4 * 2**(len(depths) - 1)`` (other
             sizes are rounded up by the padded stride-2 convs, as in torch).
           train: see the class docstring.
+          features: return the stage outputs ``([B, H/4, W/4, dims[0]], …)`` instead, the final
+            norm and head unused (timm's ``features_only``).
         """
         _validate(self)
         train = self._resolve_train(train)
@@ -246,6 +248,7 @@ class UniRepLKNet(nn.Module):
         x = norm("downsample_layers_0_4")(x)
         kernels = _kernel_sizes(self)
         rates = drop_path_rates(tuple(self.depths), self.drop_path_rate)
+        outputs = []
         for i, dim in enumerate(self.dims):
             if i > 0:
                 x = conv(dim, f"downsample_layers_{i}_0")(x)
@@ -262,6 +265,9 @@ class UniRepLKNet(nn.Module):
                     name=f"stages_{i}_{j}",
                 )(x, train=train)
                 x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+            outputs.append(x)
+        if features:
+            return tuple(outputs)
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(dtype)  # [B, C]
         pooled = norm("norm")(pooled)
         if self.num_classes == 0:

@@ -1,5 +1,5 @@
-"""SS2D / MS2D: cross-scan and cross-merge identities, SS2D against a per-direction computation
-with the reference scan, MS2D's structure (shapes, upsampling, branches) and dtypes."""
+"""SS2D: cross-scan and cross-merge identities, SS2D against a per-direction computation with the
+reference scan, and dtypes (Multi-Scale VMamba's MS2D: tests/blocks/test_msvmamba.py)."""
 
 import flax.linen as nn
 import jax
@@ -10,7 +10,6 @@ import pytest
 from jaxblocks.kernels.selective_scan.api import selective_scan
 from jaxblocks.layers.ssm import (
     ALL_DIRECTIONS,
-    MS2D,
     SS2D,
     cross_merge,
     cross_scan,
@@ -107,55 +106,3 @@ def test_ss2d_layer_shapes_dtype_and_gradients():
     loss = lambda v: jnp.sum(layer.apply(v, x).astype(jnp.float32) ** 2)
     g = jax.jit(jax.grad(loss))(variables)
     assert all(np.all(np.isfinite(np.asarray(l, np.float32))) for l in jax.tree.leaves(g))
-
-
-@pytest.mark.parametrize("hw", [(7, 5)])
-def test_ms2d_shapes_and_branches(hw):
-    H, W = hw
-    x = _map((2, H, W, 8), seed=4)
-    layer = MS2D(d_state=1, implementation="reference")
-    variables = nn.unbox(jax.jit(layer.init)(jax.random.key(0), x))
-    apply = jax.jit(layer.apply)
-    y = apply(variables, x)
-    assert y.shape == x.shape and y.dtype == jnp.float32
-    p = variables["params"]
-    assert p["conv2d_b1"]["kernel"].shape == (7, 7, 1, 16)  # depthwise 7×7 on d_inner
-    assert p["_ScanParams_0"]["Ds"].shape == (4 * 16,)  # 1 full-res + 3 low-res scans
-    assert "se" in p
-    # the low-resolution branch matters: perturbing its conv changes the output
-    p2 = jax.tree.map(lambda a: a, variables)
-    p2["params"]["conv2d_b1"]["kernel"] = 2.0 * p["conv2d_b1"]["kernel"]
-    assert float(jnp.max(jnp.abs(apply(p2, x) - y))) > 1e-4
-
-
-def test_ms2d_low_res_branch_is_upsampled_bilinearly():
-    """jax.image.resize 'bilinear' (half-pixel centres) equals torch's align_corners=False x2."""
-    y1 = _map((1, 3, 4, 2), seed=5)
-    up = jax.image.resize(y1, (1, 6, 8, 2), "bilinear")
-    a = np.asarray(y1)[0, :, :, 0]
-
-    def torch_like(i, n_in):  # align_corners=False source index and weights, clamped at 0
-        s = max((i + 0.5) / 2 - 0.5, 0.0)
-        i0 = int(np.floor(s))
-        i1 = min(i0 + 1, n_in - 1)
-        return i0, i1, s - i0
-
-    want = np.zeros((6, 8))
-    for i in range(6):
-        r0, r1, fr = torch_like(i, 3)
-        for j in range(8):
-            c0, c1, fc = torch_like(j, 4)
-            top = a[r0, c0] * (1 - fc) + a[r0, c1] * fc
-            bot = a[r1, c0] * (1 - fc) + a[r1, c1] * fc
-            want[i, j] = top * (1 - fr) + bot * fr
-    np.testing.assert_allclose(np.asarray(up)[0, :, :, 0], want, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.slow
-def test_ms2d_bf16_and_no_se():
-    x = _map((1, 6, 6, 8), seed=6)
-    layer = MS2D(d_state=2, se_reduction=None, dtype=jnp.bfloat16, implementation="reference")
-    variables = jax.jit(layer.init)(jax.random.key(1), x)
-    y = jax.jit(layer.apply)(variables, x)
-    assert y.dtype == jnp.bfloat16 and "se" not in variables["params"]
-    assert np.all(np.isfinite(np.asarray(y, np.float32)))

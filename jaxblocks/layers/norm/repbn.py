@@ -172,6 +172,13 @@ class PRepBN(nn.Module):
     ``total_steps`` training calls (after ``warmup_steps`` calls of pure LN). At evaluation it is
     RepBN alone, which folds into the next Dense (`fold_repbn_into_dense`).
 
+    ``norm_kind="rms"`` replaces the LayerNorm by RMSNorm (``x·rsqrt(mean(x²) + ε)·γ``, no
+    bias), as SLAB's LLaMA variant (``llama/modeling/llama-350M/modeling_llama.py``:
+    ``LinearNorm(norm1=LlamaRMSNorm, norm2=RepBN)``, both with ε = ``rms_norm_eps`` = 1e-6,
+    RepBN's α, γ and β initialised to 0: pass ``ln_epsilon=bn_epsilon=1e-6, alpha_init=0,
+    bn_scale_init=0``). That variant advances its counter once every 16 calls (gradient
+    accumulation), warm-up 10k and decay 18k counter steps; drive it here with ``step=``.
+
     The step is explicit state: ``batch_stats/step`` (int32), advanced by one per training call;
     pass ``step=`` to ``__call__`` to drive λ from the optimizer step instead (then the counter
     is left alone). Official code (``LinearNorm``) keeps the same counter as hidden buffers
@@ -185,8 +192,10 @@ class PRepBN(nn.Module):
       warmup_steps: initial steps of pure LayerNorm.
       r0: starting λ after warm-up (official default 1).
       use_running_average: evaluation mode (RepBN only).
-      ln_epsilon: LayerNorm ε (PyTorch default 1e-5, as used by SLAB).
+      ln_epsilon: LayerNorm (or RMSNorm) ε (PyTorch default 1e-5; SLAB-DeiT/PVT use 1e-6).
+      norm_kind: ``"layer"`` (LayerNorm, the vision models) or ``"rms"`` (RMSNorm, LLaMA).
       bn_epsilon, momentum, alpha_init: RepBN settings.
+      bn_scale_init: initial value of RepBN's BN scale γ (1; the LLaMA variant: 0).
       dtype, param_dtype: output and parameter dtypes.
 
     Example:
@@ -200,9 +209,11 @@ class PRepBN(nn.Module):
     r0: float = 1.0
     use_running_average: bool | None = None
     ln_epsilon: float = 1e-5
+    norm_kind: str = "layer"
     bn_epsilon: float = 1e-5
     momentum: float = 0.9
     alpha_init: float = 1.0
+    bn_scale_init: float = 1.0
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -218,20 +229,30 @@ class PRepBN(nn.Module):
         ura = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
         if self.total_steps <= 0:
             raise ValueError(f"PRepBN: total_steps={self.total_steps} must be > 0")
+        if self.norm_kind not in ("layer", "rms"):
+            raise ValueError(f"PRepBN: norm_kind={self.norm_kind!r} must be 'layer' or 'rms'")
         counter = self.variable("batch_stats", "step", lambda: jnp.zeros((), jnp.int32))
         repbn = RepBN(
             momentum=self.momentum,
             epsilon=self.bn_epsilon,
             alpha_init=self.alpha_init,
+            scale_init=nn.initializers.constant(self.bn_scale_init),
             dtype=jnp.float32,
             param_dtype=self.param_dtype,
             name="repbn",
         )
-        ln = nn.LayerNorm(
-            epsilon=self.ln_epsilon, dtype=jnp.float32, param_dtype=self.param_dtype, name="ln"
-        )
+        if self.norm_kind == "rms":
+            ln = nn.RMSNorm(
+                epsilon=self.ln_epsilon, dtype=jnp.float32, param_dtype=self.param_dtype, name="rms"
+            )
+        else:
+            ln = nn.LayerNorm(
+                epsilon=self.ln_epsilon, dtype=jnp.float32, param_dtype=self.param_dtype, name="ln"
+            )
         out_dtype = _out_dtype(self.dtype, x)
         if ura:
+            if self.is_initializing():  # an eval-mode init still creates the training norm
+                ln(x.astype(jnp.float32))
             return repbn(x, use_running_average=True).astype(out_dtype)
         t = counter.value if step is None else step
         lam = prepbn_lambda(t, self.total_steps, self.warmup_steps, self.r0)
