@@ -21,7 +21,8 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _INFO: dict[str, ModelInfo] = {}
 _EXAMPLES: dict[str, Callable[..., Any]] = {}
 # Modules whose import registers models; imported lazily so `import jaxblocks` stays light.
-_MODEL_MODULES: tuple[str, ...] = ("jaxblocks.models",)
+# (SparK's pretrainer wraps any registered CNN, so it lives in `analysis` and registers there.)
+_MODEL_MODULES: tuple[str, ...] = ("jaxblocks.models", "jaxblocks.analysis.spark")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,9 @@
 * `patch_apply`, `patch_stage`, `stage_apply`, `trace_geometry`, `conv_geometry`,
   `halo_overhead`: MCUNetV2's patch-based inference (Lin et al.,
   https://arxiv.org/abs/2110.15352): a CNN's first stage tile by tile, exactly.
+* `SparKPretrainer`, `sparse_masking`, `LightDecoder`, `spark_loss`, `random_patch_mask`: SparK
+  (Tian et al., https://arxiv.org/abs/2301.03580): sparse masked pretraining of any CNN built
+  from Flax convolutions and `ConvBN` (registered as the ``spark`` model).
 """
 
 from jaxblocks.analysis.linear_scope import UnsupportedPrimitiveError as UnsupportedPrimitiveError
@@ -22,3 +25,8 @@ from jaxblocks.analysis.patch_inference import patch_apply as patch_apply
 from jaxblocks.analysis.patch_inference import patch_stage as patch_stage
 from jaxblocks.analysis.patch_inference import stage_apply as stage_apply
 from jaxblocks.analysis.patch_inference import trace_geometry as trace_geometry
+from jaxblocks.analysis.spark import LightDecoder as LightDecoder
+from jaxblocks.analysis.spark import SparKPretrainer as SparKPretrainer
+from jaxblocks.analysis.spark import random_patch_mask as random_patch_mask
+from jaxblocks.analysis.spark import spark_loss as spark_loss
+from jaxblocks.analysis.spark import sparse_masking as sparse_masking

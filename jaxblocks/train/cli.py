@@ -209,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         say(note)
     tables: list[str] = []
     results = loop.run(cfg, workdir, on_report=lambda name, table: tables.append(table))
+    # Each stage reports its own task's metric (a pretraining stage's differs from fine-tuning's).
+    stage_tasks = {name: c.task for name, c in config_lib.stage_configs(cfg)}
     for stage, res in results:
         label = stage or "train"
         if getattr(res, "preempted", False):
@@ -217,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"command to resume (exit code {args.preempted_exit_code})"
             )
             return args.preempted_exit_code
-        metric = get_task(cfg.task).main_metric
+        metric = get_task(stage_tasks.get(stage, cfg.task)).main_metric
         value = res.eval_metrics.get(metric, float("nan"))
         say(f"[{label}] {res.final_step} steps  test {metric} {value:.4f}  -> {res.workdir}")
     for table in tables:

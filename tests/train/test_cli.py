@@ -240,3 +240,27 @@ def test_sigterm_exits_143_with_a_checkpoint(tmp_path):
     assert "preempted at step" in out and "(exit code 143)" in out
     steps = [int(d) for d in os.listdir(wd / "checkpoints") if d.isdigit()]
     assert max(steps) >= 3
+
+
+def test_each_stage_reports_its_own_tasks_metric(tmp_path, monkeypatch, capsys):
+    # spark_digits pretrains with masked_pretraining (main metric: loss), then fine-tunes.
+    def run(cfg, workdir, on_report=None, **kwargs):
+        metrics = {"pretrain": {"loss": 0.25}, "finetune": {"accuracy": 0.75}}
+        return [
+            (
+                name,
+                types.SimpleNamespace(
+                    preempted=False,
+                    final_step=2,
+                    eval_metrics=m,
+                    workdir=os.path.join(workdir, name),
+                ),
+            )  # fmt: skip
+            for name, m in metrics.items()
+        ]
+
+    monkeypatch.setattr(loop, "run", run)
+    assert cli.main(["--config", "spark_digits:smoke", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "[pretrain] 2 steps  test loss 0.2500" in out
+    assert "[finetune] 2 steps  test accuracy 0.7500" in out

@@ -33,6 +33,9 @@ SLOW_SMOKE = {
     ("cbq_stdlib", "smoke"),
     # The same report on the GLA LM (~40 s); tests/compress/test_cbq.py calibrates a GLA LM.
     ("cbq_gla_stdlib", "smoke"),
+    # Pretrain + fine-tune + the from-scratch variant (~40 s): tests/train/test_spark_digits.py
+    # runs the same smoke config through the CLI in the fast suite.
+    ("spark_digits", "smoke"),
 }
 # Full-size first steps of 10-20 s of CPU (a full test-set evaluation included); the smoke run of
 # the same config builds the same model and step (convbn_digits's in test_main_job).
