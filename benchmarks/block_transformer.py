@@ -1,9 +1,11 @@
 """Block Transformer vs a vanilla Transformer LM: greedy generation throughput and KV-cache size.
 
 Block Transformer (Ho et al., https://arxiv.org/abs/2406.02657) at the official
-``block_main_b4_5`` sizes (`block_transformer_b4_5`, with our pre-LN RoPE blocks) against a
-vanilla `TransformerLM` at the official ``vanilla_31`` sizes (6 layers, width 256, 8 heads,
-vocabulary 50304): about the same parameter count, random weights (speed only). Batch 8, a
+``block_main_b4_5`` sizes (`block_transformer_b4_5`, GPT-NeoX decoders as the official code)
+against a vanilla `TransformerLM` at the official ``vanilla_31`` sizes (6 layers, width 256, 8
+heads, vocabulary 50304): about the same non-embedding size (the block model's 46.7M total
+includes the official model's unused 12.9M block-decoder ``embed_in`` table and its other
+vocabulary tables), random weights (speed only). Batch 8, a
 ``prompt``-token prompt, then ``new`` tokens greedily, each generation one jitted program with a
 KV cache (`jaxblocks.models.block_transformer.generate`; for the vanilla model the prompt is
 prefilled causally, computing the output head at its last position only, then one cached step

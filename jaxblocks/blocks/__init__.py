@@ -20,6 +20,7 @@ from jaxblocks.blocks.ffnet import FFBlock as FFBlock
 from jaxblocks.blocks.ffnet import PatchMerging as PatchMerging
 from jaxblocks.blocks.ffnet import RepVGGDW as RepVGGDW
 from jaxblocks.blocks.ffnet import TokenMixer as TokenMixer
+from jaxblocks.blocks.frcrn import FRCRNUNet as FRCRNUNet
 from jaxblocks.blocks.gla import GLABlock as GLABlock
 from jaxblocks.blocks.inception_next import InceptionDWConv2d as InceptionDWConv2d
 from jaxblocks.blocks.inception_next import MetaNeXtBlock as MetaNeXtBlock

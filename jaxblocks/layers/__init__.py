@@ -6,6 +6,15 @@ from jaxblocks.layers.attention import SimplifiedLinearAttention as SimplifiedLi
 from jaxblocks.layers.attention import simplified_linear_attention as simplified_linear_attention
 from jaxblocks.layers.block_causal import block_causal_mask as block_causal_mask
 from jaxblocks.layers.block_causal import next_block_inputs_targets as next_block_inputs_targets
+from jaxblocks.layers.complex_nn import CausalUniDeepFsmn as CausalUniDeepFsmn
+from jaxblocks.layers.complex_nn import ComplexBatchNorm as ComplexBatchNorm
+from jaxblocks.layers.complex_nn import ComplexConv2d as ComplexConv2d
+from jaxblocks.layers.complex_nn import ComplexConvTranspose2d as ComplexConvTranspose2d
+from jaxblocks.layers.complex_nn import ComplexSE as ComplexSE
+from jaxblocks.layers.complex_nn import ComplexUniDeepFsmn as ComplexUniDeepFsmn
+from jaxblocks.layers.complex_nn import ComplexUniDeepFsmnFreq as ComplexUniDeepFsmnFreq
+from jaxblocks.layers.complex_nn import ConviSTFT as ConviSTFT
+from jaxblocks.layers.complex_nn import ConvSTFT as ConvSTFT
 from jaxblocks.layers.conv_bn import CONVBN_MODES as CONVBN_MODES
 from jaxblocks.layers.conv_bn import ConvBN as ConvBN
 from jaxblocks.layers.conv_bn import LinearBN as LinearBN

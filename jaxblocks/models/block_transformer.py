@@ -14,18 +14,28 @@ block's tokens follow, attending causally to the prefix and to each other and to
 Decoding therefore keeps a KV cache of one entry per block for the block decoder, and a cache of
 at most ``expansion_ratio + L_B - 1`` positions for the token decoder, reset at every block.
 
+Both decoders are GPT-NeoX (Pythia) stacks of `jaxblocks.blocks.block_transformer.GPTNeoXLayer`
+(parallel residual, fused head-interleaved ``query_key_value`` and ``dense`` with biases, rotary
+on 25 % of each head, GELU MLP of 4·d with biases, LayerNorm eps 1e-5, a ``final_layer_norm``),
+with the official config rule for heads (head width 32 up to d 256, else 64), vocabulary 50304
+(the Pythia tokenizer's) and an untied ``embed_out``. The block decoder also holds the official
+model's *unused* ``embed_in`` table (``block_embed_in``, 50304 × d: the official block decoder is a
+``GPTNeoXModel`` fed ``inputs_embeds``, and its table stays in the official count), so the
+parameter counts equal the official ones exactly (``unused_embed_in=False`` drops it). Inits
+follow HF: N(0, 0.02) kernels and tables, zero biases; the expansion layer N(0, d_block^-1/2).
+``decoder_layer="pre_ln"`` swaps both decoders for the project's pre-LN RoPE blocks
+(`jaxblocks.layers.transformer.TransformerBlock`: the earlier non-official variant, here with
+the parameter-free start block below instead of its learned start vector).
+
 Deviations from the official code (itsnamgyu/block-transformer):
 
-* Both decoders are the project's pre-LN RoPE blocks (`jaxblocks.layers.transformer`), not
-  GPT-NeoX: sequential instead of parallel residuals, no attention biases, RoPE on the whole head
-  (Pythia rotates 25 % of it). Head counts and MLP widths follow the official config rule
-  (head width 32 up to d 256, else 64; MLP 4·d), vocabulary 50304 (the Pythia tokenizer's).
 * The official model never predicts the first block (block ``i``'s context predicts block
-  ``i + 1``, and block 0 has none; training pads the first block with a random number of pad
-  tokens instead). Here a learned start vector (``bos_block``) stands first in the block
-  decoder's input, the analogue of a vanilla LM's BOS token, so the first block has a context and
-  ``__call__`` gives logits for every position with the standard next-token convention. The
-  official block decoder's unused ``embed_in`` table is left out.
+  ``i + 1``, block 0 has none; training pads the first block with a random number of pad tokens
+  instead). Here the block decoder's input starts with the block embedding of ``block_len``
+  copies of ``start_token`` (default 0, Pythia's ``<|endoftext|>``, the separator between the
+  Pile's documents), the analogue of a vanilla LM's BOS token, so the first block has a context
+  and ``__call__`` gives logits for every position with the standard next-token convention.
+  This start block is parameter-free (it reuses the embedder's table), so the counts stay exact.
 * No padding, document-boundary or ``block_attention_mask`` handling: every block is full.
 """
 
@@ -39,6 +49,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from jaxblocks.blocks.block_transformer import GPTNeoXLayer, rotary_dims
 from jaxblocks.layers.transformer import KVCache, TransformerBlock, init_kv_cache
 from jaxblocks.registry import Paper, config_fields_module, register_presets
 
@@ -78,6 +89,13 @@ class BlockTransformerConfig:
       token_dim, token_depth, token_heads: token decoder width, layers and heads.
       expansion_ratio: prefix vectors the expansion layer makes from one block context.
       mlp_ratio: MLP hidden width as a multiple of the model width (both decoders).
+      rotary_pct: fraction of each head the rotary embedding rotates (Pythia 0.25; GPT-NeoX
+        layers only).
+      start_token: the token whose block (``block_len`` copies) stands first in the block
+        decoder's input (Pythia's ``<|endoftext|>`` = 0).
+      decoder_layer: ``"gpt_neox"`` (official) or ``"pre_ln"`` (the project's pre-LN RoPE block).
+      unused_embed_in: keep the official block decoder's unused ``embed_in`` table (counted in
+        the official totals).
     """
 
     vocab_size: int = PYTHIA_VOCAB
@@ -90,16 +108,29 @@ class BlockTransformerConfig:
     token_heads: int = 8
     expansion_ratio: int = 2
     mlp_ratio: int = 4
+    rotary_pct: float = 0.25
+    start_token: int = 0
+    decoder_layer: str = "gpt_neox"
+    unused_embed_in: bool = True
 
     @property
     def block_dim(self) -> int:
         return self.block_len * self.embed_dim
 
     def __post_init__(self):
-        sizes = dataclasses.asdict(self)
-        small = {k: v for k, v in sizes.items() if not isinstance(v, int) or v < 1}
+        sizes = {k: getattr(self, k) for k in _SIZE_FIELDS}
+        small = {k: v for k, v in sizes.items()
+                 if not isinstance(v, int) or isinstance(v, bool) or v < 1}  # fmt: skip
         if small:
             raise ValueError(f"BlockTransformerConfig: sizes must be ints >= 1, got {small}")
+        if self.decoder_layer not in ("gpt_neox", "pre_ln"):
+            raise ValueError(f"BlockTransformerConfig: decoder_layer must be 'gpt_neox' or "
+                             f"'pre_ln', got {self.decoder_layer!r}")  # fmt: skip
+        if not isinstance(self.start_token, int) or not 0 <= self.start_token < self.vocab_size:
+            raise ValueError(
+                f"BlockTransformerConfig: start_token must be an int in "
+                f"[0, vocab_size={self.vocab_size}), got {self.start_token!r}"
+            )
         for name, dim, heads in (
             ("block", self.block_dim, self.block_heads),
             ("token", self.token_dim, self.token_heads),
@@ -109,6 +140,18 @@ class BlockTransformerConfig:
                     f"BlockTransformerConfig: the {name} decoder's width {dim} must split into "
                     f"{name}_heads={heads} heads of an even width"
                 )
+            if self.decoder_layer == "gpt_neox":
+                try:
+                    rotary_dims(dim // heads, self.rotary_pct)
+                except ValueError as e:
+                    raise ValueError(
+                        f"BlockTransformerConfig: the {name} decoder's heads of "
+                        f"{dim // heads} with rotary_pct={self.rotary_pct}: {e}"
+                    ) from e
+
+
+_SIZE_FIELDS = ("vocab_size", "block_len", "embed_dim", "block_depth", "block_heads", "token_dim",
+                "token_depth", "token_heads", "expansion_ratio", "mlp_ratio")  # fmt: skip
 
 
 class BlockTransformer(nn.Module):
@@ -121,7 +164,8 @@ class BlockTransformer(nn.Module):
 
     Attributes:
       vocab_size, block_len, embed_dim, block_depth, block_heads, token_dim, token_depth,
-      token_heads, expansion_ratio, mlp_ratio: see `BlockTransformerConfig`.
+      token_heads, expansion_ratio, mlp_ratio, rotary_pct, start_token, decoder_layer,
+      unused_embed_in: see `BlockTransformerConfig`.
       dtype: compute dtype (None: fp32); parameters are stored in fp32.
 
     ``__call__(tokens [B, T]) -> logits [B, T, V]``: ``logits[:, t]`` scores token ``t + 1``
@@ -145,6 +189,10 @@ class BlockTransformer(nn.Module):
     token_heads: int = 8
     expansion_ratio: int = 2
     mlp_ratio: int = 4
+    rotary_pct: float = 0.25
+    start_token: int = 0
+    decoder_layer: str = "gpt_neox"
+    unused_embed_in: bool = True
     dtype: Any = None
 
     from_config = classmethod(config_fields_module)
@@ -164,21 +212,27 @@ class BlockTransformer(nn.Module):
         kw = dict(dtype=self.dtype)
         init = nn.initializers.normal(0.02)  # the official initializer_range
         self.embedder = nn.Embed(self.vocab_size, self.embed_dim, embedding_init=init, **kw)
-        self.bos_block = self.param("bos_block", init, (self.block_dim,))
         d, t = self.block_dim, self.token_dim
-        self.block_layers = [
-            TransformerBlock(self.block_heads, d // self.block_heads, self.mlp_ratio, **kw)
-            for _ in range(self.block_depth)
-        ]
-        self.block_ln = nn.LayerNorm(**kw)
-        self.expansion = nn.Dense(self.expansion_ratio * t, **kw)
+        if self.unused_embed_in:
+            # The official block decoder is a whole GPTNeoXModel fed `inputs_embeds`: its token
+            # table is never read, but it is a parameter of the official model and of its count.
+            self.block_embed_in = self.param("block_embed_in", init, (self.vocab_size, d))
+        self.block_layers = [self._layer(d, self.block_heads) for _ in range(self.block_depth)]
+        self.block_ln = nn.LayerNorm(1e-5, **kw)  # final_layer_norm
+        # Conv1d(kernel 1) in the official code, initialised N(0, d_block^-1/2) with zero bias
+        self.expansion = nn.Dense(self.expansion_ratio * t,
+                                  kernel_init=nn.initializers.normal(d**-0.5), **kw)  # fmt: skip
         self.token_embed = nn.Embed(self.vocab_size, t, embedding_init=init, **kw)
-        self.token_layers = [
-            TransformerBlock(self.token_heads, t // self.token_heads, self.mlp_ratio, **kw)
-            for _ in range(self.token_depth)
-        ]
-        self.token_ln = nn.LayerNorm(**kw)
-        self.head = nn.Dense(self.vocab_size, use_bias=False, **kw)  # untied, as embed_out
+        self.token_layers = [self._layer(t, self.token_heads) for _ in range(self.token_depth)]
+        self.token_ln = nn.LayerNorm(1e-5, **kw)  # final_layer_norm
+        self.head = nn.Dense(self.vocab_size, use_bias=False, kernel_init=init,
+                             **kw)  # untied, as embed_out  # fmt: skip
+
+    def _layer(self, dim: int, heads: int) -> nn.Module:
+        if self.decoder_layer == "pre_ln":
+            return TransformerBlock(heads, dim // heads, self.mlp_ratio, dtype=self.dtype)
+        return GPTNeoXLayer(heads, dim // heads, self.mlp_ratio, self.rotary_pct,
+                            dtype=self.dtype)  # fmt: skip
 
     # ---- validation --------------------------------------------------------------------------
 
@@ -202,9 +256,9 @@ class BlockTransformer(nn.Module):
         e = self.embedder(tokens)  # [B, T, d_e]
         return e.reshape(B, T // self.block_len, self.block_dim)
 
-    def _start(self, batch: int, dtype) -> Float[Array, "B 1 D"]:
-        bos = jnp.asarray(self.bos_block, dtype)
-        return jnp.broadcast_to(bos[None, None, :], (batch, 1, self.block_dim))
+    def _start(self, batch: int) -> Float[Array, "B 1 D"]:
+        """The start block: the embedding of ``block_len`` copies of ``start_token``."""
+        return self.embed_blocks(jnp.full((batch, self.block_len), self.start_token, jnp.int32))
 
     def _block_stack(self, x, *, mask=None, caches=None):
         new = []
@@ -215,11 +269,11 @@ class BlockTransformer(nn.Module):
         return self.block_ln(x), (None if caches is None else new)
 
     def block_contexts(self, tokens: Int[Array, "B T"]) -> Float[Array, "B N1 D"]:
-        """Block decoder over ``[bos_block, block 0, ..., block N-1]``: ``[B, N + 1, D]``, where
+        """Block decoder over ``[start block, block 0, ..., block N-1]``: ``[B, N + 1, D]``, where
         output ``i`` is the context of block ``i`` (it has seen blocks ``< i``)."""
         self._check_tokens("BlockTransformer.block_contexts", "tokens", tokens)
         e = self.embed_blocks(tokens)
-        x = jnp.concatenate([self._start(e.shape[0], e.dtype), e], axis=1)  # [B, N+1, D]
+        x = jnp.concatenate([self._start(e.shape[0]), e], axis=1)  # [B, N+1, D]
         n = x.shape[1]
         ctx, _ = self._block_stack(x, mask=jnp.tril(jnp.ones((n, n), bool)))
         return ctx
@@ -277,12 +331,12 @@ class BlockTransformer(nn.Module):
     def decode_blocks(
         self, tokens: Int[Array, "B T"], caches: list[KVCache], *, start: bool = False
     ) -> tuple[Float[Array, "B D"], list[KVCache]]:
-        """Append the blocks of ``tokens`` (after ``bos_block`` when ``start``) to the block
+        """Append the blocks of ``tokens`` (after the start block when ``start``) to the block
         decoder's caches; return the context after the last of them."""
         self._check_tokens("BlockTransformer.decode_blocks", "tokens", tokens, allow_empty=start)
         e = self.embed_blocks(tokens)
         if start:
-            e = jnp.concatenate([self._start(e.shape[0], e.dtype), e], axis=1)
+            e = jnp.concatenate([self._start(e.shape[0]), e], axis=1)
         ctx, caches = self._block_stack(e, caches=caches)
         return ctx[:, -1], caches
 
@@ -303,7 +357,7 @@ class BlockTransformer(nn.Module):
 
 
 def init_block_caches(model: BlockTransformer, batch: int, max_blocks: int) -> list[KVCache]:
-    """Empty block-decoder caches (one per layer) for ``max_blocks`` entries (the start vector
+    """Empty block-decoder caches (one per layer) for ``max_blocks`` entries (the start block
     counts as one)."""
     hd = model.block_dim // model.block_heads
     return [init_kv_cache(batch, max_blocks, model.block_heads, hd)
@@ -325,7 +379,7 @@ def generate(
     https://arxiv.org/abs/2406.02657).
 
     The prompt's blocks are prefilled into the block decoder's cache (one entry per block, after
-    the start vector). Each step then decodes one block with the token decoder from fresh
+    the start block). Each step then decodes one block with the token decoder from fresh
     caches of ``expansion_ratio + L_B - 1`` positions (the prefix, then one token at a time) and
     appends the finished block to the block decoder's cache. One `lax.fori_loop`, so the whole
     generation jits into one program. The official ``generate`` works the same way (a block
@@ -415,13 +469,19 @@ register_presets(
         arxiv="2406.02657",
         code="https://github.com/itsnamgyu/block-transformer",
     ),
+    published_params={
+        "block_transformer_b4_5": 46_724_096,
+        "block_transformer_b4_19": 103_147_520,
+        "block_transformer_b4_85": 211_797_504,
+    },
     params_source=(
-        "no count of ours can match the official one: computed from conf/trainer/"
-        "block_main_b4_{5,19,85}.yaml over the pythia-410m GPT-NeoX config the official totals "
-        "are 46,724,096 / 103,147,520 / 211,797,504 (including the block decoder's unused "
-        "50304 x d embed_in table; non-embedding 4,871,168 / 19,441,664 / 86,238,720, the "
-        "presets' names), while our pre-LN RoPE blocks have no attention biases (-4d per layer), "
-        "no unused table and a learned start block vector"
+        "computed from the official conf/trainer/block_main_b4_{5,19,85}.yaml over the "
+        "pythia-410m GPT-NeoX config (itsnamgyu/block-transformer; the presets' names are the "
+        "non-embedding counts 4,871,168 / 19,441,664 / 86,238,720 in millions): lookup "
+        "embedder 50304 x d/4, block decoder GPTNeoXModel (12d^2 + 13d per layer, final LN, and "
+        "its unused 50304 x d embed_in), expansion Conv1d d -> 2d with bias, token decoder "
+        "GPTNeoXModel with embed_in and untied embed_out; matched exactly (the start block is "
+        "parameter-free)"
     ),
     tiny={
         "vocab_size": 256,

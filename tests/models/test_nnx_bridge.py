@@ -83,6 +83,9 @@ def test_registered_model_through_to_nnx(name):
 
 X4 = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
 X3 = jax.random.normal(jax.random.key(1), (2, 12, 16))
+X2 = jax.random.normal(jax.random.key(2), (2, 64))  # waveforms
+XSPEC = jax.random.normal(jax.random.key(3), (2, 9, 7, 2))  # [B, F, T, re/im]
+X5 = jax.random.normal(jax.random.key(4), (2, 8, 6, 4, 2))  # complex maps [B, F, T, C, re/im]
 LAYERS = {  # layer -> (module, input, call kwargs)
     "ConvBN": (L.ConvBN(8, (3, 3)), X4, {"train": False}),
     "LinearBN": (L.LinearBN(8), X3, {"train": False}),
@@ -115,6 +118,16 @@ LAYERS = {  # layer -> (module, input, call kwargs)
     "DilatedDenseFsmn": (L.DilatedDenseFsmn(depth=2, lorder=3), X3, {}),
     "PoincareLinear": (L.PoincareLinear(8), X3, {}),
     "PoincareConv2d": (L.PoincareConv2d(8, (3, 3), padding=1), X4, {}),
+    "ConvSTFT": (L.ConvSTFT(win_len=16, hop_len=8, fft_len=16), X2, {}),
+    "ConviSTFT": (L.ConviSTFT(win_len=16, hop_len=8, fft_len=16), XSPEC, {}),
+    "ComplexConv2d": (L.ComplexConv2d(4, (3, 3), padding=(1, 1)), X5, {}),
+    "ComplexConvTranspose2d": (L.ComplexConvTranspose2d(4, (3, 2), strides=(2, 1)), X5, {}),
+    "ComplexBatchNorm": (L.ComplexBatchNorm(), X5, {"train": False}),
+    "ComplexSE": (L.ComplexSE(reduction=2), X5, {}),
+    "ComplexUniDeepFsmn": (L.ComplexUniDeepFsmn(hidden_size=8, lorder=3), X5, {}),
+    "ComplexUniDeepFsmnFreq": (L.ComplexUniDeepFsmnFreq(hidden_size=8, lorder=3), X5, {}),
+    "CausalUniDeepFsmn": (L.CausalUniDeepFsmn(hidden_size=8, lorder=3), X3, {}),
+    "DirectPredictor": (L.DirectPredictor(), X3[:, 0], {}),
 }
 
 

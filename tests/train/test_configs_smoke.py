@@ -45,6 +45,7 @@ SLOW_FULL_SIZE = {
     "convbn_digits",
     "craft_sr",  # ~40 s: CRAFT's windowed attention; its smoke run builds the same blocks
     "diffusion_digits",  # the UNet's full-size step; its smoke run builds the same model
+    "frcrn_denoise",  # two 4-level complex U-Nets and a 512-example evaluation
     "mdbm_digits",  # ~25 s: the full-size fixed-point solve and its implicit backward
     "mossformer2_separation",  # ~20 s: the full-size separator's first step
     "oms_digits",
