@@ -11,7 +11,8 @@ Issues "Vision backbones I/II". Four tables, each measured in one run on one mac
    1.6× on an A100; on CPU the depthwise convolutions are not memory-bound the same way).
 3. SLAB's simplified linear attention against softmax multi-head attention at DeiT-T width
    (192 channels, 3 heads), forward time by token count: where the linear form overtakes.
-4. With torch and timm installed: ``inception_next_atto`` and ``resnet50`` inference, jaxblocks
+4. With torch and timm installed: ``inception_next_atto``, ``resnet50`` and ``nextvit_small``
+   inference, jaxblocks
    (XLA:CPU, jit) / timm (eager PyTorch, ``torch.inference_mode``), same input, same threads.
 
 Times are medians of interleaved repetitions; only ratios are reported on CPU.
@@ -200,7 +201,7 @@ def _against_timm(quick: bool) -> str:
         "| model | jaxblocks / timm | max abs logit difference |",
         "|---|---|---|",
     ]
-    for name in ("inception_next_atto", "resnet50"):
+    for name in ("inception_next_atto", "resnet50", "nextvit_small"):
         tm = timm.create_model(name, pretrained=False).eval()
         sd = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
         model = create_model(name)
