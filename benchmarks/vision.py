@@ -12,8 +12,8 @@ Issues "Vision backbones I/II". Four tables, each measured in one run on one mac
 3. SLAB's simplified linear attention against softmax multi-head attention at DeiT-T width
    (192 channels, 3 heads), forward time by token count: where the linear form overtakes.
 4. With torch and timm installed: ``inception_next_atto``, ``resnet50`` and ``nextvit_small``
-   inference, jaxblocks
-   (XLA:CPU, jit) / timm (eager PyTorch, ``torch.inference_mode``), same input, same threads.
+   inference, jaxblocks (XLA:CPU, jit) / timm (eager PyTorch, ``torch.inference_mode``), same
+   input, same threads.
 
 Times are medians of interleaved repetitions; only ratios are reported on CPU.
 """
