@@ -357,6 +357,61 @@ def _speech_mix(cfg: ml_collections.ConfigDict) -> Splits:
     return x, y, xt, yt, 0
 
 
+@register_dataset("speech_noise")
+def _speech_noise(cfg: ml_collections.ConfigDict) -> Splits:
+    """Synthetic speech in white/pink/babble noise at −5..10 dB SNR
+    (`jaxblocks.data.speech_noise`) of ``data.seq_len`` samples: x = noisy [N, T], y = clean
+    then noisy [N, T, 2]; test pairs from another seed."""
+    from jaxblocks.data.speech_noise import speech_noise
+
+    d = cfg.data
+    x, y = speech_noise(d.num_examples, d.seq_len, seed=cfg.seed)
+    xt, yt = speech_noise(max(d.num_examples // 4, 1), d.seq_len, seed=cfg.seed + 10_000)
+    return x, y, xt, yt, 0
+
+
+@register_dataset("moving_shapes_video")
+def _moving_shapes_video(cfg: ml_collections.ConfigDict) -> Splits:
+    """One synthetic RGB video (`jaxblocks.data.moving_shapes`) of ``data.seq_len`` frames of
+    ``data.image_size``² pixels for HNeRV-style video fitting: each example is (frame, frame)
+    and the test set is the same frames (a representation is fitted to the video it stores)."""
+    from jaxblocks.data.moving_shapes import moving_shapes_video
+
+    d = cfg.data
+    v = moving_shapes_video(d.seq_len, d.image_size, seed=cfg.seed)
+    return v, v, v, v, 0
+
+
+@register_dataset("temporal_graph")
+def _temporal_graph(cfg: ml_collections.ConfigDict) -> Splits:
+    """Windows of ``data.seq_len`` consecutive events of a synthetic temporal interaction graph
+    (`jaxblocks.data.temporal_graph`; ``model.kwargs.num_nodes`` / ``edge_dim``, default 64 / 4):
+    one window is one example, so i.i.d. sampling keeps time order inside each; the first
+    ``data.num_examples`` windows train, the next quarter as many test (later in time)."""
+    from jaxblocks.data.temporal_graph import temporal_windows
+
+    d, kw = cfg.data, cfg.model.kwargs
+    n_test = max(d.num_examples // 4, 1)
+    x, y = temporal_windows(d.num_examples + n_test, d.seq_len, kw.get("num_nodes", 64),
+                            kw.get("edge_dim", 4), seed=cfg.seed)  # fmt: skip
+    n = d.num_examples
+    return x[:n], y[:n], x[n:], y[n:], 0
+
+
+@register_dataset("keywords")
+def _keywords(cfg: ml_collections.ConfigDict) -> Splits:
+    """Synthetic spoken keywords (`jaxblocks.data.keywords`, 10 classes) as normalised log-mel
+    frames ``[N, data.seq_len, data.channels]``; test utterances from other speakers (another
+    seed), a quarter as many."""
+    from jaxblocks.data.keywords import KEYWORDS, keywords
+
+    d = cfg.data
+    kw = dict(num_frames=d.seq_len, num_mel_bins=d.channels)
+    x, y = keywords(d.num_examples, seed=cfg.seed, **kw)
+    xt, yt = keywords(max(d.num_examples // 4, 1), seed=cfg.seed + 10_000, **kw)
+    return x, y, xt, yt, len(KEYWORDS)
+
+
 def make_datasets(cfg: ml_collections.ConfigDict):
     """``(train ArrayDataset, (x_test, y_test), num_classes)`` for ``cfg.data``."""
     name = cfg.data.name

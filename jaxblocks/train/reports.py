@@ -31,6 +31,15 @@ cross-block reconstruction at W4A8, W4A4 and W2A16 (paper 43).
 against the data, a digit classifier's accuracy on them. ``"oms_samples"`` — One More Step
 (paper 23): trains the OMS module as the first variant and compares the frozen base model's
 samples with and without it.
+``"asdm"`` — A-SDM (paper 49): trains the pruned student's incubation stages (the variants)
+by distillation from the run's teacher and compares parameters, sampling time and sample
+quality.
+``"pres_batch_sizes"`` — PRES (paper 39): the run and its variants (temporal batch sizes, with
+and without PRES): test accuracy, AP, step time and one plot of all test-accuracy curves.
+``"linear_probe"`` — self-supervised encoders (DirectPred, paper 36): logistic-regression probe
+accuracy on frozen features for raw pixels, the untrained encoder, the run and its variants.
+``"lmuformer_streaming"`` — a trained LMUFormer (paper 45): test accuracy in parallel and
+token-by-token recurrent evaluation, and after only a prefix of each sequence.
 """
 
 from __future__ import annotations
@@ -547,6 +556,259 @@ def oms_samples(cfg: ml_collections.ConfigDict, workdir: str, results) -> str:
     )
 
 
+def asdm(cfg: ml_collections.ConfigDict, workdir: str, results) -> str:
+    """A-SDM (paper 49): the run is the teacher; each ``config.variants`` entry is one
+    progressive-incubation stage of the pruned student (``asdm_unet_digits``, task
+    ``diffusion_distill``), started from the previous stage's student by
+    `jaxblocks.models.asdm_unet.prune_unet` with the frozen teacher in its ``"teacher"``
+    collection. Tabulates teacher vs final student: parameters, sampling wall time for the same
+    DDIM steps (median of interleaved runs), test v-MSE, the digit classifier's accuracy and
+    mean confidence on their samples; saves both sample grids as ``workdir/asdm_samples.png``."""
+    from jaxblocks.models.asdm_unet import block_redundancy, prune_unet
+    from jaxblocks.models.diffusion_unet import generate
+    from jaxblocks.registry import create_model
+
+    if not results:
+        raise ValueError("report 'asdm': needs a finished run")
+    (_, last_cfg), t_res = config_lib.stage_configs(cfg)[-1], results[-1][1]
+    stages = tuple(last_cfg.get("variants", ()) or ())
+    if not stages:
+        raise ValueError("report 'asdm': set config.variants (the incubation stages)")
+    teacher_params = jax.device_get(t_res.state.params)
+    params, removed, hosts, s_res, s_cfg = teacher_params, (), set(), None, None
+    for i, st in enumerate(stages):
+        s_cfg = config_lib.apply_overrides(last_cfg, list(st.get("overrides", ())))
+        kw = dict(s_cfg.model.kwargs)
+        new = tuple(b for b in kw.get("removed", ()) if b not in removed)
+        cc = [(h, tuple(d)) for h, d in kw.get("condconv", ()) if h not in hosts]
+        params = prune_unet({"params": params}, new, cc, donors=teacher_params)["params"]
+        init = {"params": params, "teacher": {"params": teacher_params}}
+        s_res = loop.train(s_cfg, os.path.join(workdir, f"asdm_stage_{i}"), init_from=init,
+                           description=st.get("name", f"stage {i}"))  # fmt: skip
+        params = jax.device_get(s_res.state.params)
+        removed, hosts = tuple(kw.get("removed", ())), hosts | {h for h, _ in cc}
+    steps, n, scale = _DIFFUSION_SAMPLING[bool(last_cfg.smoke)]
+    teacher, t_vars, xt, yt, clf = _diffusion_setup(last_cfg, teacher_params)
+    student = create_model(s_cfg.model.name, **dict(s_cfg.model.kwargs))
+    k = teacher.num_classes
+    labels = jnp.asarray(np.repeat(np.arange(k), n), jnp.int32)
+    key = jax.random.key(last_cfg.seed)
+    runs = [jax.jit(lambda v, y, kk, m=m: generate(m, v, y, kk, num_steps=steps,
+                                                   guidance_scale=scale))
+            for m in (teacher, student)]  # fmt: skip
+    args = [(t_vars, labels, key), ({"params": params}, labels, key)]
+    samples = [np.asarray(jax.device_get(r(*a))) for r, a in zip(runs, args, strict=True)]
+    times: list[list[float]] = [[], []]
+    for _ in range(3 if last_cfg.smoke else 11):  # interleaved: load drifts hit both alike
+        for j in range(2):
+            t0 = time.perf_counter()
+            jax.block_until_ready(runs[j](*args[j]))
+            times[j].append(time.perf_counter() - t0)
+    med = [float(np.median(t)) for t in times]
+    lines = [
+        f"| model | parameters | sampling time ({k * n} samples, {steps} DDIM steps, CFG "
+        f"{scale:g}) | test v-MSE | classifier accuracy on samples | mean confidence |",
+        "|---|---|---|---|---|---|",
+    ]
+    grids = []
+    for name, x, p, res, tm in (("teacher", samples[0], teacher_params, t_res, med[0]),
+                                ("A-SDM student", samples[1], params, s_res, med[1])):  # fmt: skip
+        img = np.clip((x + 1.0) / 2.0, 0.0, 1.0)
+        flat = img.reshape(len(img), -1)
+        acc = float(np.mean(clf.predict(flat) == np.asarray(labels)))
+        conf = float(np.mean(clf.predict_proba(flat)[np.arange(len(flat)), np.asarray(labels)]))
+        n_par = sum(int(np.size(a)) for a in jax.tree.leaves(p))
+        mse = res.eval_metrics.get("mse", float("nan"))
+        lines.append(f"| {name} | {n_par:,} | {tm * 1e3:.1f} ms | {mse:.4f} | {acc:.3f} | "
+                     f"{conf:.3f} |")  # fmt: skip
+        grids.append((name, _per_class(img, k, n)))
+    lines.append(f"\nStudent sampling speed-up: {100 * (1 - med[1] / med[0]):.1f}% less time "
+                 f"(the paper: UNet 22% faster); incubation stages: "
+                 f"{', '.join(st.get('name', '?') for st in stages)}.")  # fmt: skip
+    if not last_cfg.smoke:
+        x0 = jnp.asarray(xt[:64] * 2.0 - 1.0, jnp.float32)
+        tt = jnp.full((x0.shape[0],), teacher.num_timesteps // 2, jnp.int32)
+        scores = block_redundancy(student, t_vars, x0, tt, jnp.asarray(yt[:64], jnp.int32))
+        lines.append("\nTeacher block redundancy (relative output change when skipped, t = T/2): "
+                     + ", ".join(f"{b} {v:.4f}" for b, v in sorted(scores.items(),
+                                                               key=lambda kv: kv[1])))  # fmt: skip
+    if jax.process_index() == 0:
+        _save_grid(os.path.join(workdir, "asdm_samples.png"), grids, k, min(n, 8))
+    return "\n".join(lines) + "\n\n![samples](asdm_samples.png)"
+
+
+def video_fitting(cfg: ml_collections.ConfigDict, workdir: str, results) -> str:
+    """HNeRV / NeRV++ video fitting (papers 32, 55): the fitted model's PSNR per frame (mean,
+    min) in float, with its embeddings quantised to 6 bits and with the decoder weights
+    quantised to 8 bits too (the official defaults), and the stored bits per pixel
+    (`jaxblocks.models.hnerv.evaluate_video`)."""
+    from jaxblocks.models.hnerv import evaluate_video
+    from jaxblocks.registry import create_model
+    from jaxblocks.train.data import make_datasets
+
+    if not results:
+        raise ValueError("report 'video_fitting': needs a finished run")
+    (_, last_cfg), res = config_lib.stage_configs(cfg)[-1], results[-1][1]
+    eb, mb = 6, 8  # the official --quant_embed_bit 6 --quant_model_bit 8
+    _, (frames, _), _ = make_datasets(last_cfg)
+    model = create_model(last_cfg.model.name, **dict(last_cfg.model.kwargs))
+    r = evaluate_video(model, {"params": jax.device_get(res.state.params)}, frames, eb, mb)
+    n, h, w = frames.shape[:3]
+    lines = [
+        f"| {last_cfg.model.name} ({n} frames {h}×{w}, {res.final_step} steps) | PSNR mean (dB)"
+        " | PSNR min (dB) | bits per pixel |",
+        "|---|---|---|---|",
+    ]
+    for label, key, bpp in (("float32", "psnr", "—"),
+                            (f"embeddings {eb}-bit", "psnr_embed_q", "—"),
+                            (f"embeddings {eb}-bit + decoder {mb}-bit", "psnr_all_q",
+                             f"{r['bpp']:.3f}")):  # fmt: skip
+        p = np.asarray(r[key])
+        lines.append(f"| {label} | {p.mean():.2f} | {p.min():.2f} | {bpp} |")
+    return "\n".join(lines) + (
+        f"\n\nStored: {r['embedding_values']:,} embedding values + {r['decoder_params']:,} "
+        "decoder parameters (fixed-length codes with a float16 min and scale per tensor; the "
+        "official entropy-codes them, so its bpp is lower)."
+    )
+
+
+def pres_batch_sizes(cfg: ml_collections.ConfigDict, workdir: str, results) -> str:
+    """PRES (paper 39): the run (e.g. small temporal batches without PRES) and each
+    ``config.variants`` entry (e.g. large batches without / with PRES) retrained; a table of
+    test accuracy, AP, median step time and sequential memory steps per window, and all test
+    accuracy curves in one plot, ``workdir/pres_batch_sizes.png``."""
+    from jaxblocks.train.metrics import read_metrics
+
+    last_cfg, rows = _retrain_variants(cfg, workdir, results, "pres_batch_sizes")
+    lines = ["| run | temporal batch | PRES | test accuracy | test AP | step s | memory steps |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    curves = []
+    for i, (name, r) in enumerate(rows):
+        c = last_cfg if i == 0 else config_lib.apply_overrides(
+            last_cfg, list(last_cfg.variants[i - 1].get("overrides", ())))  # fmt: skip
+        kw = c.model.kwargs
+        b = int(kw.get("temporal_batch", 1))
+        if i == 0:
+            name = f"b={b}, {'PRES' if kw.get('use_pres', False) else 'no PRES'} (the run)"
+        m = r.eval_metrics
+        step_s = r.timings.get("step_s", float("nan"))
+        step_s = "n/a (resumed)" if step_s != step_s else f"{step_s:.3f}"
+        pres = (f"γ {kw.get('pres_gamma', 0.9)}, {kw.get('pres_mode', 'official')}"
+                if kw.get("use_pres", False) else "no")  # fmt: skip
+        lines.append(f"| {name} | {b} | {pres} | "
+                     f"{m.get('accuracy', float('nan')):.4f} | {m.get('ap', float('nan')):.4f} | "
+                     f"{step_s} | {c.data.seq_len // b} |")  # fmt: skip
+        recs = read_metrics(os.path.join(r.workdir, "metrics.jsonl"))
+        curves.append((name, [(x["step"], x["accuracy"]) for x in recs
+                              if x["split"] == "eval" and "accuracy" in x]))  # fmt: skip
+    if jax.process_index() == 0:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, pts in curves:
+            if pts:
+                ax.plot(*zip(*pts, strict=True), "o-", label=name, markersize=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel("test link-prediction accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(workdir, "pres_batch_sizes.png"), dpi=100)
+        plt.close(fig)
+    return "\n".join(lines) + "\n\n![accuracy](pres_batch_sizes.png)"
+
+
+def linear_probe(cfg: ml_collections.ConfigDict, workdir: str, results) -> str:
+    """Self-supervised encoders (DirectPred, paper 36): test accuracy of a logistic-regression
+    probe fitted on the frozen online-encoder features of the labelled training split
+    (standardised; `jaxblocks.models.byol.encode`), for the untrained encoder, the run and
+    each ``config.variants`` entry (e.g. a learned predictor), beside raw pixels."""
+    import flax.linen as nn
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from jaxblocks.models.byol import encode
+    from jaxblocks.registry import create_model
+    from jaxblocks.train.data import make_datasets
+
+    if not results:
+        raise ValueError("report 'linear_probe': needs a finished run")
+    last_cfg = config_lib.stage_configs(cfg)[-1][1]
+    entries = tuple(last_cfg.get("variants", ()) or ())
+    rows = (_retrain_variants(cfg, workdir, results, "linear_probe")[1] if entries
+            else [("as configured", results[-1][1])])  # fmt: skip
+    cfgs = [last_cfg] + [config_lib.apply_overrides(last_cfg, list(v.get("overrides", ())))
+                         for v in entries]  # fmt: skip
+    train, (xt, yt), _ = make_datasets(last_cfg)
+    x, y = np.asarray(train.x), np.asarray(train.y)
+    bs = int(last_cfg.eval_batch_size)
+
+    def probe(fx, fxt) -> float:
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+        return float(clf.fit(fx.reshape(len(fx), -1), y).score(fxt.reshape(len(fxt), -1), yt))
+
+    def accuracy(model, variables) -> float:
+        f = jax.jit(lambda v, a: encode(model, v, a))
+        emb = [np.concatenate([np.asarray(f(variables, a[i : i + bs]))
+                               for i in range(0, len(a), bs)]) for a in (x, xt)]  # fmt: skip
+        return probe(*emb)
+
+    first = create_model(last_cfg.model.name, **dict(last_cfg.model.kwargs))
+    untrained = nn.unbox(jax.jit(first.init)(jax.random.key(last_cfg.seed), jnp.asarray(x[:2])))
+    lines = [f"| encoder ({len(x)} labelled train / {len(xt)} test images) | predictor | "
+             "test SSL cosine | linear-probe test accuracy |", "|---|---|---|---|",
+             f"| raw pixels | — | — | {probe(x, xt):.4f} |",
+             f"| {first.encoder}, untrained | — | — | "
+             f"{accuracy(first, untrained):.4f} |"]  # fmt: skip
+    for (name, r), c in zip(rows, cfgs, strict=True):
+        model = create_model(c.model.name, **dict(c.model.kwargs))
+        v = {"params": jax.device_get(r.state.params), **jax.device_get(r.state.collections)}
+        lines.append(f"| {model.encoder}, {name} ({r.final_step} steps) | {model.predictor} | "
+                     f"{r.eval_metrics.get('cosine', float('nan')):.4f} | "
+                     f"{accuracy(model, v):.4f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def lmuformer_streaming(cfg: ml_collections.ConfigDict, workdir: str, results) -> str:
+    """LMUFormer (paper 45): the trained sequence classifier's test accuracy evaluated in
+    parallel and recurrently (token by token, ``mode="recurrent"``; the largest logit gap), and
+    when only the first 25/50/75 % of each test sequence has been seen (the decision so far)."""
+    from jaxblocks.registry import create_model
+    from jaxblocks.train.data import eval_batches, make_datasets
+
+    if not results:
+        raise ValueError("report 'lmuformer_streaming': needs a finished run")
+    (_, last_cfg), res = config_lib.stage_configs(cfg)[-1], results[-1][1]
+    _, (xt, yt), _ = make_datasets(last_cfg)
+    xt, yt = np.asarray(xt)[:1024], np.asarray(yt)[:1024]
+    model = create_model(last_cfg.model.name, **dict(last_cfg.model.kwargs))
+    variables = {"params": res.state.params, **dict(res.state.collections)}
+    fn = jax.jit(lambda x, mode: model.apply(variables, x, train=False, mode=mode),
+                 static_argnums=1)  # fmt: skip
+
+    def logits(t: int, mode: str | None) -> np.ndarray:
+        out = [np.asarray(fn(jnp.asarray(b["x"][:, :t]), mode))[b["w"] > 0]
+               for b in eval_batches(xt, yt, last_cfg.eval_batch_size)]  # fmt: skip
+        return np.concatenate(out)
+
+    seq = xt.shape[1]
+    par, rec = logits(seq, None), logits(seq, "recurrent")
+    gap = float(np.abs(par - rec).max())
+    lines = [f"| {last_cfg.model.name} ({len(yt)} test sequences of {seq} steps) | test accuracy |",
+             "|---|---|",
+             f"| parallel | {(par.argmax(-1) == yt).mean():.4f} |",
+             f"| recurrent (token by token) | {(rec.argmax(-1) == yt).mean():.4f} |"]  # fmt: skip
+    for frac in (0.25, 0.5, 0.75):
+        t = max(int(round(frac * seq)), 1)
+        acc = (logits(t, None).argmax(-1) == yt).mean()
+        lines.append(f"| first {frac:.0%} seen ({t} steps) | {acc:.4f} |")
+    return "\n".join(lines) + f"\n\nLargest |parallel − recurrent| logit gap: {gap:.2e}."
+
+
 REPORTS: dict[str, Report] = {
     "variants": variants,
     "convbn_modes": convbn_modes,
@@ -558,6 +820,11 @@ REPORTS: dict[str, Report] = {
     "cbq": cbq,
     "diffusion_samples": diffusion_samples,
     "oms_samples": oms_samples,
+    "asdm": asdm,
+    "video_fitting": video_fitting,
+    "pres_batch_sizes": pres_batch_sizes,
+    "linear_probe": linear_probe,
+    "lmuformer_streaming": lmuformer_streaming,
 }
 
 

@@ -20,6 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+# Registers the `spark` pretrainer model (SparK, paper 18) the masked_pretraining task trains.
+from jaxblocks.analysis.spark import spark_loss
+
 __all__ = ["TASKS", "Task", "get_task", "register_task", "cross_entropy", "psnr"]
 
 
@@ -168,6 +171,21 @@ def _diffusion(outputs: jax.Array, _targets: jax.Array) -> dict[str, jax.Array]:
 register_task(Task("diffusion", _diffusion, "mse", higher_is_better=False))
 
 
+def _diffusion_distill(outputs: jax.Array, _targets: jax.Array) -> dict[str, jax.Array]:
+    """A-SDM distillation (`jaxblocks.models.asdm_unet.ASDMUNet` on packed images, paper 49):
+    the model returns per example [total, task MSE, output KD, feature KD]."""
+    if outputs.ndim != 2 or outputs.shape[-1] != 4:
+        raise ValueError(f"diffusion_distill: model output must be [B, 4] (total, mse, kd_out, "
+                         f"kd_feat), got shape {outputs.shape}")  # fmt: skip
+    o = outputs.astype(jnp.float32)
+    return {"loss": o[:, 0], "mse": o[:, 1], "kd_out": o[:, 2], "kd_feat": o[:, 3]}
+
+
+# Student ← frozen teacher distillation of a diffusion UNet (the teacher in the model's
+# "teacher" collection); the main metric is the student's own objective, comparable to diffusion.
+register_task(Task("diffusion_distill", _diffusion_distill, "mse", higher_is_better=False))
+
+
 # Joint image completion + classification (monotone DBM, `jaxblocks.models.monotone_dbm`): the
 # model returns (completed image [B, H, W, 1], class logits [B, K]); the targets pack the full
 # image, the 0/1 observed mask and the label as three channels [B, H, W, 3] (`masked_digits`).
@@ -246,3 +264,114 @@ def _separation(estimates: jax.Array, targets: jax.Array) -> dict[str, jax.Array
 # Speech separation (MossFormer2): utterance-level PIT negative SI-SDR; SI-SDR improvement over
 # the mixture reported (the targets carry the mixture as a last channel, `speech_mix`).
 register_task(Task("separation", _separation, "si_sdri"))
+
+
+def _snr(estimate: jax.Array, reference: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """SNR in dB over the last axis: ``10·log10(‖s‖² / ‖s − ŝ‖²)`` (not scale-invariant); fp32."""
+    est, ref = estimate.astype(jnp.float32), reference.astype(jnp.float32)
+    return 10.0 * jnp.log10((jnp.sum(ref**2, -1) + eps) / (jnp.sum((ref - est) ** 2, -1) + eps))
+
+
+def _enhancement(estimate: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
+    """Per-example negative SI-SDR to the clean speech (the loss), the SI-SDR, its improvement
+    over the noisy input and the SNR improvement; estimate ``[B, T]``, targets ``[B, T, 2]``
+    (clean, then the noisy input)."""
+    if targets.ndim != 3 or targets.shape[-1] != 2 or targets.shape[:2] != estimate.shape:
+        raise ValueError(f"enhancement: targets must be [B, T, 2] (clean, then noisy) for an "
+                         f"estimate [B, T] = {estimate.shape}, got {targets.shape}")  # fmt: skip
+    clean, noisy = targets[..., 0], targets[..., 1]
+    sdr = si_sdr(estimate, clean)
+    return {"loss": -sdr, "si_sdr": sdr, "si_sdri": sdr - si_sdr(noisy, clean),
+            "snri": _snr(estimate, clean) - _snr(noisy, clean)}  # fmt: skip
+
+
+# Speech enhancement / denoising (FRCRN, paper 59): negative SI-SDR to the clean speech; SI-SDR
+# and SNR improvements over the noisy input reported (the targets carry it, `speech_noise`).
+register_task(Task("enhancement", _enhancement, "si_sdri"))
+
+
+def _video_fitting(pred: jax.Array, target: jax.Array) -> dict[str, jax.Array]:
+    """Per-frame MSE (the loss; HNeRV's README uses ``--loss L2``) and PSNR, frames in [0, 1]
+    ``[B, H, W, C]``; the evaluation's mean PSNR is the per-frame PSNR averaged over frames."""
+    if pred.shape != target.shape:
+        raise ValueError(
+            f"video_fitting: model output {pred.shape} does not match the frame {target.shape}"
+        )
+    err = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32))
+    mse = jnp.mean(err, axis=tuple(range(1, err.ndim)))
+    return {"loss": mse, "psnr": psnr(mse)}
+
+
+# Neural video representation (HNeRV, NeRV++): fit a network to the frames of one video
+# (`moving_shapes_video`: input and target are the same frame; the test set is the same video).
+register_task(Task("video_fitting", _video_fitting, "psnr"))
+
+
+def average_precision(scores: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
+    """Average precision over the last axis (sklearn's step form, ties in sort order): the mean
+    over weighted positives of the precision at their rank; fp32."""
+    order = jnp.argsort(-scores.astype(jnp.float32), axis=-1)
+    lab = jnp.take_along_axis(labels.astype(jnp.float32), order, -1)
+    w = jnp.take_along_axis(weights.astype(jnp.float32), order, -1)
+    tp = jnp.cumsum(lab * w, -1)
+    seen = jnp.maximum(jnp.cumsum(w, -1), 1e-12)
+    return jnp.sum(tp / seen * lab * w, -1) / jnp.maximum(jnp.sum(lab * w, -1), 1e-12)
+
+
+def _link_prediction(outputs, weights: jax.Array) -> dict[str, jax.Array]:
+    """Per-window link prediction (TGN/PRES, `jaxblocks.models.tgn`): outputs ``(logits [B, L,
+    2], penalty [B])`` (positive and negative-destination logits of each event; PRES's
+    memory-coherence penalty) or the logits alone, targets the events' 0/1 weights ``[B, L]``.
+    Loss: the mean BCE of positives (label 1) and negatives (label 0) plus the penalty; metrics:
+    accuracy of both at threshold 0 and the average precision of the window's 2L scores."""
+    logits, penalty = outputs if isinstance(outputs, tuple | list) else (outputs, None)
+    if logits.ndim != 3 or logits.shape[-1] != 2 or logits.shape[:2] != weights.shape:
+        raise ValueError(f"link_prediction: logits must be [B, L, 2] matching the weights "
+                         f"[B, L], got {logits.shape} and {weights.shape}")  # fmt: skip
+    z = logits.astype(jnp.float32)
+    w = weights.astype(jnp.float32)
+    labels = jnp.broadcast_to(jnp.asarray([1.0, 0.0], jnp.float32), z.shape)
+    bce = optax.sigmoid_binary_cross_entropy(z, labels).mean(-1)  # [B, L]
+    correct = ((z > 0) == (labels > 0.5)).astype(jnp.float32).mean(-1)
+    n = jnp.maximum(w.sum(1), 1e-12)
+    loss = (bce * w).sum(1) / n
+    if penalty is not None:
+        loss = loss + penalty.astype(jnp.float32)
+    b = z.shape[0]
+    ap = average_precision(z.reshape(b, -1), labels.reshape(b, -1),
+                           jnp.repeat(w, 2, axis=1))  # fmt: skip
+    return {"loss": loss, "accuracy": (correct * w).sum(1) / n, "ap": ap}
+
+
+# Temporal link prediction (TGN/PRES): each example is a window of consecutive events.
+register_task(Task("link_prediction", _link_prediction, "accuracy"))
+
+
+def _self_supervised(loss: jax.Array, _targets: jax.Array) -> dict[str, jax.Array]:
+    """The model's own per-example loss (a self-supervised model such as
+    `jaxblocks.models.byol.BYOL` draws its views and targets itself; labels are ignored) and
+    the mean cosine ``1 − loss / 2`` of BYOL's ``2 − 2·cos`` loss."""
+    if loss.ndim != 1:
+        raise ValueError(f"self_supervised: the model must return a per-example loss [B], got "
+                         f"shape {loss.shape}")  # fmt: skip
+    loss = loss.astype(jnp.float32)
+    return {"loss": loss, "cosine": 1.0 - loss / 2.0}
+
+
+# Self-supervised pretraining (BYOL / DirectPred, paper 36): the model output is the loss.
+register_task(Task("self_supervised", _self_supervised, "cosine"))
+
+
+def _masked_pretraining(outputs, _targets: jax.Array) -> dict[str, jax.Array]:
+    """SparK masked image modelling (`jaxblocks.analysis.spark.SparKPretrainer`, registered as
+    ``spark``): the model returns ``{"pred", "target", "active"}`` (patchified reconstruction
+    and input, visible patches); loss: MSE to the per-patch normalised pixels on the masked
+    patches only (`spark_loss`), plus that error in pixel units. Labels are ignored."""
+    if not isinstance(outputs, dict) or not {"pred", "target", "active"} <= set(outputs):
+        raise ValueError("masked_pretraining: the model must return a dict with pred, target "
+                         f"and active (the spark model), got {type(outputs).__name__}")  # fmt: skip
+    return spark_loss(outputs["pred"], outputs["target"], outputs["active"])
+
+
+# Masked image pretraining of a CNN (SparK, paper 18): labels unused; lower loss is better.
+register_task(Task("masked_pretraining", _masked_pretraining, "loss", higher_is_better=False))
