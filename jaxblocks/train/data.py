@@ -15,10 +15,14 @@ in noisy volumes, `jaxblocks.data.ellipsoids`), ``action_clips`` (moving, growin
 shrinking blobs, `jaxblocks.data.action_clips`), ``speech_mix`` (two synthetic speakers and
 their mixture, `jaxblocks.data.speech_mix`), ``diffusion_digits`` / ``diffusion_digits_bw``
 (digits in [-1, 1] with the label packed as a channel, the latter with inverted copies),
-``masked_digits`` (digits with fixed observed-pixel masks), ``reber`` (generated
-embedded-Reber strings, `jaxblocks.data.reber`), ``stdlib_text`` (bytes of the
-Python standard library's own ``.py`` files, for character LMs) and ``sr_sample_images``
-(super-resolution crops of scikit-learn's sample photographs, `jaxblocks.data.sr_images`).
+``masked_digits`` (digits with fixed observed-pixel masks), ``keywords`` (synthetic spoken
+keywords as log-mel frames, `jaxblocks.data.keywords`), ``speech_noise`` (speech-like signals in
+noise, `jaxblocks.data.speech_noise`), ``moving_shapes_video`` (one generated video's frames,
+`jaxblocks.data.moving_shapes`), ``temporal_graph`` (windows of a drifting interaction stream,
+`jaxblocks.data.temporal_graph`), ``reber`` (generated embedded-Reber strings,
+`jaxblocks.data.reber`), ``stdlib_text`` (bytes of the Python standard library's own ``.py``
+files, for character LMs) and ``sr_sample_images`` (super-resolution crops of scikit-learn's
+sample photographs, `jaxblocks.data.sr_images`).
 """
 
 from __future__ import annotations

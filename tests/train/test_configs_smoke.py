@@ -36,6 +36,9 @@ SLOW_SMOKE = {
     # Pretrain + fine-tune + the from-scratch variant (~40 s): tests/train/test_spark_digits.py
     # runs the same smoke config through the CLI in the fast suite.
     ("spark_digits", "smoke"),
+    # Three models and the streaming report (~50 s): tests/train/test_lmuformer_keywords.py runs
+    # the same smoke config through the CLI in the fast suite.
+    ("lmuformer_keywords", "smoke"),
 }
 # Full-size first steps of 10-20 s of CPU (a full test-set evaluation included); the smoke run of
 # the same config builds the same model and step (convbn_digits's in test_main_job).
@@ -46,6 +49,7 @@ SLOW_FULL_SIZE = {
     "craft_sr",  # ~40 s: CRAFT's windowed attention; its smoke run builds the same blocks
     "diffusion_digits",  # the UNet's full-size step; its smoke run builds the same model
     "frcrn_denoise",  # two 4-level complex U-Nets and a 512-example evaluation
+    "lmuformer_keywords",  # generating its 5,120 utterances (~35 s); tests/data covers the data
     "mdbm_digits",  # ~25 s: the full-size fixed-point solve and its implicit backward
     "mossformer2_separation",  # ~20 s: the full-size separator's first step
     "oms_digits",
