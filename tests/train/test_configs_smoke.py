@@ -39,6 +39,9 @@ SLOW_SMOKE = {
     # Three models and the streaming report (~50 s): tests/train/test_lmuformer_keywords.py runs
     # the same smoke config through the CLI in the fast suite.
     ("lmuformer_keywords", "smoke"),
+    # Teacher + two distillation stages + sampling (~2 min): tests/models/test_asdm.py covers the
+    # pieces, tests/train/test_asdm_digits.py runs it under `slow`.
+    ("asdm_digits", "smoke"),
 }
 # Full-size first steps of 10-20 s of CPU (a full test-set evaluation included); the smoke run of
 # the same config builds the same model and step (convbn_digits's in test_main_job).
