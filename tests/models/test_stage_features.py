@@ -36,6 +36,7 @@ FAMILIES = {
     "convfirst_net_tiny": None,
     "hyperbolic_resnet20": None,
     "msvmamba_nano": 4,
+    "mcunet_in1": 5,
     "slab_pvt_tiny": 4,
     "slab_swin_tiny": 4,
 }
