@@ -18,7 +18,8 @@ mean confidence on their samples, plus the teacher's per-block redundancy scores
 ``get_config("smoke")`` shrinks it to a few steps for CPU tests.
 """
 
-from jaxblocks.configs.base import apply_smoke, base_config, parse_switches
+from jaxblocks.configs import diffusion_digits
+from jaxblocks.configs.base import parse_switches
 
 SWITCHES = ("smoke",)
 
@@ -51,31 +52,12 @@ def _stages(extra_kwargs: dict, smoke_steps: int | None) -> tuple:
 
 
 def get_config(arg: str | None = None):
+    # The teacher is diffusion_digits's model, data and training; the stages are the variants.
     sw = parse_switches(arg)
-    c = base_config()
-    c.task = "diffusion"
-    c.model.name = "diffusion_unet_digits"
-    c.model.kwargs = {}
-    c.data.name = "diffusion_digits"
-    c.data.image_size = 8
-    c.data.channels = 1
-    c.batch_size = 128
-    c.eval_batch_size = 256
-    c.train_steps = 1500
-    c.optimizer.name = "adamw"
-    c.optimizer.learning_rate = 2e-3
-    c.optimizer.weight_decay = 0.0
-    c.optimizer.schedule = "cosine"
-    c.optimizer.warmup_steps = 100
-    c.optimizer.grad_clip_norm = 1.0
-    c.log_every = 100
-    c.eval_every = 500
-    c.checkpoint.every_steps = 500
+    c = diffusion_digits.get_config(arg)
     c.reports = ("asdm",)
     c.variants = _stages({}, None)
     if "smoke" in sw:
-        apply_smoke(c, train_steps=2, eval_batch_size=256)
-        tiny = {"widths": (8, 16), "num_groups": 4, "num_heads": 2}
-        c.model.kwargs = dict(tiny)
+        tiny = dict(c.model.kwargs)
         c.variants = _stages(tiny, 1)[::2]  # one incubation stage and the final student
     return c
