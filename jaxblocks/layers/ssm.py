@@ -108,8 +108,8 @@ def ss2d_scan(
     return ys.reshape(B, K, D, L)
 
 
-def _dt_bias_init(dt_min: float, dt_max: float, floor: float):
-    """Mamba's Δ bias: softplus⁻¹ of Δ drawn log-uniformly in [dt_min, dt_max]."""
+def dt_bias_init(dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4):
+    """Mamba's Δ bias: softplus⁻¹ of Δ drawn log-uniformly in [dt_min, dt_max], floored."""
 
     def init(key, shape, dtype=jnp.float32):
         u = jax.random.uniform(key, shape, jnp.float32)
@@ -120,7 +120,7 @@ def _dt_bias_init(dt_min: float, dt_max: float, floor: float):
     return init
 
 
-def _a_log_init(key, shape, dtype=jnp.float32):
+def a_log_init(key, shape, dtype=jnp.float32):
     """S4D-real: ``A_log[d, n] = log(n + 1)``, so ``A = -(1, 2, ..., N)`` per channel."""
     del key
     return jnp.broadcast_to(jnp.log(jnp.arange(1, shape[-1] + 1, dtype=jnp.float32)), shape).astype(
@@ -153,11 +153,11 @@ class _ScanParams(nn.Module):
             p("dt_projs_weight", uniform(self.dt_scale * R**-0.5), (K, D, R), (None, "mlp", None)),
             p(
                 "dt_projs_bias",
-                _dt_bias_init(self.dt_min, self.dt_max, self.dt_init_floor),
+                dt_bias_init(self.dt_min, self.dt_max, self.dt_init_floor),
                 (K, D),
                 (None, "mlp"),
             ),
-            p("A_logs", _a_log_init, (K * D, N), ("mlp", None)),
+            p("A_logs", a_log_init, (K * D, N), ("mlp", None)),
             p("Ds", nn.initializers.ones, (K * D,), ("mlp",)),
         )
 
