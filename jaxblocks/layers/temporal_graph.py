@@ -16,11 +16,11 @@ is processed as in TGN's ``memory_update_at_start`` mode (`tgn_step`):
 PRES (Su, Zou, Wu, ICLR 2024, "PRES: Toward Scalable Memory-Based Dynamic Graph Neural Networks";
 official code jwsu825/MDGNN_BS) mitigates it with
 
-* a prediction–correction filter (`pres_filter_update`): per node a count and running sums of
-  memory increments ``Δ`` and ``Δ²`` (a Gaussian of the increments); a node updated in this batch
-  gets the prediction ``s_prev + μ`` (``μ = ΣΔ / n``) blended with the GRU's update,
-  ``s = γ (s_prev + μ) + (1 − γ) s_GRU`` with the official ``γ = 0.9``, and ``Δ = s − s_prev``
-  enters the statistics;
+* a prediction–correction filter: per node running sums of memory increments ``Δ`` and
+  ``Δ²`` (a Gaussian of the increments); the GRU's update is blended with the prediction
+  ``s_prev + μ``, ``s = γ (s_prev + μ) + (1 − γ) s_GRU`` with the official ``γ = 0.9``, and
+  ``Δ = s − s_prev`` enters the statistics (the two variants of ``μ`` and of what the blend
+  feeds are the filter modes below);
 * a memory-coherence loss (`memory_coherence`): ``β (1 − coh(s, s_prev))`` with the official
   ``β = 0.1`` and the official coherence: both memories min–max normalised to [−1, 1], the cosine
   over nodes of each memory dimension, summed over dimensions and divided by the node count.
@@ -28,15 +28,23 @@ official code jwsu825/MDGNN_BS) mitigates it with
 The state of one stream is an explicit pytree (`TGNState`) so a window of temporal batches runs
 as a scan (`jaxblocks.models.tgn`); `TGN` keeps it in the ``"memory"`` collection for streaming.
 
-Deviations (on purpose): the official filter code increments its increment sum instead of its
-count and normalises the accumulated increment min–max over all nodes; here ``μ`` is the running
-mean it defines (``compute_prediction``), and the blend applies to the nodes whose memory the
-batch updates (official: every node) — ``pres_filter_update`` documents both. The official
-coherence term is ``.detach()``-ed (it changes the reported loss, not the gradients); here it is
-differentiable (``coherence_stop_gradient=True`` gives the official behaviour). The official blend
-feeds only the embeddings of the batch while the stored memory stays the GRU's; here the blended
-(filtered) memory is the new state. Messages pending for nodes outside the batch are committed at
-once (TGN re-applies them lazily; the same value up to the parameter change between steps).
+Filter modes (``pres_mode``). ``"official"`` (default) follows the official ``MDGNN`` code
+(`pres_official_blend`): at every batch the GRU-updated memory of *all* nodes is blended with the
+prediction ``s_prev + T`` (``T`` = the accumulated increments min–max normalised over all nodes to
+[−1, 1]), the blend feeds only the batch's embeddings, the stored memory (and the raw messages built
+from it) stays the GRU's, and the increment ``s_blend − s_prev``, min–max normalised over all nodes,
+is added to the accumulator together with the ``+ 1`` the official ``Filter.update`` adds (it
+increments the sum where a count was intended; the count stays unused). ``"stored"`` (the earlier
+behaviour here) blends only the nodes the batch updates with the running mean ``ΣΔ / n`` of their
+own increments and stores the blend as the new memory (`pres_filter_update`). The official
+``Filter.compute_prediction`` (``ΣΔ / count`` with a count never incremented: 0 / 0) is never
+called there and has no counterpart; in the official mode ``pres_count`` counts batches. In both
+modes the coherence compares the stored memory with the memory before the batch (official:
+``inner_prod(memory.memory, prev_memory)``). The official coherence term is ``.detach()``-ed (it
+changes the reported loss, not the gradients); here it is differentiable unless
+``coherence_stop_gradient=True`` (official). Messages pending for nodes outside the batch are
+committed at once (TGN re-applies them lazily; the same value up to the parameter change between
+steps).
 TGN's neighbour finder also sees earlier events of the same batch; here the neighbour buffers,
 like the memory, are updated after the batch. Linear biases use Flax's zero init (torch:
 uniform); the MergeLayer kernels are Xavier-normal as in the official code.
@@ -66,11 +74,14 @@ __all__ = [
     "init_tgn_state",
     "memory_coherence",
     "minmax_normalize",
+    "official_normalize",
     "pres_filter_update",
+    "pres_official_blend",
     "update_neighbors",
 ]
 
 MESSAGE_FUNCTIONS = ("identity", "mlp")
+PRES_MODES = ("official", "stored")
 
 
 class TGNState(NamedTuple):
@@ -179,6 +190,37 @@ def pres_filter_update(
         incr_sum + delta,
         incr_sumsq + delta * delta,
     )
+
+
+def official_normalize(x: Array) -> Array:
+    """The official filter's in-place normalisation ``x -= min; x /= max; x = 2x − 1`` over the
+    whole tensor, skipped when ``max(x) == 0`` as there. A constant non-zero tensor (the official
+    code divides 0 by 0 and gives NaN; not well defined) is left unchanged here."""
+    lo, hi = jnp.min(x), jnp.max(x)
+    span = hi - lo
+    ok = (hi != 0) & (span > 0)
+    return jnp.where(ok, 2.0 * (x - lo) / jnp.where(ok, span, 1.0) - 1.0, x)
+
+
+def pres_official_blend(
+    prev: Float[Array, "N D"],
+    updated: Float[Array, "N D"],
+    incr: Float[Array, "N D"],
+    incr_sq: Float[Array, "N D"],
+    gamma: float | Array = 0.9,
+):
+    """PRES's filter as the official ``MDGNN.compute_temporal_embeddings``; returns
+    ``(blended memory [N, D], new increment sum, new squared-increment sum)``.
+
+    ``T = official_normalize(incr)``; ``s_blend = γ (prev + T) + (1 − γ) updated`` for every node;
+    ``c = official_normalize(stop_gradient(s_blend − prev))``; ``incr += 1 + c``,
+    ``incr_sq += c²`` (the official ``Filter.update``). ``s_blend`` is meant only as the input of
+    the batch's embeddings; the stored memory stays ``updated``.
+    """
+    pred = prev + official_normalize(incr)
+    blend = gamma * pred + (1.0 - gamma) * updated
+    change = official_normalize(jax.lax.stop_gradient(blend - prev))
+    return blend, incr + 1.0 + change, incr_sq + change * change
 
 
 def pres_variance(count: Array, incr_sum: Array, incr_sumsq: Array) -> Array:
@@ -374,6 +416,9 @@ class TGNStep(nn.Module):
       num_heads, dropout: temporal attention (official 2, 0.1).
       use_pres: the PRES prediction–correction filter.
       pres_gamma: the blend weight of the prediction (official 0.9).
+      pres_mode: "official" (the blend of all nodes feeds only the embeddings,
+        `pres_official_blend`) or "stored" (the batch's updated nodes are blended with their
+        running-mean increment and stored, `pres_filter_update`).
       coherence_stop_gradient: the official detached coherence term.
       deterministic: no dropout.
       dtype: compute dtype of the embedding and head (the memory stays fp32).
@@ -389,6 +434,7 @@ class TGNStep(nn.Module):
     dropout: float = 0.1
     use_pres: bool = False
     pres_gamma: float = 0.9
+    pres_mode: str = "official"
     coherence_stop_gradient: bool = False
     deterministic: bool = True
     dtype: Any = None
@@ -399,6 +445,9 @@ class TGNStep(nn.Module):
         if self.message_function not in MESSAGE_FUNCTIONS:
             raise ValueError(f"TGNStep: message_function must be one of {MESSAGE_FUNCTIONS}, "
                              f"got {self.message_function!r}")  # fmt: skip
+        if self.pres_mode not in PRES_MODES:
+            raise ValueError(f"TGNStep: pres_mode must be one of {PRES_MODES}, "
+                             f"got {self.pres_mode!r}")  # fmt: skip
         if events.ndim != 2 or events.shape[-1] != 4 + f:
             raise ValueError(f"TGNStep: events must be [b, 4 + edge_dim] = [b, {4 + f}] "
                              f"(src, dst, neg, t, features), got {events.shape}")  # fmt: skip
@@ -422,8 +471,13 @@ class TGNStep(nn.Module):
         mem = jnp.where(has[:, None], updated, prev)
         last_update = jnp.where(has, state.msg_time, state.last_update)
         count, s1, s2 = state.pres_count, state.pres_sum, state.pres_sumsq
-        if self.use_pres:
+        emb_mem = mem
+        if self.use_pres and self.pres_mode == "stored":
             mem, count, s1, s2 = pres_filter_update(prev, mem, has, count, s1, s2, self.pres_gamma)
+            emb_mem = mem
+        elif self.use_pres:
+            emb_mem, s1, s2 = pres_official_blend(prev, mem, s1, s2, self.pres_gamma)
+            count = count + 1.0
         coh = memory_coherence(mem, prev)
         if self.coherence_stop_gradient:
             coh = jax.lax.stop_gradient(coh)
@@ -435,7 +489,7 @@ class TGNStep(nn.Module):
         attn = TemporalAttention(d, self.num_heads, self.dropout, self.deterministic,
                                  dtype=self.dtype, name="embedding")  # fmt: skip
         cast = (lambda a: a.astype(self.dtype)) if self.dtype is not None else (lambda a: a)
-        emb = attn(cast(mem[q]), tq, cast(mem[nbr]), state.nbr_feat[q], state.nbr_time[q],
+        emb = attn(cast(emb_mem[q]), tq, cast(emb_mem[nbr]), state.nbr_feat[q], state.nbr_time[q],
                    state.nbr_valid[q], time_enc)  # fmt: skip
         b = src.shape[0]
         e_src, e_dst, e_neg = emb[:b], emb[b : 2 * b], emb[2 * b :]

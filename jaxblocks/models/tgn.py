@@ -30,7 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxblocks.layers.temporal_graph import MESSAGE_FUNCTIONS, TGNStep, init_tgn_state
+from jaxblocks.layers.temporal_graph import (
+    MESSAGE_FUNCTIONS,
+    PRES_MODES,
+    TGNStep,
+    init_tgn_state,
+)
 from jaxblocks.registry import Paper, config_fields_module, register_presets
 from jaxblocks.typing import Array, Float
 
@@ -52,6 +57,7 @@ class TGNConfig:
     temporal_batch: int = 200
     use_pres: bool = False
     pres_gamma: float = 0.9
+    pres_mode: str = "official"
     coherence_weight: float = 0.0
     coherence_stop_gradient: bool = False
 
@@ -70,6 +76,9 @@ class TGNConfig:
                              f"got {self.message_function!r}")  # fmt: skip
         if not 0.0 <= self.pres_gamma <= 1.0:
             raise ValueError(f"TGNConfig: pres_gamma must be in [0, 1], got {self.pres_gamma}")
+        if self.pres_mode not in PRES_MODES:
+            raise ValueError(f"TGNConfig: pres_mode must be one of {PRES_MODES}, "
+                             f"got {self.pres_mode!r}")  # fmt: skip
         if self.coherence_weight < 0:
             raise ValueError(f"TGNConfig: coherence_weight must be >= 0, got "
                              f"{self.coherence_weight}")  # fmt: skip
@@ -89,6 +98,8 @@ class TGNLinkPredictor(nn.Module):
       temporal_batch: events per temporal batch ``b`` (divides the window length).
       use_pres: PRES prediction–correction filter.
       pres_gamma: weight of the filter's prediction (official 0.9).
+      pres_mode: "official" (the filter's blend feeds only the embeddings) or "stored" (the
+        blend of the updated nodes becomes the stored memory); see `TGNStep`.
       coherence_weight: β of the memory-coherence loss (official 0.1 with PRES; 0 = off).
       coherence_stop_gradient: the official detached coherence term.
       dtype: compute dtype of embeddings and head (memory and GRU stay fp32).
@@ -111,6 +122,7 @@ class TGNLinkPredictor(nn.Module):
     temporal_batch: int = 200
     use_pres: bool = False
     pres_gamma: float = 0.9
+    pres_mode: str = "official"
     coherence_weight: float = 0.0
     coherence_stop_gradient: bool = False
     dtype: Any = None
@@ -146,6 +158,7 @@ class TGNLinkPredictor(nn.Module):
             dropout=self.dropout,
             use_pres=self.use_pres,
             pres_gamma=self.pres_gamma,
+            pres_mode=self.pres_mode,
             coherence_stop_gradient=self.coherence_stop_gradient,
             deterministic=not train,
             dtype=self.dtype,

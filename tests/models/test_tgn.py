@@ -16,7 +16,9 @@ from jaxblocks.layers.temporal_graph import (
     gru_cell,
     init_tgn_state,
     memory_coherence,
+    official_normalize,
     pres_filter_update,
+    pres_official_blend,
     pres_variance,
     update_neighbors,
 )
@@ -167,12 +169,14 @@ def test_aggregate_last_and_neighbour_buffers_match_loops():
         np.testing.assert_allclose([x for _, x in got_i], [x for _, x in want])
 
 
-@pytest.mark.parametrize("use_pres", [False, True])
-def test_no_intra_batch_leakage_in_a_window(use_pres):
+@pytest.mark.parametrize("use_pres,mode", [(False, "official"), (True, "official"),
+                                           (True, "stored")])  # fmt: skip
+def test_no_intra_batch_leakage_in_a_window(use_pres, mode):
     # 3 temporal batches of 4: changing an event of batch 1 must leave the predictions of
     # batches 0 and 1 exactly unchanged (memory and neighbours update after the batch) and
     # change those of batch 2.
-    model = TGNLinkPredictor(**TINY, temporal_batch=4, use_pres=use_pres, coherence_weight=0.1)
+    model = TGNLinkPredictor(**TINY, temporal_batch=4, use_pres=use_pres, pres_mode=mode,
+                             coherence_weight=0.1)  # fmt: skip
     x = _events(jax.random.key(0), 12)[None]
     x = x.at[0, :, 0].set(jnp.asarray([0, 1, 2, 3, 0, 4, 5, 6, 0, 1, 7, 8], jnp.float32))
     v = model.init(jax.random.key(1), x)
@@ -187,8 +191,68 @@ def test_no_intra_batch_leakage_in_a_window(use_pres):
     assert pen.shape == (1,) and np.isfinite(float(pen[0]))
 
 
+def _np_official_normalize(x):
+    # the official Filter/MDGNN in-place normalisation, skipped when max == 0
+    x = x.copy()
+    if x.max() != 0:
+        x -= x.min()
+        x /= x.max()
+        x = 2 * x - 1
+    return x
+
+
+def test_pres_official_blend_matches_numpy_loop():
+    n, d, gamma = 7, 3, 0.9
+    rng = np.random.default_rng(10)
+    incr, sq = jnp.zeros((n, d)), jnp.zeros((n, d))
+    inc_np, sq_np = np.zeros((n, d)), np.zeros((n, d))
+    prev = rng.standard_normal((n, d)).astype(np.float32)
+    for step in range(4):
+        upd = prev + rng.standard_normal((n, d)).astype(np.float32)
+        blend, incr, sq = pres_official_blend(prev, upd, incr, sq, gamma)
+        transition = _np_official_normalize(inc_np)
+        if step == 0:
+            assert np.all(transition == 0)  # an empty filter predicts no change
+        want = gamma * (prev + transition) + (1 - gamma) * upd
+        change = _np_official_normalize(want - prev)
+        inc_np = inc_np + 1 + change  # the official update adds 1 to the increment sum
+        sq_np = sq_np + change * change
+        np.testing.assert_allclose(blend, want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(incr, inc_np, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(sq, sq_np, rtol=1e-5, atol=1e-5)
+        prev = upd  # official: the stored memory stays the GRU's, not the blend
+    # gradient reaches the GRU output through the blend only, scaled by 1 - γ
+    g = jax.grad(lambda u: pres_official_blend(prev, u, incr, sq, gamma)[0].sum())(upd)
+    np.testing.assert_allclose(g, np.full((n, d), 1 - gamma), rtol=1e-5)
+    # max == 0 is left alone as in the official code; a constant non-zero tensor too
+    np.testing.assert_array_equal(official_normalize(jnp.asarray([-2.0, 0.0])), [-2.0, 0.0])
+    np.testing.assert_array_equal(official_normalize(jnp.full((2,), 3.0)), [3.0, 3.0])
+
+
+def test_official_mode_blends_embeddings_but_stores_gru_memory():
+    e1, e2 = _events(jax.random.key(11), 6), _events(jax.random.key(12), 6, t0=10.0)
+    outs = {}
+    for name, kw in (("off", dict(use_pres=False)), ("official", dict(use_pres=True)),
+                     ("stored", dict(use_pres=True, pres_mode="stored"))):  # fmt: skip
+        step = TGNStep(**TINY, **kw)
+        state = init_tgn_state(12, 8, 3, 3)
+        v = step.init(jax.random.key(13), state, e1)  # same params for every mode
+        state, _ = step.apply(v, state, e1)
+        state, (pos, neg, _) = step.apply(v, state, e2)
+        outs[name] = (state, pos)
+    st_off, st_off2 = outs["off"][0], outs["official"][0]
+    # official: the stored memory (and the messages built from it) equal the plain TGN's ...
+    np.testing.assert_allclose(st_off2.memory, st_off.memory, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(st_off2.msg, st_off.msg, rtol=1e-6, atol=1e-6)
+    assert float(jnp.abs(st_off2.pres_sum).max()) > 0
+    # ... while the blend changes the predictions
+    assert float(jnp.abs(outs["official"][1] - outs["off"][1]).max()) > 1e-6
+    # stored: the blend becomes the memory
+    assert float(jnp.abs(outs["stored"][0].memory - st_off.memory).max()) > 1e-6
+
+
 def test_streaming_tgn_keeps_state_in_memory_collection():
-    tgn = TGN(dict(TINY, use_pres=True))
+    tgn = TGN(dict(TINY, use_pres=True, pres_mode="stored"))
     e1, e2 = _events(jax.random.key(2), 6), _events(jax.random.key(3), 6, t0=10.0)
     v = tgn.init(jax.random.key(4), e1)
     assert float(jnp.abs(v["memory"]["state"].memory).max()) == 0.0
@@ -268,6 +332,10 @@ def test_bad_inputs():
         TGNConfig(memory_dim=8, num_heads=3)
     with pytest.raises(ValueError, match="message_function must be one of"):
         TGNConfig(message_function="sum")
+    with pytest.raises(ValueError, match="pres_mode must be one of"):
+        TGNConfig(pres_mode="all")
+    with pytest.raises(ValueError, match="TGNStep: pres_mode must be one of"):
+        TGNStep(**TINY, pres_mode="x").init(jax.random.key(0), init_tgn_state(12, 8, 3, 3), x[0])
     with pytest.raises(ValueError, match="pres_gamma must be in"):
         TGNConfig(pres_gamma=1.5)
     with pytest.raises(ValueError, match="temporal_batch must be a positive int"):
