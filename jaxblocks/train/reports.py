@@ -34,7 +34,7 @@ samples with and without it.
 ``"asdm"`` — A-SDM (paper 49): trains the pruned student's incubation stages (the variants)
 by distillation from the run's teacher and compares parameters, sampling time and sample
 quality.
-``"pres_batch_sizes"`` — PRES (paper 39): the run and its variants (temporal batch sizes, with
+``"pres_batch_sizes"`` — PRES (paper 19): the run and its variants (temporal batch sizes, with
 and without PRES): test accuracy, AP, step time and one plot of all test-accuracy curves.
 ``"linear_probe"`` — self-supervised encoders (DirectPred, paper 36): logistic-regression probe
 accuracy on frozen features for raw pixels, the untrained encoder, the run and its variants.
@@ -673,7 +673,7 @@ def video_fitting(cfg: ml_collections.ConfigDict, workdir: str, results) -> str:
 
 
 def pres_batch_sizes(cfg: ml_collections.ConfigDict, workdir: str, results) -> str:
-    """PRES (paper 39): the run (e.g. small temporal batches without PRES) and each
+    """PRES (paper 19): the run (e.g. small temporal batches without PRES) and each
     ``config.variants`` entry (e.g. large batches without / with PRES) retrained; a table of
     test accuracy, AP, median step time and sequential memory steps per window, and all test
     accuracy curves in one plot, ``workdir/pres_batch_sizes.png``."""
