@@ -666,8 +666,9 @@ def _example_image() -> Array:
     example_input=_example_image,
     paper=PAPER,
     published_params=None,
-    params_source="a pretraining wrapper: its count is the encoder's plus a decoder sized by "
-    "decoder_width (the paper publishes the fine-tuned ResNet-50's 26M, see resnet50)",
+    params_source="no published count: a pretraining wrapper, its count is the encoder's plus "
+    "a decoder sized by decoder_width (the paper publishes the fine-tuned ResNet-50's 26M, see "
+    "resnet50)",
     tiny={
         "encoder": "resnet18",
         "width": 8,

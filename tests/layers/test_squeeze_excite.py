@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from jaxblocks.layers import SqueezeExcite
-from jaxblocks.layers import ssm as ssm_layers
 from tests.kernels.harness import assert_close
 
 
@@ -45,10 +44,6 @@ def test_squeeze_excite_hidden_width_at_least_one():
     x = jax.random.normal(jax.random.key(0), (2, 3, 3, 4))
     v = SqueezeExcite(reduction=16).init(jax.random.key(1), x)
     assert v["params"]["fc1"]["kernel"].shape == (4, 1)
-
-
-def test_squeeze_excite_is_the_one_ms2d_uses():
-    assert ssm_layers.SqueezeExcite is SqueezeExcite
 
 
 def test_squeeze_excite_bad_inputs():
