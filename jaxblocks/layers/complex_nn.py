@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxblocks.layers.fsmn import UniDeepFsmn, causal_fsmn_memory
 from jaxblocks.typing import Array, Float
 
 __all__ = [
@@ -417,29 +418,12 @@ class ComplexBatchNorm(nn.Module):
         return jnp.stack([re, im], axis=-1).astype(x.dtype)
 
 
-def causal_fsmn_memory(p: Float[Array, "B L C"], kernel: Float[Array, "K C"]) -> Array:
-    """FRCRN's causal FSMN memory ``m_t[c] = Σ_{j<K} kernel[j, c]·p[t − (K − 1) + j, c]`` (zero
-    before the start; official ``conv1`` on the input left-padded by ``lorder − 1``). Equal to
-    the symmetric `jaxblocks.layers.fsmn.fsmn_memory` with the ``K − 1`` future taps set to
-    zero; computed as ``K`` shifted multiply-adds, which XLA:CPU differentiates several times
-    faster than a depthwise convolution."""
-    if p.ndim != 3 or kernel.ndim != 2 or kernel.shape[1] != p.shape[-1]:
-        raise ValueError(f"causal_fsmn_memory: p must be [B, L, C] and kernel [K, C], got "
-                         f"{p.shape} and {kernel.shape}")  # fmt: skip
-    k, length = kernel.shape[0], p.shape[1]
-    padded = jnp.pad(p, ((0, 0), (k - 1, 0), (0, 0)))
-    kernel = kernel.astype(p.dtype)[:, None, None, :]  # [K, 1, 1, C]
-    out = padded[:, k - 1 :] * kernel[k - 1]
-    for j in range(k - 1):
-        out = out + padded[:, j : j + length] * kernel[j]
-    return out
-
-
-class CausalUniDeepFsmn(nn.Module):
+class CausalUniDeepFsmn(UniDeepFsmn):
     """FRCRN's real FSMN layer (https://arxiv.org/abs/2206.07293; official ``UniDeepFsmn``):
-    ``p = W₂ ReLU(W₁x + b₁)``; ``out = x + p + causal_memory(p)``, a depthwise filter of
-    ``lorder`` taps over the current and the ``lorder − 1`` previous positions (MossFormer2's
-    `UniDeepFsmn` is symmetric). Layout ``[N, L, C]``, the sequence axis second.
+    `jaxblocks.layers.fsmn.UniDeepFsmn` with ``causal=True``: ``p = W₂ ReLU(W₁x + b₁)``;
+    ``out = x + p + causal_memory(p)``, a depthwise filter of ``lorder`` taps over the current
+    and the ``lorder − 1`` previous positions (MossFormer2's `UniDeepFsmn` is symmetric).
+    Layout ``[N, L, C]``, the sequence axis second.
 
     Attributes:
       hidden_size: ReLU projection width (official 128).
@@ -454,27 +438,7 @@ class CausalUniDeepFsmn(nn.Module):
     """
 
     hidden_size: int = 128
-    lorder: int = 20
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Float[Array, "N L C"]) -> Float[Array, "N L C"]:
-        if x.ndim != 3:
-            raise ValueError(f"CausalUniDeepFsmn: x must be [N, L, C], got shape {x.shape}")
-        if isinstance(self.lorder, bool) or not isinstance(self.lorder, int) or self.lorder < 1:
-            raise ValueError(f"CausalUniDeepFsmn: lorder must be an int >= 1, got "
-                             f"{self.lorder!r}")  # fmt: skip
-        dtype = self.dtype or x.dtype
-        c = x.shape[-1]
-        dense = dict(dtype=dtype, param_dtype=self.param_dtype)
-        f = nn.relu(nn.Dense(self.hidden_size, name="linear", **dense)(x))
-        p = nn.Dense(c, use_bias=False, name="project", **dense)(f)
-        kernel = self.param(
-            "memory", nn.initializers.lecun_normal(in_axis=0, out_axis=()), (self.lorder, c),
-            self.param_dtype,
-        )  # fmt: skip
-        return x.astype(dtype) + p + causal_fsmn_memory(p, kernel.astype(dtype))
+    causal: bool = True
 
 
 class ComplexUniDeepFsmnFreq(nn.Module):
