@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxblocks.layers.transformer import KVCache, apply_rope
+from jaxblocks.layers.transformer import KVCache, apply_rope, extend_kv_cache
 
 __all__ = ["GPTNeoXAttention", "GPTNeoXLayer", "GPTNeoXMLP", "apply_partial_rope", "rotary_dims"]
 
@@ -109,22 +109,9 @@ class GPTNeoXAttention(nn.Module):
         k = apply_partial_rope(k, pos, rot, self.rotary_base)
         new_cache = None
         if cache is not None:
-            if mask is not None:
-                raise ValueError("GPTNeoXAttention: pass either mask or cache, not both")
-            if cache.k.shape[0] != B or cache.k.shape[2:] != (H, D):
-                raise ValueError(f"GPTNeoXAttention: cache of shape {cache.k.shape} does not "
-                                 f"match x {x.shape} with {H} heads of {D}")  # fmt: skip
-            if T > cache.max_len:
-                raise ValueError(
-                    f"GPTNeoXAttention: a chunk of {T} tokens exceeds the cache's {cache.max_len}"
-                )
-            k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, start, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, start, 0, 0))
-            new_cache = KVCache(k_all, v_all, start + T)
-            key_pos = jnp.arange(cache.max_len, dtype=jnp.int32)  # [S]
-            limit = pos[:, None] + 1 if chunk_causal else (start + T) * jnp.ones((T, 1), jnp.int32)
-            mask = key_pos[None, :] < limit  # [T, S]
-            k, v = k_all, v_all
+            k, v, mask, new_cache = extend_kv_cache(
+                "GPTNeoXAttention", cache, x.shape, k, v, pos, mask, chunk_causal
+            )
         elif mask is not None and mask.shape != (T, T):
             raise ValueError(f"GPTNeoXAttention: mask must be [T, T] = {(T, T)}, got {mask.shape}")
         s = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k.astype(jnp.float32)) * D**-0.5

@@ -21,7 +21,14 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-__all__ = ["KVCache", "SelfAttention", "TransformerBlock", "apply_rope", "init_kv_cache"]
+__all__ = [
+    "KVCache",
+    "SelfAttention",
+    "TransformerBlock",
+    "apply_rope",
+    "extend_kv_cache",
+    "init_kv_cache",
+]
 
 
 @jax.tree_util.register_dataclass
@@ -62,6 +69,36 @@ def apply_rope(
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
+
+
+def extend_kv_cache(
+    where: str,
+    cache: KVCache,
+    x_shape: tuple[int, ...],
+    k: Float[Array, "B T H D"],
+    v: Float[Array, "B T H D"],
+    pos: Int[Array, " T"],
+    mask: Bool[Array, "T T"] | None,
+    chunk_causal: bool,
+) -> tuple[Array, Array, Bool[Array, "T S"], KVCache]:
+    """Append a chunk's keys and values at positions ``pos`` (from ``cache.length``) to
+    ``cache``: ``(k_all, v_all, mask, new_cache)``, where ``mask[t, s]`` lets query ``t`` see
+    every cached key and the chunk (itself causally with ``chunk_causal``, else fully). A
+    ``mask`` argument is an error (the cache defines visibility); ``where`` names the caller."""
+    B, T, H, D = k.shape
+    if mask is not None:
+        raise ValueError(f"{where}: pass either mask or cache, not both")
+    if cache.k.shape[0] != B or cache.k.shape[2:] != (H, D):
+        raise ValueError(f"{where}: cache of shape {cache.k.shape} does not match x {x_shape} "
+                         f"with {H} heads of {D}")  # fmt: skip
+    if T > cache.max_len:
+        raise ValueError(f"{where}: a chunk of {T} tokens exceeds the cache's {cache.max_len}")
+    start = cache.length
+    k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, start, 0, 0))
+    v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, start, 0, 0))
+    key_pos = jnp.arange(cache.max_len, dtype=jnp.int32)  # [S]
+    limit = pos[:, None] + 1 if chunk_causal else (start + T) * jnp.ones((T, 1), jnp.int32)
+    return k_all, v_all, key_pos[None, :] < limit, KVCache(k_all, v_all, start + T)
 
 
 class SelfAttention(nn.Module):
@@ -120,24 +157,9 @@ class SelfAttention(nn.Module):
         q, k = apply_rope(q, pos), apply_rope(k, pos)
         new_cache = None
         if cache is not None:
-            if mask is not None:
-                raise ValueError("SelfAttention: pass either mask or cache, not both")
-            if cache.k.shape[0] != B or cache.k.shape[2:] != (self.num_heads, self.head_dim):
-                raise ValueError(
-                    f"SelfAttention: cache of shape {cache.k.shape} does not match x {x.shape} "
-                    f"with {self.num_heads} heads of {self.head_dim}"
-                )
-            if T > cache.max_len:
-                raise ValueError(
-                    f"SelfAttention: a chunk of {T} tokens exceeds the cache's {cache.max_len}"
-                )
-            k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, start, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, start, 0, 0))
-            new_cache = KVCache(k_all, v_all, start + T)
-            key_pos = jnp.arange(cache.max_len, dtype=jnp.int32)  # [S]
-            limit = pos[:, None] + 1 if chunk_causal else (start + T) * jnp.ones((T, 1), jnp.int32)
-            mask = key_pos[None, :] < limit  # [T, S]
-            k, v = k_all, v_all
+            k, v, mask, new_cache = extend_kv_cache(
+                "SelfAttention", cache, x.shape, k, v, pos, mask, chunk_causal
+            )
         elif mask is not None and mask.shape != (T, T):
             raise ValueError(f"SelfAttention: mask must be [T, T] = {(T, T)}, got {mask.shape}")
         scale = self.head_dim**-0.5
