@@ -38,8 +38,10 @@ test-slow: $(STAMP)
 # them when torch is absent). Installs the `torch` extra, with torch's CPU-only wheels.
 TORCH_STAMP := $(VENV)/.installed-torch
 $(TORCH_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet --disable-pip-version-check \
-	  --index-url https://download.pytorch.org/whl/cpu -c constraints.txt torch
+	@# The CPU-only wheel when PyTorch's index is reachable; otherwise the PyPI wheel.
+	$(PY) -m pip install --quiet --disable-pip-version-check --retries 1 --timeout 15 \
+	  --index-url https://download.pytorch.org/whl/cpu -c constraints.txt torch \
+	|| $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt torch
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,torch]'
 	touch $(TORCH_STAMP)
 
