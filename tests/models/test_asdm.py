@@ -91,18 +91,34 @@ def test_condconv_routed_to_own_expert_is_the_plain_pruned_block(teacher):
                                                                         cc.condconv)))  # fmt: skip
 
 
-def test_cond_conv_is_weighted_sum_of_k_convolutions():
+@pytest.mark.parametrize("method,k", [("auto", 3), ("mix_kernels", 3), ("mix_outputs", 3),
+                                      ("auto", 5)])  # fmt: skip
+def test_cond_conv_is_weighted_sum_of_k_convolutions(method, k):
     ks = jax.random.split(jax.random.key(2), 4)
     x = jax.random.normal(ks[0], (3, 5, 6, 4))
-    experts = jax.random.normal(ks[1], (3, 3, 3, 4, 7))
-    bias = jax.random.normal(ks[2], (3, 7))
-    r = jax.random.uniform(ks[3], (3, 3))
-    got = cond_conv(x, experts, bias, r)
+    experts = jax.random.normal(ks[1], (k, 3, 3, 4, 7))
+    bias = jax.random.normal(ks[2], (k, 7))
+    r = jax.random.uniform(ks[3], (3, k))
+    got = cond_conv(x, experts, bias, r, method=method)
     dn = ("NHWC", "HWIO", "NHWC")
-    per = [jax.lax.conv_general_dilated(x, experts[k], (1, 1), "SAME", dimension_numbers=dn)
-           + bias[k][None, None, None, :] for k in range(3)]  # fmt: skip
-    want = sum(r[:, k, None, None, None] * per[k] for k in range(3))
+    per = [jax.lax.conv_general_dilated(x, experts[j], (1, 1), "SAME", dimension_numbers=dn)
+           + bias[j][None, None, None, :] for j in range(k)]  # fmt: skip
+    want = sum(r[:, j, None, None, None] * per[j] for j in range(k))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_cond_conv_methods_have_equal_gradients():
+    ks = jax.random.split(jax.random.key(7), 4)
+    args = (jax.random.normal(ks[0], (2, 5, 3, 4)), jax.random.normal(ks[1], (2, 3, 3, 4, 6)),
+            jax.random.normal(ks[2], (2, 6)), jax.random.uniform(ks[3], (2, 2)))  # fmt: skip
+
+    def loss(method):
+        return lambda *a: jnp.sum(jnp.sin(cond_conv(*a, method=method)))
+
+    g1 = jax.grad(loss("mix_kernels"), argnums=(0, 1, 2, 3))(*args)
+    g2 = jax.grad(loss("mix_outputs"), argnums=(0, 1, 2, 3))(*args)
+    for a, b in zip(g1, g2, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_clme_condconv_module_routing():
@@ -219,6 +235,8 @@ def test_bad_inputs_raise(teacher):
         prune_unet(v, (), (("mid_0", ("mid_1",)),))
     with pytest.raises(ValueError, match="routing must be"):
         cond_conv(x, jnp.ones((2, 3, 3, 1, 4)), jnp.ones((2, 4)), jnp.ones((2, 3)))
+    with pytest.raises(ValueError, match="method='fast' must be one of"):
+        cond_conv(x, jnp.ones((2, 3, 3, 1, 4)), jnp.ones((2, 4)), jnp.ones((1, 2)), method="fast")
     with pytest.raises(ValueError, match="window=3"):
         gri_attention(*(jnp.ones((1, 4, 4, 2, 3)),) * 3, 3)
     with pytest.raises(ValueError, match=r"\[B, 4\]"):
