@@ -102,7 +102,11 @@ def _step_fns(model: nn.Module, x: jax.Array):
                 **train_kw,
             )
             logits, updates = out if rest else (out, {})
-            return jnp.mean(jax.nn.logsumexp(logits.astype(jnp.float32), -1)), updates
+            # Some models train on several heads (UniFormer's class-token logits beside the
+            # pooled ones, as the official training): every head enters the loss.
+            heads = jax.tree.leaves(logits)
+            lse = sum(jnp.mean(jax.nn.logsumexp(h.astype(jnp.float32), -1)) for h in heads)
+            return lse, updates
 
         (_, updates), g = jax.value_and_grad(loss, has_aux=True)(params)
         u, opt = tx.update(g, opt, params)

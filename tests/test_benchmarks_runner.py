@@ -136,10 +136,13 @@ def test_gla_benchmark_gflop_column_uses_the_cost_formula():
         assert got[1] == 4 * got[0]  # linear in T
 
 
-@pytest.mark.parametrize("with_batch_stats", [False, True])
-def test_vision_step_functions_train_models_with_and_without_collections(with_batch_stats):
+@pytest.mark.parametrize("with_batch_stats,two_heads", [(False, False), (True, False),
+                                                         (True, True)])  # fmt: skip
+def test_vision_step_functions_train_models_with_and_without_collections(with_batch_stats,
+                                                                         two_heads):  # fmt: skip
     # A model without non-parameter collections (LayerNorm-only backbones: RaftMLP, MSVMamba)
-    # used to come back as a (logits, {}) tuple from apply(mutable=[]).
+    # used to come back as a (logits, {}) tuple from apply(mutable=[]); a model with two
+    # training heads (UniFormer: (logits, class-token logits)) crashed the loss.
     import flax.linen as nn
 
     from benchmarks import vision
@@ -150,7 +153,8 @@ def test_vision_step_functions_train_models_with_and_without_collections(with_ba
             x = nn.Conv(4, (3, 3))(x)
             if with_batch_stats:
                 x = nn.BatchNorm(use_running_average=not train)(x)
-            return nn.Dense(3)(x.mean(axis=(1, 2)))
+            logits, other = nn.Dense(3)(x.mean(axis=(1, 2))), nn.Dense(3)(x[:, 0, 0])
+            return (logits, other) if two_heads and train else logits
 
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
     infer, train = vision._step_fns(Net(), x)
