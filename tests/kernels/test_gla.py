@@ -227,6 +227,35 @@ def test_pallas_gpu_interpret_several_value_blocks():
     assert _pallas_calls(jaxpr.jaxpr)["gla_grads_gpu"]["grid_mapping"].grid == (1, 2, 3, 2)
 
 
+@pytest.mark.parametrize(
+    ("case", "chunk_size", "Kp", "grid"),
+    [
+        (specs.Case("nv", 1, 40, 2, 16, 100), 16, 16, (1, 2, 3, 2)),  # 3 chunks, 2 value blocks
+        (specs.Case("b2", 2, 130, 3, 20, 64), 64, 32, (2, 3, 3, 1)),  # K padded, chunk partial
+    ],
+    ids=["t40_c16_v100", "t130_c64_v64"],
+)
+def test_pallas_gpu_forward_is_parallel_over_chunks(case, chunk_size, Kp, grid):
+    # The GPU forward is fla's split: the sequential states pass over (B, H, NV), then the output
+    # kernel with one program per (B, H, chunk, value block), reading the state entering its
+    # chunk. No other kernel runs in the forward (the old serial forward kernel is gone).
+    args = case.make(44)
+    seg = _segment_ids([[7, case.T - 7]] * case.B)
+    for kw in ({}, {"segment_ids": seg}):
+        with interpret():
+            jaxpr = jax.make_jaxpr(_op("pallas_gpu", chunk_size=chunk_size, **kw))(*args)
+        calls = _pallas_calls(jaxpr.jaxpr)
+        assert set(calls) == {"gla_states_gpu", "gla_fwd_o_gpu"}
+        B, H, NT, NV = grid
+        assert tuple(calls["gla_fwd_o_gpu"]["grid_mapping"].grid) == grid
+        assert tuple(calls["gla_states_gpu"]["grid_mapping"].grid) == (B, H, NV)
+        # Each program reads one [C, Kp] chunk of q and the [Kp, BV] state entering that chunk.
+        rows = lambda bm: (bm.block_shape[2].block_size, bm.array_aval.shape[2])
+        mappings = calls["gla_fwd_o_gpu"]["grid_mapping"].block_mappings
+        assert rows(mappings[0]) == (chunk_size, NT * chunk_size)  # q
+        assert rows(mappings[4]) == (Kp, (NT + 1) * Kp)  # h: the states pass's output
+
+
 def test_pallas_tpu_interpret_fp32_segments():
     # A length-1 segment, a segment crossing the chunk boundary, a final one-token segment.
     seg = _segment_ids([[3, 1, 50, 8, 1]])
@@ -308,8 +337,11 @@ def test_pallas_lowering(impl, platform, T):
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
 
     text = check_pallas_lowering(loss, args, platform, op=f"chunk_gla[{impl}]", min_kernels=4)
-    for name in ("fwd", "states", "dstates", "grads"):
-        assert f"gla_{name}_{'gpu' if impl == 'pallas_gpu' else 'tpu'}" in text
+    suffix = "gpu" if impl == "pallas_gpu" else "tpu"
+    for name in _common.KERNELS[impl]:
+        assert f"gla_{name}_{suffix}" in text
+    if impl == "pallas_gpu":  # the serial forward kernel is gone: states + chunk-parallel fwd_o
+        assert "gla_fwd_gpu" not in text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +373,7 @@ PUBLIC_BLOCKS = {
         32,
         None,
         {
-            "gla_fwd_gpu": (1, 2, 4),
+            "gla_fwd_o_gpu": (1, 2, 2, 4),
             "gla_states_gpu": (1, 2, 4),
             "gla_dstates_gpu": (1, 2, 4),
             "gla_grads_gpu": (1, 2, 2, 4),
@@ -383,13 +415,14 @@ def test_block_sizes_pass_through_public_function(impl):
 
 
 def test_kernel_cost_estimates_use_the_common_formulas():
-    # The forward kernel's pl.CostEstimate is the cost model at the padded shapes, and specs'
-    # FLOPs are the same formula at chunk 64.
+    # The forward's pl.CostEstimate (on the GPU carried by the output kernel, the states pass
+    # included) is the cost model at the padded shapes, and specs' FLOPs are the same formula
+    # at chunk 64.
     blocks, case, chunk_size, _, _ = PUBLIC_BLOCKS["pallas_gpu"]
     args = case.make(24)
     with interpret():
         jaxpr = jax.make_jaxpr(_op("pallas_gpu", chunk_size=chunk_size, block_sizes=blocks))(*args)
-    cost = _pallas_calls(jaxpr.jaxpr)["gla_fwd_gpu"]["cost_estimate"]
+    cost = _pallas_calls(jaxpr.jaxpr)["gla_fwd_o_gpu"]["cost_estimate"]
     B, Tp, H, Kp, Vp = case.B, 64, case.H, 32, 64
     assert cost.flops == _common.flops(B, Tp, H, Kp, Vp, chunk=32)
     assert cost.transcendentals == _common.transcendentals(B, Tp, H, Kp)
@@ -436,7 +469,7 @@ def test_block_sizes_of_the_wrong_type_raise_type_error():
             "pallas_gpu",
             BlockSizes(block_v=256, num_warps=4),
             (1, 4, 1, 256),
-            r"gla_fwd_gpu: ~\d+ registers per thread at num_warps=4 exceed the 255",
+            r"gla_fwd_o_gpu: ~\d+ registers per thread at num_warps=4 exceed the 255",
         ),
     ],
 )
@@ -806,7 +839,10 @@ def test_default_block_sizes_fit_the_documented_shapes(backend):
             sets = _common.working_set(
                 backend, case.T, case.K, case.V, case.dtype, segments=segments
             )
-            assert [ws.kernel.split("_")[1] for ws in sets] == list(_common.KERNELS)
+            suffix = backend.split("_")[1]
+            assert [ws.kernel for ws in sets] == [
+                f"gla_{n}_{suffix}" for n in _common.KERNELS[backend]
+            ]
             for ws in sets:
                 assert ws.check(limits) is None, (case.name, ws)
     # The gradient kernel's fp32 states are [K, block_v], not [K, V]: at K = V = 256 a full

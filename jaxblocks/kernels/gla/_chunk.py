@@ -145,6 +145,21 @@ def fwd_chunk(q_ref, k_ref, v_ref, G_ref, o_ref, r0, S, gl, *, C, c, scale, prec
     o_I = scale · (q_I ⊙ e^{G_I}) S + Σ_{J<I} A_IJ v_J + A_II v_I  (sub-chunks I, J)
     S'  = e^{G_L} ⊙ S + (k ⊙ e^{G_L − G})ᵀ v
     """
+    chunk_output(
+        q_ref, k_ref, v_ref, G_ref, o_ref, r0, S, C=C, c=c, scale=scale, precision=precision,
+        seg=seg,
+    )  # fmt: skip
+    return state_update(k_ref, v_ref, G_ref, r0, S, gl, C=C, precision=precision, seg=seg)
+
+
+def chunk_output(q_ref, k_ref, v_ref, G_ref, o_ref, r0, S, *, C, c, scale, precision, seg=None):
+    """Write o for the chunk at rows r0..r0+C from S, the state entering it ([K, BV] fp32).
+
+    o_I = scale · (q_I ⊙ e^{G_I}) S + Σ_{J<I} A_IJ v_J + A_II v_I  (sub-chunks I, J)
+
+    The output half of `fwd_chunk`; on its own it is the body of the chunk-parallel GPU output
+    kernel, which reads S from the states pass instead of carrying it.
+    """
     dt, p = v_ref.dtype, precision
     for I in range(C // c):  # row sub-chunks (secondary chunking)
         rI = r0 + I * c
@@ -162,7 +177,6 @@ def fwd_chunk(q_ref, k_ref, v_ref, G_ref, o_ref, r0, S, gl, *, C, c, scale, prec
         A = diag_scores(qI, _load(k_ref, rI, c).astype(F32), GI)  # [c, c] exact, fp32
         acc = acc + dot(_mask(seg, A, rI, rI, c), _load(v_ref, rI, c), dt, p)
         o_ref[pl.ds(rI, c), :] = (scale * acc).astype(o_ref.dtype)
-    return state_update(k_ref, v_ref, G_ref, r0, S, gl, C=C, precision=p, seg=seg)
 
 
 def state_update(k_ref, v_ref, G_ref, r0, S, gl, *, C, precision, seg=None):

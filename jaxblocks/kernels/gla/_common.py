@@ -1,13 +1,16 @@
 """What the two Pallas backends of `chunk_gla` share: block sizes, input preparation, the custom
 VJP, the gradient kernel, gradient assembly and the cost model.
 
-Both backends run the same four kernels (forward; the states entering every chunk, recomputed
-in fp32; the reverse pass for the state gradients; dq, dk, dv per chunk) over the same per-chunk
-math (`_chunk.py`, re-exported here) on head-first inputs padded to whole chunks. They differ in
-how the inter-chunk recurrence runs (Triton: a loop inside the kernel over a parallel grid;
-Mosaic: the chunks on an "arbitrary" grid axis with the state in VMEM scratch), in their K/V
-padding (powers of two / multiples of 128 lanes), in the layout of one segment array, and in
-their ``pallas_call`` wrappers. `make_chunk_gla` builds the whole implementation from a `Backend`
+Both backends run four kernels (`KERNELS`) over the same per-chunk math (`_chunk.py`,
+re-exported here) on head-first inputs padded to whole chunks: the states entering every chunk
+(fp32), the reverse pass for the state gradients and dq, dk, dv per chunk, plus a forward kernel
+for o. The forward differs: Mosaic's ``fwd`` walks the chunks and writes o as it carries the
+state; Triton's forward is the ``states`` pass followed by ``fwd_o``, one program per chunk and
+value block from the state entering the chunk (fla's split). The backends also differ in how
+the inter-chunk recurrence runs (Triton: a loop inside the kernel over a parallel grid; Mosaic:
+the chunks on an "arbitrary" grid axis with the state in VMEM scratch), in their K/V padding
+(powers of two / multiples of 128 lanes), in the layout of one segment array, and in their
+``pallas_call`` wrappers. `make_chunk_gla` builds the whole implementation from a `Backend`
 (those differences); everything else (padding, the gate cumsum, the segment masks, the last gates
 of every chunk, the `jax.custom_vjp`, dG from dq/dk, slicing back) is here, once.
 """
@@ -26,6 +29,7 @@ from jax.experimental import pallas as pl
 
 from jaxblocks.kernels import resources
 from jaxblocks.kernels.gla._chunk import Segs as Segs
+from jaxblocks.kernels.gla._chunk import chunk_output as chunk_output
 from jaxblocks.kernels.gla._chunk import dstate_update as dstate_update
 from jaxblocks.kernels.gla._chunk import fwd_chunk as fwd_chunk
 from jaxblocks.kernels.gla._chunk import grads_chunk as grads_chunk
@@ -190,7 +194,13 @@ def make_tiles(
 # Resource budgets (see `jaxblocks.kernels.resources`)
 # --------------------------------------------------------------------------------------------
 
-KERNELS = ("fwd", "states", "dstates", "grads")  # the pallas_call names are gla_<kernel>_<gpu|tpu>
+# Each backend's kernels, in `working_set` order; the pallas_call names are gla_<kernel>_<gpu|tpu>.
+# GPU: fwd_o is the chunk-parallel output kernel (the forward is states + fwd_o); TPU: fwd writes
+# o while it carries the state over an "arbitrary" chunk axis.
+KERNELS: dict[str, tuple[str, ...]] = {
+    "pallas_gpu": ("fwd_o", "states", "dstates", "grads"),
+    "pallas_tpu": ("fwd", "states", "dstates", "grads"),
+}
 
 
 def _vmem_tile(rows: int, cols: int, dtype) -> int:
@@ -211,16 +221,16 @@ def working_set(
     chunk_size: int = 64,
     segments: bool = False,
 ) -> tuple[GpuWorkingSet | TpuWorkingSet, ...]:
-    """Per-program footprint of each of the four kernels (forward, states, dstates, grads), one
-    entry per ``pallas_call``, for ``T`` tokens, head dims ``K``, ``V`` and operand ``dtype``.
+    """Per-program footprint of each of the backend's four kernels (`KERNELS`), one entry per
+    ``pallas_call``, for ``T`` tokens, head dims ``K``, ``V`` and operand ``dtype``.
 
     ``pallas_gpu`` (`GpuWorkingSet`, at the call's ``num_warps``): the block tensors live at the
     kernel's peak, fp32 unless loaded as an operand, with K, V padded as the kernels pad them:
-      fwd      max(sub-chunk phase: S [K, BV] + acc [c, BV] + 5 [c, K] (q, G, q e^{G-G_n}, the
-               rescaled key sub-chunk and its gates) + A [c, c] + v [c, BV] in ``dtype``;
-               state update: S + k e^{G_L-G} [C, K] + v [C, BV] in ``dtype``; the product
-               accumulates into S);
-      states   the state update; dstates: the same shapes with q, do;
+      fwd_o    one row sub-chunk: the entering state S [K, BV] + acc [c, BV] + 5 [c, K] (q, G,
+               q e^{G-G_n}, the rescaled key sub-chunk and its gates) + A [c, c] + v [c, BV] in
+               ``dtype`` (no state update: S is read, never carried);
+      states   the state update: S + k e^{G_L-G} [C, K] + v [C, BV] in ``dtype`` (the product
+               accumulates into S); dstates: the same shapes with q, do;
       grads    max(pass dq: h [K, BV] + 6 [c, K] + 2 [c, BV] + dA [c, c];
                pass dk/dv: dh [K, BV] + 7 [c, K] + dv [c, BV] + 2 [c, BV] + A, dA [c, c];
                dG_L: hn, dh [K, BV]).
@@ -241,7 +251,7 @@ def working_set(
     if gpu:
         state = Kp * BV * f
         update = state + C * Kp * f + C * BV * it
-        fwd = max(state + c * BV * f + 5 * c * Kp * f + c * c * f + c * BV * it, update)
+        fwd_o = state + c * BV * f + 5 * c * Kp * f + c * c * f + c * BV * it
         grads = max(
             state + 6 * c * Kp * f + 2 * c * BV * it + c * c * f,
             state + 7 * c * Kp * f + c * BV * f + 2 * c * BV * it + 2 * c * c * f,
@@ -249,13 +259,15 @@ def working_set(
         )
         smem_update = (C * Kp + C * BV) * it
         smem = {
-            "fwd": max((c * Kp + Kp * BV) * it, smem_update),
+            "fwd_o": (c * Kp + Kp * BV) * it,  # (q e^G) S, the state cast to ``dtype``
             "states": smem_update,
             "dstates": smem_update,
             "grads": (c * BV + Kp * BV) * f,  # do hᵀ against the fp32 state
         }
-        live = {"fwd": fwd, "states": update, "dstates": update, "grads": grads}
-        return tuple(GpuWorkingSet(f"gla_{n}_gpu", live[n], t.num_warps, smem[n]) for n in KERNELS)
+        live = {"fwd_o": fwd_o, "states": update, "dstates": update, "grads": grads}
+        return tuple(
+            GpuWorkingSet(f"gla_{n}_gpu", live[n], t.num_warps, smem[n]) for n in KERNELS[backend]
+        )
     v = lambda r, cc, dt=jnp.float32: _vmem_tile(r, cc, dt)
     seg = (3 * v(C, 1) + v(1, C)) if segments else 0
     chunk_in = 2 * v(C, Kp, dtype) + v(C, Kp) + v(C, BV, dtype) + v(Kp, 1)  # q|do, k|q, G, v, gl
@@ -273,7 +285,9 @@ def working_set(
         + v(Kp, 1),
     }
     scratch = {"fwd": v(Kp, BV), "states": v(Kp, BV), "dstates": v(Kp, BV), "grads": 0}
-    return tuple(TpuWorkingSet(f"gla_{n}_tpu", blocks[n] + seg, scratch[n]) for n in KERNELS)
+    return tuple(
+        TpuWorkingSet(f"gla_{n}_tpu", blocks[n] + seg, scratch[n]) for n in KERNELS[backend]
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -429,7 +443,8 @@ class Backend:
       name: ``"pallas_gpu"`` or ``"pallas_tpu"`` (picks the `BlockSizes` defaults and rules).
       pad_dim: K or V -> its padded size.
       segment_row: ``(count [B, Tp], C)`` -> the layout of the segment ``row`` input.
-      forward: ``(q, k, v, G, gl, h0, seg, tiles, scale) -> (o, final_state)``.
+      forward: ``(q, k, v, G, gl, h0, seg, tiles, scale) -> (o, final_state)`` (on the GPU
+        ``states`` then the chunk-parallel output kernel; on the TPU one kernel).
       states: ``(k, v, G, gl, h0, seg, tiles) -> h [B, H, (NT + 1) Kp, Vp]``: the state entering
         every chunk, then the final state (fp32).
       dstates: ``(q, do, G, gl, dht, seg, tiles, scale) -> (dh [B, H, NT Kp, Vp], dh0)``: the
