@@ -691,9 +691,11 @@ def block_redundancy(
 # --- presets ----------------------------------------------------------------------------------
 
 # The digits student: the middle block's second ResNet and the last ResNet of each up level
-# pruned (width-preserving blocks, one per resolution; a fixed choice, not yet checked against
-# the trained teacher's `block_redundancy`, which the ``asdm`` report prints), mid_0 a CondConv
-# inheriting mid_1, GRI attention on 2×2 regions.
+# pruned (width-preserving blocks, one per resolution, fixed before training so that the
+# full-resolution levels shed compute), mid_0 a CondConv inheriting mid_1, GRI attention on 2×2
+# regions. Deviation: the paper removes the most redundant blocks; the trained teacher's
+# `block_redundancy` (printed by the ``asdm`` report, recorded in BENCHMARKS.md) ranks up_1_1
+# and up_0_1 least redundant, so this preset is not the redundancy-ranked selection.
 DIGITS_STUDENT = dict(
     removed=("mid_1", "up_1_1", "up_0_1"),
     condconv=(("mid_0", ("mid_1",)),),
