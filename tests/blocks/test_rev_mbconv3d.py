@@ -3,12 +3,13 @@ depth; the 3-D MBConv stage built on them."""
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxblocks.blocks.rev_mbconv3d import MBConv3D, ReversibleMBConv3DStage
+from jaxblocks.blocks.rev_mbconv3d import MBConv3D, ReversibleMBConv3DStage, _DepthwiseConv3D
 from jaxblocks.layers.reversible import plain_sequence, reversible_inverse, reversible_sequence
 
 
@@ -91,3 +92,25 @@ def test_mbconv3d_shapes_and_errors():
         ReversibleMBConv3DStage().init(jax.random.key(0), jnp.ones((1, 4, 4, 6)))
     with pytest.raises(ValueError, match="0 F blocks but 1 G|1 F blocks but 0 G"):
         reversible_sequence(_f, _g, (), _params(1, 2, 0)[1], jnp.ones((1, 2)), jnp.ones((1, 2)))
+
+
+@pytest.mark.parametrize("ks", [(3, 3, 3), (1, 3, 5)])
+def test_depthwise_conv3d_equals_grouped_nn_conv(ks):
+    x = jax.random.normal(jax.random.key(0), (2, 5, 4, 7, 6))
+    layer = _DepthwiseConv3D(kernel_size=ks)
+    v = layer.init(jax.random.key(1), x)
+    assert v["params"]["kernel"].shape == (*ks, 1, 6)
+    ref = nn.Conv(6, ks, padding="SAME", feature_group_count=6, use_bias=False)
+
+    def f(kernel, x):
+        return layer.apply({"params": {"kernel": kernel}}, x)
+
+    def g(kernel, x):
+        return ref.apply({"params": {"kernel": kernel}}, x)
+
+    k = v["params"]["kernel"]
+    np.testing.assert_allclose(f(k, x), g(k, x), rtol=1e-5, atol=1e-5)
+    loss = lambda fn: lambda k, x: jnp.sum(jnp.sin(fn(k, x)))  # noqa: E731
+    for a, b in zip(jax.grad(loss(f), (0, 1))(k, x), jax.grad(loss(g), (0, 1))(k, x),
+                    strict=True):  # fmt: skip
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
