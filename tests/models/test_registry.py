@@ -14,6 +14,9 @@ Presets whose ``tiny`` overrides build the same module (same class and fields, s
 input) share one runtime check: a family's presets usually differ only in fields the overrides
 set, so the check is run once per distinct tiny model (`RUNTIME_GROUPS`), named after all of them.
 The per-name checks (published count, ``eval_shape`` of the full preset) still run for each name.
+In the fast suite the compiled checks (init/apply/grad, ConvBN modes) run for the first group of
+each model class; the other presets of a class (e.g. MCUNet in1-in4 after in0, which differ in
+their block tables, already built by their ``eval_shape`` checks) run under `make test-slow`.
 
 Compiles use XLA's backend optimization level 0: these are correctness checks on tiny inputs,
 and unoptimized code compiles about twice as fast on CPU.
@@ -102,11 +105,35 @@ def _runtime_groups(names: list[str]) -> list[tuple[str, ...]]:
 
 
 RUNTIME_GROUPS = _runtime_groups(MODELS)
-CONVBN_GROUPS = [g for g in RUNTIME_GROUPS if g[0] in CONVBN_MODELS]
 
 
 def _group_id(group: tuple[str, ...]) -> str:
     return "-".join(group)
+
+
+CONVBN_GROUPS = [g for g in RUNTIME_GROUPS if g[0] in CONVBN_MODELS]
+
+
+# Presets of an already-checked class that take another code path (normalisation, recurrent
+# cell, spiking neurons, heads, token mixer): checked in the fast suite too.
+OTHER_PATH_VARIANTS = {
+    "gla_lm_tiny", "slstm_lm_tiny", "transformer_lm_tiny", "spiking_lmuformer_gsc",
+    "spiking_lmuformer_ms_gsc", "resnet18_ghost_bn", "resnet50_evonorm_s0", "resnet50_evonorm_b0",
+    "resnet50_gn_ws", "resnet50_bcn_ws", "order_flow_cnn_aggr", "wave_cnn_one_way", "byol_linear",
+    "temporal_inception_clips", "ts_lstm_clips", "tgn_wikipedia",
+}  # fmt: skip
+
+
+def _first_per_class(groups: list[tuple[str, ...]]) -> list:
+    """``groups`` as pytest params, all but the first group of each model class (and the
+    `OTHER_PATH_VARIANTS`) marked slow."""
+    seen, out = set(), []
+    for g in groups:
+        cls = type(create_model(g[0])).__name__
+        slow = cls in seen and not OTHER_PATH_VARIANTS & set(g)
+        out.append(pytest.param(g, id=_group_id(g), marks=[pytest.mark.slow] if slow else []))
+        seen.add(cls)
+    return out
 
 
 @functools.cache
@@ -198,6 +225,7 @@ def test_eval_shape_param_count(name, record_property):
 
 
 def test_runtime_groups_cover_every_model():
+    assert OTHER_PATH_VARIANTS <= set(MODELS)
     covered = [n for g in RUNTIME_GROUPS for n in g]
     assert sorted(covered) == sorted(MODELS)
     assert len(set(covered)) == len(covered)
@@ -208,7 +236,7 @@ def test_runtime_groups_cover_every_model():
     assert not any({"resnet18", "resnet50"} <= set(g) for g in RUNTIME_GROUPS)
 
 
-@pytest.mark.parametrize("group", RUNTIME_GROUPS, ids=_group_id)
+@pytest.mark.parametrize("group", _first_per_class(RUNTIME_GROUPS))
 def test_init_apply_jit_finite_grads(group):
     name = group[0]
     model, x = _tiny(name)
@@ -267,7 +295,7 @@ def _perturb(tree, seed: int):
     return jax.tree.unflatten(treedef, new)
 
 
-@pytest.mark.parametrize("group", CONVBN_GROUPS, ids=_group_id)
+@pytest.mark.parametrize("group", _first_per_class(CONVBN_GROUPS))
 def test_convbn_mode_switching(group):
     name = group[0]
     model, x = _tiny(name)

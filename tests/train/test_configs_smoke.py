@@ -58,6 +58,17 @@ SLOW_FULL_SIZE = {
     "oms_digits",
     "sparse_mobilenet_digits",
     "stunet_ellipsoids",
+    # 14-35 s each (first-step compiles of several models, or data generation); their smoke runs
+    # build the same models, data plug-ins and training steps at smaller sizes
+    "action_clips",
+    "asdm_digits",
+    "bct_stdlib",
+    "cbq_gla_stdlib",
+    "cbq_stdlib",
+    "hnerv_video",
+    "nbp_moving_digits",
+    "pres_temporal_graph",
+    "spark_digits",
 }
 
 
