@@ -484,8 +484,13 @@ def run_checks(
     timeout: float = 240.0,
     iters: int = 5,
     log: Callable[[str], None] = print,
+    on_result: Callable[[list[CaseResult]], None] | None = None,
 ) -> list[CaseResult]:
-    """Every case of every op for each Pallas implementation here, one subprocess each."""
+    """Every case of every op for each Pallas implementation here, one subprocess each.
+
+    ``on_result(results_so_far)`` runs after each case (the CLI rewrites its ``--json`` file
+    there, so a device window that closes mid-run still leaves every finished case on disk).
+    """
     results = []
     for impl in implementations_here(dry_run):
         for op in ops:
@@ -494,6 +499,8 @@ def run_checks(
                 detail = f": {r.detail}" if r.detail else ""
                 log(f"{op:18s} {impl:10s} {name:30s} {r.result}{detail}")
                 results.append(r)
+                if on_result is not None:
+                    on_result(results)
     return results
 
 
@@ -595,7 +602,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     device_kind = "cpu (Pallas interpreters)" if a.dry_run else dispatch.current_device_kind()
     date = datetime.date.today().isoformat()
     t0 = time.perf_counter()
-    results = run_checks(ops, dry_run=a.dry_run, timeout=a.timeout, iters=a.iters)
+    print(f"{device_kind}, jax {jax.__version__}", flush=True)
+
+    def save(results: Sequence[CaseResult]) -> None:
+        if a.json:
+            rows = [dict(dataclasses.asdict(r), device_kind=device_kind) for r in results]
+            pathlib.Path(a.json).write_text(json.dumps(rows, indent=1))
+
+    results = run_checks(
+        ops, dry_run=a.dry_run, timeout=a.timeout, iters=a.iters, on_result=save,
+        log=lambda line: print(line, flush=True),
+    )  # fmt: skip
     table = summary_table(results)
     print(f"\n{device_kind}, jax {jax.__version__}, {time.perf_counter() - t0:.0f} s\n\n{table}")
     record = a.record or (None if a.dry_run else dispatch.HARDWARE_RECORD)
@@ -611,10 +628,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "outputs and every gradient against xla, times side by side (median).\n\n" + table
             )
         print(f"table appended to {bench}")
-    if a.json:
-        pathlib.Path(a.json).write_text(
-            json.dumps([dataclasses.asdict(r) for r in results], indent=1)
-        )
     return 0 if all(r.result in ("pass", "unsupported") for r in results) else 1
 
 
