@@ -4,8 +4,10 @@
 the given shapes, in the order ``pallas_gpu`` (GPU), ``pallas_tpu`` (TPU), ``xla``, ``reference``.
 A Pallas kernel is picked automatically only where the hardware record
 (``hardware_validation.json`` beside this file, written by the hardware check) holds a passing
-entry for this op, implementation, device kind and jax version; elsewhere the op runs ``xla`` and
-says so once per op and device in a log message (logger ``jaxblocks.kernels``).
+entry for this op, implementation, device kind and jax version whose measured forward+backward
+was at least as fast as ``xla`` in every checked case (``faster_than_xla``); elsewhere the op runs
+``xla`` and says why once per op and device in a log message (logger ``jaxblocks.kernels``). A
+kernel that is correct on the device but slower stays available by name.
 
 An explicit choice is honoured where it can run: on its own platform, under `interpret()` (the
 Pallas interpreters on CPU) and inside `cross_platform_export` (how the kernels are lowered for
@@ -132,21 +134,56 @@ def validated_on_hardware(op: str, implementation: str, device_kind: str) -> boo
     )
 
 
+def why_not_default(op: str, implementation: str, device_kind: str) -> str | None:
+    """Why ``implementation=None`` does not pick this Pallas kernel here (``None``: it does).
+
+    It needs a passing record entry for this device kind and jax version that also says
+    ``faster_than_xla`` (the hardware check's forward+backward at least as fast as ``xla``).
+    """
+    if not validated_on_hardware(op, implementation, device_kind):
+        return (
+            f"not validated on {device_kind!r} with jax {jax.__version__} (no passing entry "
+            f"in {HARDWARE_RECORD.name})"
+        )
+    for e in hardware_record():
+        if (
+            e.get("op") == op
+            and e.get("implementation") == implementation
+            and e.get("device_kind") == device_kind
+            and e.get("jax") == jax.__version__
+            and e.get("result") == "pass"
+            and e.get("faster_than_xla") is True
+        ):
+            return None
+    return (
+        f"correct on {device_kind!r} but slower than xla in the hardware check "
+        f"(forward+backward speed-ups {_speedups(op, implementation, device_kind)})"
+    )
+
+
+def _speedups(op: str, implementation: str, device_kind: str) -> dict[str, float]:
+    for e in hardware_record():
+        if (e.get("op"), e.get("implementation"), e.get("device_kind")) == (
+            op,
+            implementation,
+            device_kind,
+        ):
+            return dict(e.get("speedup_fwd_bwd") or {})
+    return {}
+
+
 _fallbacks_logged: set[tuple[str, str, str]] = set()
 
 
-def _log_unvalidated_once(op: str, name: str, device_kind: str) -> None:
+def _log_fallback_once(op: str, name: str, device_kind: str, reason: str) -> None:
     key = (op, name, device_kind)
     if key not in _fallbacks_logged:
         _fallbacks_logged.add(key)
         logger.warning(
-            "%s: %s has not been validated on %r with jax %s (no passing entry in %s); "
-            "using the next implementation. Pass implementation=%r to use it anyway.",
+            "%s: %s is %s; using the next implementation. Pass implementation=%r to use it anyway.",
             op,
             name,
-            device_kind,
-            jax.__version__,
-            HARDWARE_RECORD.name,
+            reason,
             name,
         )
 
@@ -220,9 +257,9 @@ def select_implementation(
         reason = impls[name].reason_unsupported(*args, **kwargs)
         if reason is None and name.startswith("pallas_"):
             device_kind = current_device_kind()
-            if not validated_on_hardware(op, name, device_kind):
-                _log_unvalidated_once(op, name, device_kind)
-                reason = f"not validated on {device_kind!r} with jax {jax.__version__}"
+            reason = why_not_default(op, name, device_kind)
+            if reason is not None:
+                _log_fallback_once(op, name, device_kind, reason)
         if reason is None:
             return name, impls[name].fn
         reasons.append(f"{name}: {reason}")

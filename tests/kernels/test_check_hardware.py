@@ -108,7 +108,7 @@ def test_record_verdicts(tmp_path):
     path = tmp_path / "rec.json"
     R = ch.CaseResult
     results = [
-        R("a", "c1", "pallas_gpu", "pass"),
+        R("a", "c1", "pallas_gpu", "pass", fwd_bwd_ms=1.0, xla_fwd_bwd_ms=2.0),
         R("a", "c2", "pallas_gpu", "unsupported", "too big"),
         R("b", "c1", "pallas_gpu", "pass"),
         R("b", "c2", "pallas_gpu", "timeout"),
@@ -116,18 +116,35 @@ def test_record_verdicts(tmp_path):
     ]
     entries = {e["op"]: e for e in ch.update_record(results, path, "NVIDIA H200", "2026-12-03")}
     assert entries["a"]["result"] == "pass"
+    assert entries["a"]["faster_than_xla"] and entries["a"]["speedup_fwd_bwd"] == {"c1": 2.0}
+    assert not entries["b"]["faster_than_xla"]
     assert entries["b"]["result"] == "fail" and entries["b"]["cases"]["c2"] == "timeout"
     assert entries["c"]["result"] == "fail"  # nothing ran: nothing proven
     # a second run replaces this device's entries instead of appending
     ch.update_record([R("b", "c1", "pallas_gpu", "pass")], path, "NVIDIA H200", "2026-12-04")
     again = [e for e in json.loads(path.read_text()) if e["op"] == "b"]
     assert len(again) == 1 and again[0]["result"] == "pass"
+    assert not again[0]["faster_than_xla"]  # passed, but never timed against xla
+
+
+def test_a_correct_kernel_slower_than_xla_is_recorded_as_such(tmp_path):
+    R = ch.CaseResult
+    results = [
+        R("g", "c1", "pallas_gpu", "pass", fwd_bwd_ms=1.0, xla_fwd_bwd_ms=3.0),
+        R("g", "c2", "pallas_gpu", "pass", fwd_bwd_ms=2.0, xla_fwd_bwd_ms=1.0),
+    ]
+    (e,) = ch.update_record(results, tmp_path / "rec.json", "NVIDIA H200", "2026-12-04")
+    assert e["result"] == "pass" and e["faster_than_xla"] is False
+    assert e["speedup_fwd_bwd"] == {"c1": 3.0, "c2": 0.5}
 
 
 def test_a_passing_record_makes_dispatch_pick_the_kernel(tmp_path, monkeypatch):
     path = tmp_path / "rec.json"
     ch.update_record(
-        [ch.CaseResult("causal_conv1d", "c", "pallas_gpu", "pass")], path, "NVIDIA H200", "d"
+        [ch.CaseResult("causal_conv1d", "c", "pallas_gpu", "pass", fwd_bwd_ms=1, xla_fwd_bwd_ms=2)],
+        path,
+        "NVIDIA H200",
+        "d",
     )
     monkeypatch.setattr(dispatch, "HARDWARE_RECORD", path)
     monkeypatch.setattr(dispatch, "current_device_kind", lambda: "NVIDIA H200")
@@ -135,6 +152,7 @@ def test_a_passing_record_makes_dispatch_pick_the_kernel(tmp_path, monkeypatch):
     try:
         assert dispatch.validated_on_hardware("causal_conv1d", "pallas_gpu", "NVIDIA H200")
         assert not dispatch.validated_on_hardware("causal_conv1d", "pallas_gpu", "NVIDIA A100")
+        assert dispatch.why_not_default("causal_conv1d", "pallas_gpu", "NVIDIA H200") is None
     finally:
         dispatch._load_record.cache_clear()
 
@@ -165,3 +183,34 @@ def test_hardware_cases_trace_for_their_kernels(op):
                 )
             assert value.shape == () and len(grads) == n, (op, name, impl)
             assert [g.shape for g in grads] == [x.shape for x in problem.arrays]
+
+
+def _sin_problem(worse: str):
+    """sin on bf16 inputs: ``worse`` rounds its output to bf16 and adds a 3% error."""
+    x = jax.random.normal(jax.random.key(0), (64, 32)).astype(jnp.bfloat16)
+
+    def call(impl):
+        def f(x):
+            y = jnp.sin(x.astype(jnp.float32))
+            if impl == worse and x.dtype == jnp.bfloat16:
+                y = (y * 1.03).astype(jnp.bfloat16).astype(jnp.float32)
+            return y
+
+        return f
+
+    return ch.Problem((x,), call, "bfloat16", None)
+
+
+@pytest.mark.parametrize(("worse", "passes"), [("xla", True), ("kernel", False)])
+def test_bf16_disagreement_is_blamed_on_whichever_is_further_from_fp32(worse, passes):
+    problem = _sin_problem(worse)
+    xs = problem.arrays
+    ct = ch._cotangent(jax.eval_shape(problem.call("xla"), *xs))
+    vg = {n: jax.jit(jax.value_and_grad(ch._loss(problem.call(n), ct))) for n in ("kernel", "xla")}
+    got_vg, got_out = vg["kernel"](*xs), problem.call("kernel")(*xs)
+    res = ch.CaseResult("sin", "c", "kernel", "error")
+    ok = ch._against_fp32(problem, res, vg, ct, (0,), "kernel", got_vg, got_out)
+    assert ok is passes
+    near, far = sorted((res.max_rel_rms_f32, res.xla_max_rel_rms_f32))
+    # the worse one is ~3% off; the other only by its bf16 gradient's rounding
+    assert near < 5e-3 and far > 2e-2

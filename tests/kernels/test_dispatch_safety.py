@@ -50,8 +50,15 @@ def _entry(**kw):
         "jax": jax.__version__,
         "date": "2026-12-03",
         "result": "pass",
+        "faster_than_xla": True,
     }
     return {**e, **kw}
+
+
+def _without(key):
+    e = _entry()
+    del e[key]
+    return e
 
 
 def test_unvalidated_pallas_is_not_the_default_and_is_logged_once(on_gpu, caplog):
@@ -68,6 +75,8 @@ def test_unvalidated_pallas_is_not_the_default_and_is_logged_once(on_gpu, caplog
     [
         (_entry(), "pallas_gpu"),
         (_entry(result="fail"), "xla"),
+        (_entry(faster_than_xla=False), "xla"),  # correct there, but slower than xla
+        (_without("faster_than_xla"), "xla"),  # an entry that never timed it
         (_entry(device_kind="NVIDIA H100 80GB HBM3"), "xla"),
         (_entry(jax="0.0.1"), "xla"),
         (_entry(op="other_op"), "xla"),
@@ -79,9 +88,20 @@ def test_validated_pallas_is_picked_only_for_a_matching_passing_entry(on_gpu, en
     assert select_implementation("double", None, IMPLS, X)[0] == picked
 
 
+def test_a_correct_but_slower_kernel_is_logged_with_its_speedups(on_gpu, caplog):
+    on_gpu.write_text(
+        json.dumps([_entry(faster_than_xla=False, speedup_fwd_bwd={"B4_T2048": 0.36})])
+    )
+    dispatch._load_record.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="jaxblocks.kernels"):
+        assert select_implementation("double", None, IMPLS, X)[0] == "xla"
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "slower than xla" in msg and "0.36" in msg
+
+
 def test_the_shipped_record_is_a_list_of_complete_entries():
     dispatch._load_record.cache_clear()
-    keys = {"op", "implementation", "device_kind", "jax", "date", "result"}
+    keys = {"op", "implementation", "device_kind", "jax", "date", "result", "faster_than_xla"}
     for e in dispatch.hardware_record():
         assert keys <= set(e), e
 
