@@ -132,3 +132,18 @@ def test_cross_platform_export_rejects_unknown_platform():
     with pytest.raises(ValueError, match="platform"):
         with cross_platform_export("cpu"):
             pass
+
+
+def test_the_shipped_h200_record_turns_on_only_the_faster_kernels():
+    """The first hardware check (BENCHMARKS.md): correct and faster -> default; else xla."""
+    dispatch._load_record.cache_clear()
+    kinds = {(e["device_kind"], e["jax"]) for e in dispatch.hardware_record()}
+    assert ("NVIDIA H200", "0.11.2") in kinds
+    if jax.__version__ != "0.11.2":
+        pytest.skip(f"the record is for jax 0.11.2; this is {jax.__version__}")
+    why = lambda op: dispatch.why_not_default(op, "pallas_gpu", "NVIDIA H200")
+    assert why("selective_scan") is None and why("causal_conv1d") is None
+    for op in ("chunk_gla", "fft_conv", "pointwise_conv_bn"):
+        assert "slower than xla" in why(op), op
+    assert "not validated" in why("flashrnn")
+    assert "not validated" in dispatch.why_not_default("chunk_gla", "pallas_gpu", "NVIDIA A100")

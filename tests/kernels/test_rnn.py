@@ -531,7 +531,7 @@ def test_xla_serves_what_pallas_gpu_rejects(monkeypatch):
     """On a GPU whose kernels are validated, None takes pallas_gpu at D = 64 and xla at D = 128."""
     monkeypatch.setattr(dispatch, "current_platform", lambda: "gpu")
     monkeypatch.setattr(dispatch, "current_device_kind", lambda: "NVIDIA H100 80GB HBM3")
-    monkeypatch.setattr(dispatch, "validated_on_hardware", lambda *a: True)
+    monkeypatch.setattr(dispatch, "why_not_default", lambda *a: None)
     hi = jax.lax.Precision.HIGHEST
     for D, want in ((64, "pallas_gpu"), (128, "xla")):
         args = jax.eval_shape(lambda D=D: make_inputs(Case("lstm", 16, 512, 4, D, BF16)))
