@@ -1,7 +1,8 @@
 """Poincaré ResNet (https://arxiv.org/abs/2303.14027): the official models' parameter counts,
 the residual block's Möbius skip (both the paper's channel axis and the official code's width
 axis), stage features, and bad-input errors. (Init, jit, gradients and bf16 of the presets' tiny
-models run in tests/models/test_registry.py.)"""
+models run in tests/models/test_registry.py; its gradient check of the tiny model is slow, so a
+block's gradient is checked here.)"""
 
 from __future__ import annotations
 
@@ -110,6 +111,27 @@ def test_block_matches_its_layers_and_skip_axes(key):
     # "fr" and "rf" differ: Möbius addition does not commute
     h, r = x[:, ::2, ::2], 0.5 * x[:, 1::2, 1::2]
     assert float(jnp.max(jnp.abs(poincare_skip(h, r, 0.1) - poincare_skip(h, r, 0.1, "rf")))) > 1e-4
+
+
+def test_block_gradients_are_finite_and_reach_every_layer(key):
+    """The jitted gradient of one residual block (the whole tiny model's gradient compiles for
+    ~40 s at -O0 and runs in the registry check under `make test-slow`)."""
+    kx, kp = jax.random.split(key)
+    x = jax.random.normal(kx, (2, 6, 4, 3))
+    block = PoincareResidualBlock(5, stride=2, c=0.1)
+    params = nn.unbox(block.init(kp, x))["params"]
+
+    @jax.jit
+    def grads(params, x):
+        return jax.grad(lambda p, x: jnp.sum(block.apply({"params": p}, x) ** 2), (0, 1))(params, x)
+
+    gp, gx = grads(params, x)
+    for path, g in jax.tree_util.tree_leaves_with_path(gp):
+        assert np.all(np.isfinite(g)), path
+    # every layer (both convs, both norms, the downsample) gets a gradient
+    for layer in ("conv1", "conv2", "bn1", "bn2", "downsample"):
+        assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(gp[layer])), layer
+    assert np.all(np.isfinite(gx)) and float(jnp.max(jnp.abs(gx))) > 0
 
 
 def test_bad_inputs(key):
