@@ -17,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from jaxblocks.layers.monotone_dbm import (
@@ -115,9 +116,15 @@ class MonotoneDBM(nn.Module):
     (clamped in the coupling's input) and every unit — missing pixels, hidden groups, the class —
     is inferred jointly as the unique fixed point ``z = prox^α((1−α)z + α(Wz + b))`` with a
     symmetric hollow ``W``, ``I − W ⪰ m·I``. Class logits are the class tier's pre-activation
-    ``τ²·(Wz* + b)`` (official ``get_logits`` with ``clftau``); the completed image is the
-    expected intensity of each pixel's categorical where unobserved and the input where
-    observed. Biases are weight-normalised ``g·b/‖b‖`` as the official code.
+    ``clftau²·(Wz* + b)`` (official ``get_logits``); the pixel logits are the pixel tier's
+    pre-activation from the same pass times the official per-pixel ``τ²`` (``τ`` init √10), on
+    which the official loss puts its class-balanced focal cross-entropy
+    (task ``completion_classification``); the completed image is the expected intensity of each
+    pixel's categorical where unobserved and the input where observed. Biases are
+    weight-normalised ``g·b/‖b‖`` as the official code.
+
+    Returns ``(completed [B, H, W, 1], class logits [B, num_classes], pixel logits
+    [B, H, W, pixel_levels])``.
 
     The fixed point and the coupling run in float32 whatever ``dtype`` (the solver's relative
     residual and the prox's Newton/Halley iterations need it); the input is cast to ``dtype``
@@ -132,7 +139,7 @@ class MonotoneDBM(nn.Module):
     Example:
       >>> model = MonotoneDBM(hidden=((8, 2), (16, 4)), pixel_levels=5)
       >>> x = pack_observed(jnp.full((2, 8, 8, 1), 0.5), jnp.ones((2, 8, 8, 1)))
-      >>> image, logits = model.apply(model.init(jax.random.key(0), x), x)
+      >>> image, logits, pixel_logits = model.apply(model.init(jax.random.key(0), x), x)
     """
 
     image_size: int = 8
@@ -160,7 +167,7 @@ class MonotoneDBM(nn.Module):
     @nn.compact
     def __call__(
         self, x: Float[Array, "B H W 2"]
-    ) -> tuple[Float[Array, "B H W 1"], Float[Array, "B K"]]:
+    ) -> tuple[Float[Array, "B H W 1"], Float[Array, "B K"], Float[Array, "B H W L"]]:
         cfg = self._config()
         s = self.image_size
         if x.ndim != 4 or x.shape[1:] != (s, s, 2):
@@ -188,6 +195,8 @@ class MonotoneDBM(nn.Module):
             b = b.astype(jnp.float32)
             biases.append(b / jnp.linalg.norm(b) * g.astype(jnp.float32))
         clf_tau = self.param("clf_tau", nn.initializers.ones, (), self.param_dtype)
+        # the official per-pixel temperature of the pixel logits, torch.full(data_shape, √10)
+        tau = self.param("tau", nn.initializers.constant(np.sqrt(10.0)), (s, s), self.param_dtype)
 
         coupling = monotone_coupling_params(structure, kernels, self.m)
         mask_c = jnp.broadcast_to(mask, observed.shape)
@@ -198,12 +207,17 @@ class MonotoneDBM(nn.Module):
 
         zs = structure.split(z)
         clamped = [zs[0] * (1 - mask_c) + mask_c * observed, *zs[1:]]
-        pre = apply_monotone_coupling(structure, coupling, clamped)[-1] + biases[-1][None]
+        # the official get_logits: one more linear pass over the fixed point with the observed
+        # pixels clamped; its class tier (× clftau²) and pixel tier (× τ²) are the logits
+        linear = apply_monotone_coupling(structure, coupling, clamped)
+        pre = linear[-1] + biases[-1][None]
         logits = pre.reshape(x.shape[0], self.num_classes) * jnp.square(clf_tau)
+        pixel_tau = jnp.square(tau.astype(jnp.float32))[None, :, :, None]
+        pixel_logits = (linear[0] + biases[0][None]) * pixel_tau
         values = jnp.linspace(0.0, 1.0, k_levels, dtype=jnp.float32)
         expected = jnp.einsum("bhwk,k->bhw", zs[0], values)[..., None]
         completed = mask * image + (1 - mask) * expected
-        return completed.astype(dtype), logits.astype(dtype)
+        return completed.astype(dtype), logits.astype(dtype), pixel_logits.astype(dtype)
 
 
 @functools.cache

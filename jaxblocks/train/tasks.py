@@ -187,28 +187,58 @@ register_task(Task("diffusion_distill", _diffusion_distill, "mse", higher_is_bet
 
 
 # Joint image completion + classification (monotone DBM, `jaxblocks.models.monotone_dbm`): the
-# model returns (completed image [B, H, W, 1], class logits [B, K]); the targets pack the full
-# image, the 0/1 observed mask and the label as three channels [B, H, W, 3] (`masked_digits`).
-# The reconstruction weight puts an untrained model's masked MSE (~0.1) on the scale of the CE.
-COMPLETION_RECON_WEIGHT = 10.0
+# model returns (completed image [B, H, W, 1], class logits [B, K], pixel logits [B, H, W, L]);
+# the targets pack the full image, the 0/1 observed mask and the label as three channels
+# [B, H, W, 3] (`masked_digits`). The loss is the official tune_mrf's (main.py: clf_weight 0.5,
+# beta 0.9999, focal gamma 2): (1 - w)·focal + w·CE, the focal term a class-balanced focal
+# cross-entropy of the unobserved pixels' quantised levels, weighted per level by
+# (1 - β)/(1 - β^count) over the batch and averaged with those weights (torch NLLLoss(weight)).
+COMPLETION_CLF_WEIGHT = 0.5
+COMPLETION_FOCAL_GAMMA = 2.0
+COMPLETION_BALANCE_BETA = 0.9999
 
 
 def _completion_classification(outputs, targets: jax.Array) -> dict[str, jax.Array]:
-    """Per-example loss = cross-entropy + ``COMPLETION_RECON_WEIGHT`` × MSE on the unobserved
-    pixels; metrics: accuracy and that masked-pixel MSE."""
-    image, logits = outputs
+    """Per-example loss whose batch mean is the official (1 − w)·focal + w·CE; metrics:
+    accuracy, the completed image's MSE on the unobserved pixels and their level accuracy."""
+    image, logits, pixel_logits = outputs
     if targets.ndim != 4 or targets.shape[-1] != 3 or image.shape != targets.shape[:-1] + (1,):
         raise ValueError(
             f"completion_classification: targets must be [B, H, W, 3] (image, mask, label) "
             f"matching the image {image.shape}, got {targets.shape}"
         )
     t = targets.astype(jnp.float32)
-    missing = 1.0 - t[..., 1:2]
-    err = jnp.square(image.astype(jnp.float32) - t[..., :1]) * missing
-    mse = err.sum((1, 2, 3)) / jnp.maximum(missing.sum((1, 2, 3)), 1.0)
+    missing = 1.0 - t[..., 1]  # [B, H, W]
+    err = jnp.square(image[..., 0].astype(jnp.float32) - t[..., 0]) * missing
+    n_missing = jnp.maximum(missing.sum((1, 2)), 1.0)
+    mse = err.sum((1, 2)) / n_missing
+    # focal CE on the unobserved pixels' levels, class-balanced over the batch
+    n_levels = pixel_logits.shape[-1]
+    level = jnp.round(jnp.clip(t[..., 0], 0.0, 1.0) * (n_levels - 1)).astype(jnp.int32)
+    log_p = jax.nn.log_softmax(pixel_logits.astype(jnp.float32), axis=-1)
+    log_p_true = jnp.take_along_axis(log_p, level[..., None], axis=-1)[..., 0]
+    focal = -((1.0 - jnp.exp(log_p_true)) ** COMPLETION_FOCAL_GAMMA) * log_p_true
+    onehot = jax.nn.one_hot(level, n_levels) * missing[..., None]
+    count = onehot.sum((0, 1, 2))
+    beta = COMPLETION_BALANCE_BETA
+    weight = jax.lax.stop_gradient(
+        jnp.where(count > 0, (1.0 - beta) / (1.0 - beta ** jnp.maximum(count, 1.0)), 0.0)
+    )
+    w_pix = jnp.einsum("bhwl,l->bhw", onehot, weight)  # zero on observed pixels
+    per_example = (w_pix * focal).sum((1, 2))
+    focal_loss = per_example * image.shape[0] / jnp.maximum(w_pix.sum(), 1e-30)
     labels = jnp.round(t[:, 0, 0, 2]).astype(jnp.int32)
     ce, correct = cross_entropy(logits, labels)
-    return {"loss": ce + COMPLETION_RECON_WEIGHT * mse, "accuracy": correct, "masked_mse": mse}
+    w = COMPLETION_CLF_WEIGHT
+    level_acc = ((jnp.argmax(pixel_logits, -1) == level) * missing).sum((1, 2)) / n_missing
+    return {
+        "loss": (1.0 - w) * focal_loss + w * ce,
+        "accuracy": correct,
+        "masked_mse": mse,
+        "pixel_level_accuracy": level_acc,
+        "focal": focal_loss,
+        "ce": ce,
+    }
 
 
 register_task(Task("completion_classification", _completion_classification, "accuracy"))

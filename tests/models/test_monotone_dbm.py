@@ -17,8 +17,11 @@ def test_outputs_and_observed_pixels_are_kept():
     x = pack_observed(image, mask)
     model = MonotoneDBM(**TINY)
     variables = jax.jit(model.init)(jax.random.key(1), x)
-    completed, logits = jax.jit(model.apply)(variables, x)
+    completed, logits, pixel_logits = jax.jit(model.apply)(variables, x)
     assert completed.shape == (3, 8, 8, 1) and logits.shape == (3, 10)
+    assert pixel_logits.shape == (3, 8, 8, 5)
+    # the official per-pixel temperature, τ = √10 at init, scales the pixel logits by 10
+    np.testing.assert_allclose(variables["params"]["tau"], np.full((8, 8), np.sqrt(10)), 1e-6)
     np.testing.assert_allclose(np.where(mask, completed, 0), np.where(mask, image, 0), atol=1e-6)
     assert float(completed.min()) >= 0.0 and float(completed.max()) <= 1.0
 
@@ -43,7 +46,7 @@ def test_the_class_sees_the_pixels_through_the_coarse_tier():
     variables = model.init(jax.random.key(1), x)
     assert MonotoneDBMConfig().structure.kernels[2] == (3, 3, 3, 0)
     assert variables["params"]["A_20"].shape == (3, 3, 5, 16)
-    _, logits = jax.jit(model.apply)(variables, x)
+    _, logits, _ = jax.jit(model.apply)(variables, x)
     spread = float(jnp.max(jnp.abs(logits[0] - logits[1])))
     # 0.0126 here; 0.00048 with the block removed (the earlier structure)
     assert spread > 4e-3, spread

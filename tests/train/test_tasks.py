@@ -65,3 +65,48 @@ def test_registries_reject_duplicates_and_unknown_names():
         register_dataset("digits")(lambda cfg: None)
     with pytest.raises(ValueError, match=r"config.task must be one of .*'segment'"):
         get_task("segment")
+
+
+def _official_mdbm_loss(pixel_logits, logits, image, mask, labels, w=0.5, beta=0.9999, gamma=2):
+    """NumPy transcription of the official tune_mrf loss (FocalLoss with class-balanced NLLLoss
+    weights on the unobserved pixels, plus the class CE, mixed by clf_weight)."""
+    n_levels = pixel_logits.shape[-1]
+    target = np.round(image * (n_levels - 1)).astype(int).reshape(-1)
+    keep = mask.reshape(-1) == 0
+    lp = pixel_logits.reshape(-1, n_levels)[keep].astype(np.float64)
+    t = target[keep]
+    alpha = (1 - beta) / (1 - beta ** np.bincount(t, minlength=n_levels).astype(np.float64))
+    log_sm = lp - np.log(np.exp(lp).sum(1, keepdims=True))
+    weighted = (1 - np.exp(log_sm)) ** gamma * log_sm
+    picked = -weighted[np.arange(len(t)), t]
+    focal = (alpha[t] * picked).sum() / alpha[t].sum()  # torch NLLLoss(weight=alpha), mean
+    ls = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    ce = -ls[np.arange(len(labels)), labels].mean()
+    return (1 - w) * focal + w * ce
+
+
+def test_completion_classification_is_the_official_mdbm_loss():
+    rng = np.random.default_rng(0)
+    B, H, L, K = 4, 8, 5, 10
+    image = rng.integers(0, L, (B, H, H)) / (L - 1)
+    image[0, :4] = 0.0  # a skewed level histogram: the class balance matters
+    mask = (rng.random((B, H, H)) < 0.4).astype(np.float64)
+    labels = rng.integers(0, K, B)
+    pixel_logits = 3 * rng.normal(size=(B, H, H, L))
+    logits = rng.normal(size=(B, K))
+    targets = np.stack([image, mask, np.broadcast_to(labels[:, None, None], (B, H, H))], -1)
+    completed = np.where(mask > 0, image, 0.5)[..., None]
+    m = get_task("completion_classification").metrics(
+        (jnp.asarray(completed), jnp.asarray(logits), jnp.asarray(pixel_logits)),
+        jnp.asarray(targets),
+    )
+    want = _official_mdbm_loss(pixel_logits, logits, image, mask, labels)
+    np.testing.assert_allclose(float(jnp.mean(m["loss"])), want, rtol=1e-5)
+    # the masked MSE sees only the unobserved pixels
+    mse = ((0.5 - image) ** 2 * (1 - mask)).sum((1, 2)) / (1 - mask).sum((1, 2))
+    np.testing.assert_allclose(m["masked_mse"], mse, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"targets must be \[B, H, W, 3\]"):
+        get_task("completion_classification").metrics(
+            (jnp.asarray(completed), jnp.asarray(logits), jnp.asarray(pixel_logits)),
+            jnp.asarray(targets[..., :2]),
+        )
