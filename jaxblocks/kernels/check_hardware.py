@@ -417,7 +417,9 @@ def check_case(op: str, case: str, implementation: str, *, dry_run: bool, iters:
         res.max_rel_rms = max(errs) if errs else 0.0
         within_xla = False  # fp32: the comparison with xla decides alone
         if problem.dtype != "float32":
-            within_xla = _against_fp32(problem, res, vg, ct, argnums, implementation, first, out_a)
+            within_xla = _against_fp32(
+                problem, res, ct, argnums, (out_a, first[1]), (want_out, want_vg[1])
+            )
         # 4. time, side by side
         t = _time_ms(
             {
@@ -456,8 +458,12 @@ def check_case(op: str, case: str, implementation: str, *, dry_run: bool, iters:
 F32_SLACK, F32_FLOOR = 1.5, 1e-3
 
 
-def _against_fp32(problem, res, vg, ct, argnums, implementation, got_vg, got_out) -> bool:
-    """Fill ``res``'s fp32 errors; True when the kernel is as close to fp32 as xla, per leaf."""
+def _against_fp32(problem, res, ct, argnums, got, xla) -> bool:
+    """Fill ``res``'s fp32 errors; True when the kernel is as close to fp32 as xla, per leaf.
+
+    ``got`` and ``xla`` are (outputs, gradients) of the kernel and of ``xla`` on the
+    low-precision inputs; the fp32 answer is ``xla`` on the inputs cast to fp32.
+    """
     up = tuple(
         x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
         for x in problem.arrays
@@ -466,13 +472,11 @@ def _against_fp32(problem, res, vg, ct, argnums, implementation, got_vg, got_out
     exact_vg = _block(
         jax.jit(jax.value_and_grad(_loss(problem.call("xla"), ct), argnums=argnums))(*up)
     )
-    xla_vg = _block(vg["xla"](*problem.arrays))
-    xla_out = _block(jax.jit(problem.call("xla"))(*problem.arrays))
     exact = jax.tree.leaves((exact_out, exact_vg[1]))
-    errs = lambda got: [
-        _rel_rms(a, b) for a, b in zip(jax.tree.leaves(got), exact, strict=True)
+    errs = lambda tree: [
+        _rel_rms(a, b) for a, b in zip(jax.tree.leaves(tree), exact, strict=True)
     ]  # fmt: skip
-    mine, theirs = errs((got_out, got_vg[1])), errs((xla_out, xla_vg[1]))
+    mine, theirs = errs(got), errs(xla)
     res.max_rel_rms_f32 = max(mine, default=0.0)
     res.xla_max_rel_rms_f32 = max(theirs, default=0.0)
     return all(m <= F32_SLACK * t + F32_FLOOR for m, t in zip(mine, theirs, strict=True))

@@ -121,17 +121,25 @@ def hardware_record(path: pathlib.Path | str | None = None) -> tuple[dict[str, A
     return _load_record(str(path or HARDWARE_RECORD))
 
 
+def _passing_entry(op: str, implementation: str, device_kind: str) -> dict[str, Any] | None:
+    """The record's passing entry for ``op``/``implementation`` on this device kind with the
+    running jax version, if any."""
+    for e in hardware_record():
+        if (
+            e.get("op") == op
+            and e.get("implementation") == implementation
+            and e.get("device_kind") == device_kind
+            and e.get("jax") == jax.__version__
+            and e.get("result") == "pass"
+        ):
+            return e
+    return None
+
+
 def validated_on_hardware(op: str, implementation: str, device_kind: str) -> bool:
     """True when the record holds a passing check of ``op``/``implementation`` on this device
     kind with the running jax version."""
-    return any(
-        e.get("op") == op
-        and e.get("implementation") == implementation
-        and e.get("device_kind") == device_kind
-        and e.get("jax") == jax.__version__
-        and e.get("result") == "pass"
-        for e in hardware_record()
-    )
+    return _passing_entry(op, implementation, device_kind) is not None
 
 
 def why_not_default(op: str, implementation: str, device_kind: str) -> str | None:
@@ -140,36 +148,18 @@ def why_not_default(op: str, implementation: str, device_kind: str) -> str | Non
     It needs a passing record entry for this device kind and jax version that also says
     ``faster_than_xla`` (the hardware check's forward+backward at least as fast as ``xla``).
     """
-    if not validated_on_hardware(op, implementation, device_kind):
+    entry = _passing_entry(op, implementation, device_kind)
+    if entry is None:
         return (
             f"not validated on {device_kind!r} with jax {jax.__version__} (no passing entry "
             f"in {HARDWARE_RECORD.name})"
         )
-    for e in hardware_record():
-        if (
-            e.get("op") == op
-            and e.get("implementation") == implementation
-            and e.get("device_kind") == device_kind
-            and e.get("jax") == jax.__version__
-            and e.get("result") == "pass"
-            and e.get("faster_than_xla") is True
-        ):
-            return None
+    if entry.get("faster_than_xla") is True:
+        return None
     return (
         f"correct on {device_kind!r} but slower than xla in the hardware check "
-        f"(forward+backward speed-ups {_speedups(op, implementation, device_kind)})"
+        f"(forward+backward speed-ups {dict(entry.get('speedup_fwd_bwd') or {})})"
     )
-
-
-def _speedups(op: str, implementation: str, device_kind: str) -> dict[str, float]:
-    for e in hardware_record():
-        if (e.get("op"), e.get("implementation"), e.get("device_kind")) == (
-            op,
-            implementation,
-            device_kind,
-        ):
-            return dict(e.get("speedup_fwd_bwd") or {})
-    return {}
 
 
 _fallbacks_logged: set[tuple[str, str, str]] = set()

@@ -224,7 +224,7 @@ def _completion_classification(outputs, targets: jax.Array) -> dict[str, jax.Arr
     weight = jax.lax.stop_gradient(
         jnp.where(count > 0, (1.0 - beta) / (1.0 - beta ** jnp.maximum(count, 1.0)), 0.0)
     )
-    w_pix = jnp.einsum("bhwl,l->bhw", onehot, weight)  # zero on observed pixels
+    w_pix = weight[level] * missing  # each unobserved pixel's level weight
     per_example = (w_pix * focal).sum((1, 2))
     focal_loss = per_example * image.shape[0] / jnp.maximum(w_pix.sum(), 1e-30)
     labels = jnp.round(t[:, 0, 0, 2]).astype(jnp.int32)
