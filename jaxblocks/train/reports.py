@@ -149,7 +149,7 @@ def sr_baseline(cfg: ml_collections.ConfigDict, workdir: str, results) -> str:
 
 def pruning_sweep(cfg: ml_collections.ConfigDict, workdir: str, results) -> str:
     """Retrain the last stage at each final sparsity of ``optimizer.pruning.sweep`` (same data,
-    seed and steps) and tabulate the task's main metric with the sparsity measured on the
+    seed and steps; the configured sparsity reuses the finished run) and tabulate the task's main metric with the sparsity measured on the
     pruned parameters."""
     import re
 
@@ -174,8 +174,11 @@ def pruning_sweep(cfg: ml_collections.ConfigDict, workdir: str, results) -> str:
         ]
         return sparsity_of(pruned)  # fmt: skip
 
-    rows = [(float(last_cfg.optimizer.pruning.final), res)]
+    configured = float(last_cfg.optimizer.pruning.final)
+    rows = [(configured, res)]
     for level in levels:
+        if level == configured:  # the run that just finished: same config, data and seed
+            continue
         c = config_lib.apply_overrides(last_cfg, [f"optimizer.pruning.final={level}"])
         rows.append((level, loop.train(c, os.path.join(workdir, f"sparsity_{level:g}"),
                                        description=f"sparsity {level:g}")))  # fmt: skip
