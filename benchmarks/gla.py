@@ -8,18 +8,21 @@ forward takes its sub-chunked branch) plus a T=4096 case with the GLA paper's ``
 it puts on ``reference time / xla time``. GPU: fla's standard shapes (bf16) with the compiled
 ``pallas_gpu`` kernels next to ``xla`` and cuDNN flash attention, and fla's own Triton
 ``chunk_gla`` (PyTorch) on the same shapes and dtypes, timed in the same process when ``fla`` and
-a CUDA PyTorch are importable (the issue's goal: ``pallas_gpu`` forward+backward ≥ 1.8× fla's);
-only run on a GPU.
+a CUDA PyTorch are importable (the issue's goal: ``pallas_gpu`` forward+backward ≥ 1.8× fla's),
+and ``pallas_gpu``'s time split over its separate calls (prepare, forward, the backward's states,
+dstates and grads kernels, assembly); only run on a GPU.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import Measurement, measure, table
+from benchmarks.common import Measurement, compile_stats, measure, table
 from jaxblocks.kernels.gla import chunk_gla, specs
 
 
@@ -165,6 +168,41 @@ def _versus_fla(rows: list[Measurement], what: str) -> str:
     return f"**{what} against fla (goal ≥ 1.8×)** — " + "; ".join(parts) if parts else ""
 
 
+def _stage_rows(stages, case: str, *, warmup: int, iters: int):
+    """Each separate call of a Pallas ``chunk_gla``'s forward and backward
+    (`chunk_gla_pallas.stages`) timed alone: where the kernel's time goes. Returns the rows, the
+    last one their sum (to hold against the op's measured forward+backward), and each stage's
+    output ``{name: output}``."""
+    rows, outputs = [], {}
+    for name, fn, args in stages:
+        compiled = compile_stats(fn, args)[0]
+        for _ in range(warmup):
+            jax.block_until_ready(compiled(*args))
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            outputs[name] = jax.block_until_ready(compiled(*args))
+            times.append(time.perf_counter() - t0)
+        rows.append(Measurement(case, name, statistics.median(times)))
+    rows.append(Measurement(case, "sum of the stages", sum(r.median_s for r in rows)))
+    return rows, outputs
+
+
+def _gpu_stages(case):
+    from jaxblocks.kernels.gla.api import IMPLEMENTATIONS
+
+    q, k, v, g, _ = case.make(initial_state=False)
+    do = jax.random.normal(jax.random.key(1), v.shape, v.dtype)
+    return IMPLEMENTATIONS["pallas_gpu"].fn.stages(q, k, v, g, do, scale=case.K**-0.5)
+
+
+def _stage_table(rows: list[Measurement]) -> str:
+    total = rows[-1].median_s
+    out = ["| stage | median time | share of the sum |", "|---|---|---|"]
+    out += [f"| {r.impl} | {r.median_s * 1e3:.3f} ms | {r.median_s / total:.0%} |" for r in rows]
+    return "\n".join(out)
+
+
 def run(quick: bool) -> str:
     parts = []
     if jax.default_backend() == "cpu":
@@ -207,5 +245,9 @@ def run(quick: bool) -> str:
             _versus_fla(bwd, "forward+backward"),
             f"Peer: {fla_note}. JAX times: median wall time of 20 blocking calls; fla: median of "
             "`triton.testing.do_bench` (CUDA events).",
+            f"### Where pallas_gpu's time goes ({cases[0].name}, bf16)",
+            _stage_table(_stage_rows(_gpu_stages(cases[0]), cases[0].name, warmup=3, iters=20)[0]),
+            "Each call timed alone (median wall time of 20 blocking calls); the forward is the "
+            "states pass plus the output kernel, the backward recomputes the states.",
         ]
     return "\n\n".join(parts)

@@ -256,6 +256,38 @@ def test_pallas_gpu_forward_is_parallel_over_chunks(case, chunk_size, Kp, grid):
         assert rows(mappings[4]) == (Kp, (NT + 1) * Kp)  # h: the states pass's output
 
 
+@pytest.mark.parametrize(
+    "impl", ["pallas_gpu", pytest.param("pallas_tpu", marks=pytest.mark.slow)]
+)  # the stage split is backend-generic; the GPU benchmark uses it
+def test_stages_compose_to_the_op_and_its_vjp(impl):
+    # The separate calls the GPU benchmark times one by one (`benchmarks/gla.py`) are the op's
+    # own: run in order, they give the op's output and gradients (two chunks, K and V padded).
+    from benchmarks import gla as bench
+    from jaxblocks.kernels.gla.api import IMPLEMENTATIONS
+
+    case = specs.Case("st", 1, 27, 1, 12, 20)
+    q, k, v, g, _ = case.make(41, initial_state=False)
+    do = jax.random.normal(jax.random.key(3), v.shape)
+    scale = 12**-0.5
+    with interpret():
+        stages = IMPLEMENTATIONS[impl].fn.stages(q, k, v, g, do, scale=scale, chunk_size=16)
+        rows, out = bench._stage_rows(stages, case.name, warmup=0, iters=1)
+    names = ["prepare (XLA)", "forward", "states (backward)", "dstates", "grads", "assemble (XLA)"]
+    assert [r.impl for r in rows] == [*names, "sum of the stages"]
+    assert all(r.median_s > 0 for r in rows)
+    assert rows[-1].median_s == pytest.approx(sum(r.median_s for r in rows[:-1]))
+    assert "| grads |" in bench._stage_table(rows)
+    xla_op = lambda q, k, v: chunk_gla(q, k, v, g, scale=scale, implementation="xla")[0]
+    o, vjp = jax.vjp(xla_op, q, k, v)
+    want = vjp(do)
+    unpad = lambda x, D: jnp.swapaxes(x, 1, 2)[:, : case.T, :, :D]  # [B, H, Tp, Dp] -> [B, T, H, D]
+    assert_close(unpad(out["forward"][0], case.V), o, tol=PALLAS_FP32_TOL, name="o")
+    dq, dk, dv = out["assemble (XLA)"][:3]
+    for got, w, D, name in ((dq, want[0], case.K, "dq"), (dk, want[1], case.K, "dk"),
+                            (dv, want[2], case.V, "dv")):  # fmt: skip
+        assert_close(unpad(got, D), w, tol=PALLAS_FP32_TOL, name=name)
+
+
 def test_pallas_tpu_interpret_fp32_segments():
     # A length-1 segment, a segment crossing the chunk boundary, a final one-token segment.
     seg = _segment_ids([[3, 1, 50, 8, 1]])

@@ -504,7 +504,50 @@ def make_chunk_gla(backend: Backend) -> Callable:
         o, final = core(qh, kh, vh, G, h0, seg, bs, float(scale))
         return jnp.swapaxes(o, 1, 2)[:, :T, :, :V], final[:, :, :K, :V]
 
+    def stages(
+        q, k, v, g, do, *, scale, chunk_size=64, block_sizes=None,
+        precision=lax.Precision.HIGHEST,
+    ):  # fmt: skip
+        """The forward and backward as their separate calls, to time each one on hardware
+        (`benchmarks/gla.py`): ``[(name, fn, args)]`` in the order the VJP runs them, where
+        ``fn(*args)`` is that stage alone and ``args`` are its real inputs (the stages before it
+        are run once to make them). ``do [B, T, H, V]`` is the output cotangent; the final
+        state's is zero. Without segments (the benchmarks' case)."""
+        B, T, H, K = q.shape
+        Kp, Vp = backend.pad_dim(K), backend.pad_dim(v.shape[-1])
+        bs = make_tiles(backend.name, block_sizes, T, Kp, Vp, chunk_size, precision)
+        scale = float(scale)
+
+        def prep(q, k, v, g, do):
+            qh, kh, vh, G, h0 = prepare(q, k, v, g, None, bs.chunk, backend.pad_dim)
+            doh = prepare(do, do, do, g, None, bs.chunk, backend.pad_dim)[2].astype(vh.dtype)
+            return qh, kh, vh, G, h0, last_gates(G, bs.chunk, None), doh
+
+        qh, kh, vh, G, h0, gl, doh = jax.jit(prep)(q, k, v, g, do)
+        forward = lambda *a: backend.forward(*a, None, bs, scale)
+        states = lambda *a: backend.states(*a, None, bs)
+        dstates = lambda *a: backend.dstates(*a, None, bs, scale)
+        grads = lambda *a: backend.grads(*a, None, bs, scale)
+
+        def assemble(qh, kh, vh, dq, dk, dv, dgl, dh0):
+            dq, dk, dgl = (x.sum(axis=2) for x in (dq, dk, dgl))
+            return assemble_grads(qh, kh, vh, dq, dk, dv, dgl, dh0, None, bs.chunk)[:5]
+
+        h = jax.jit(states)(kh, vh, G, gl, h0)
+        dht = jnp.zeros_like(h0)
+        dh, dh0 = jax.jit(dstates)(qh, doh, G, gl, dht)
+        dq, dk, dv, dgl = jax.jit(grads)(qh, kh, vh, G, doh, h, dh)
+        return [
+            ("prepare (XLA)", prep, (q, k, v, g, do)),
+            ("forward", forward, (qh, kh, vh, G, gl, h0)),
+            ("states (backward)", states, (kh, vh, G, gl, h0)),
+            ("dstates", dstates, (qh, doh, G, gl, dht)),
+            ("grads", grads, (qh, kh, vh, G, doh, h, dh)),
+            ("assemble (XLA)", assemble, (qh, kh, vh, dq, dk, dv, dgl, dh0)),
+        ]
+
     chunk_gla_pallas.__name__ = f"chunk_gla_{backend.name}"
+    chunk_gla_pallas.stages = stages
     return chunk_gla_pallas
 
 
