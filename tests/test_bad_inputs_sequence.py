@@ -24,7 +24,8 @@ B, T, H, K, V = 2, 8, 2, 16, 8
 
 
 def _normal(seed, shape, dtype=jnp.float32):
-    return jax.random.normal(jax.random.key(seed), shape).astype(dtype)
+    # NumPy draws: these module-level inputs would otherwise compile at collection.
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
 
 
 q = k = _normal(1, (B, T, H, K))

@@ -101,11 +101,13 @@ def test_registered_model_through_to_nnx(name):
             assert any(jax.tree.leaves(moved)), f"{name}: train mode updated nothing"
 
 
-X4 = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
-X3 = jax.random.normal(jax.random.key(1), (2, 12, 16))
-X2 = jax.random.normal(jax.random.key(2), (2, 64))  # waveforms
-XSPEC = jax.random.normal(jax.random.key(3), (2, 9, 7, 2))  # [B, F, T, re/im]
-X5 = jax.random.normal(jax.random.key(4), (2, 8, 6, 4, 2))  # complex maps [B, F, T, C, re/im]
+# Module-level inputs from NumPy (random draws in JAX here would compile at collection).
+_RNG = np.random.default_rng(0)
+X4 = jnp.asarray(_RNG.standard_normal((2, 8, 8, 16)), jnp.float32)
+X3 = jnp.asarray(_RNG.standard_normal((2, 12, 16)), jnp.float32)
+X2 = jnp.asarray(_RNG.standard_normal((2, 64)), jnp.float32)  # waveforms
+XSPEC = jnp.asarray(_RNG.standard_normal((2, 9, 7, 2)), jnp.float32)  # [B, F, T, re/im]
+X5 = jnp.asarray(_RNG.standard_normal((2, 8, 6, 4, 2)), jnp.float32)  # [B, F, T, C, re/im]
 LAYERS = {  # layer -> (module, input, call kwargs)
     "ConvBN": (L.ConvBN(8, (3, 3)), X4, {"train": False}),
     "LinearBN": (L.LinearBN(8), X3, {"train": False}),

@@ -6,8 +6,8 @@ metadata itself. Then, on the model built with its registration's ``tiny`` overr
 `FULL_CHECK_MAX_PARAMS`, so every preset's structure runs, however large the preset): init,
 apply under `jit`, finite (and not all zero) gradients of a scalar loss, and
 ``dtype=jnp.bfloat16`` followed by the outputs and the activations (parameters stay fp32).
-Models built from `ConvBN`/`LinearBN` are also switched
-between modes with `convbn_mode`: train updates the running statistics, tune gives eval's
+Models built from `ConvBN`/`LinearBN` are also switched between modes with `convbn_mode`, in the
+same test after the gradient check: train updates the running statistics, tune gives eval's
 outputs, and deploy after `fold_for_deploy` gives eval's outputs.
 
 Presets whose ``tiny`` overrides build the same module (same class and fields, same example
@@ -81,13 +81,9 @@ def _n_params(name: str, tiny: bool = False) -> int:
 
 
 def _uses_convbn(name: str) -> bool:
-    try:
-        return _abstract(name, tiny=True)[1]
-    except Exception:  # a broken model fails in the per-model tests, not at collection
-        return False
-
-
-CONVBN_MODELS = [n for n in MODELS if _uses_convbn(n)]
+    """Whether the tiny model has `ConvBN`/`LinearBN` layers (found by tracing its init, so this
+    runs inside tests: at collection every xdist worker would trace all the models)."""
+    return _abstract(name, tiny=True)[1]
 
 
 def _runtime_groups(names: list[str]) -> list[tuple[str, ...]]:
@@ -95,7 +91,9 @@ def _runtime_groups(names: list[str]) -> list[tuple[str, ...]]:
     groups: dict[tuple[str, str], list[str]] = {}
     for name in names:
         try:
-            model, x = _tiny(name)
+            tiny = model_info(name).tiny
+            model = create_model(name, **tiny)
+            x = jax.eval_shape(functools.partial(example_input, name, **tiny))  # no arrays yet
             shapes = jax.tree.map(lambda a: (a.shape, str(a.dtype)), x)
             key = (repr(model), str(shapes))
         except Exception:  # a broken model fails in its own group, not at collection
@@ -109,9 +107,6 @@ RUNTIME_GROUPS = _runtime_groups(MODELS)
 
 def _group_id(group: tuple[str, ...]) -> str:
     return "-".join(group)
-
-
-CONVBN_GROUPS = [g for g in RUNTIME_GROUPS if g[0] in CONVBN_MODELS]
 
 
 # Presets of an already-checked class that take another code path (normalisation, recurrent
@@ -166,7 +161,8 @@ def _scalar_loss(out) -> jax.Array:
 def test_expected_models_are_registered():
     for name in ("resnet18", "resnet34", "resnet50", "mobilenet_v2"):
         assert name in MODELS
-    assert {"resnet18", "resnet50", "mobilenet_v2"} <= set(CONVBN_MODELS)
+    assert all(_uses_convbn(n) for n in ("resnet18", "resnet50", "mobilenet_v2"))
+    assert not _uses_convbn("gla_lm_tiny")
     assert set(FP32_OUTPUT_MODELS) <= set(MODELS), "stale FP32_OUTPUT_MODELS entry"
 
 
@@ -271,6 +267,8 @@ def test_init_apply_jit_finite_grads(group):
     for leaf in g:
         assert np.all(np.isfinite(np.asarray(leaf, np.float32))), f"{name}: non-finite gradient"
     assert any(float(jnp.max(jnp.abs(leaf))) > 0 for leaf in g), f"{name}: all gradients zero"
+    if _uses_convbn(name):
+        _check_convbn_mode_switching(name, model, x, variables)
 
 
 @pytest.mark.parametrize("group", RUNTIME_GROUPS, ids=_group_id)
@@ -306,11 +304,8 @@ def _perturb(tree, seed: int):
     return jax.tree.unflatten(treedef, new)
 
 
-@pytest.mark.parametrize("group", _first_per_class(CONVBN_GROUPS))
-def test_convbn_mode_switching(group):
-    name = group[0]
-    model, x = _tiny(name)
-    variables = _initialized(name)
+def _check_convbn_mode_switching(name, model, x, variables):
+    """For models with ConvBN/LinearBN layers (run by `test_init_apply_jit_finite_grads`)."""
     params = _perturb(variables["params"], seed=1)
 
     @functools.partial(jit, static_argnames="mode")
