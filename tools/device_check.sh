@@ -8,7 +8,9 @@
 #   bench_gla.md               benchmarks/gla.py's GPU section (pallas_gpu, xla, cuDNN, fla)
 #   check.log, bench.log       full logs
 # Wheels in .whl/ (fla-core, ml_collections, ...; see the device tool's README) are installed to
-# /tmp/site first when present. Budgets in seconds: CHECK_S, CASE_S, BENCH_S.
+# /tmp/site first when present. Budgets in seconds: CHECK_S, CASE_S, BENCH_S. OPS (comma-separated,
+# e.g. OPS=flashrnn) limits the check to those ops; OPS=none skips it (benchmark only). The tool's
+# own timeout must exceed CHECK_S + BENCH_S + the wheel install (~30 s), or nothing comes back.
 set -u
 out=${1:-${OUT:?give OUTDIR or set OUT}}
 mkdir -p "$out"
@@ -23,12 +25,15 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu 
 python3 -c "import jax, triton, torch; print('jax', jax.__version__, jax.devices(), \
 'triton', triton.__version__, 'torch', torch.__version__)" | tee -a "$out/gpu.txt"
 cp jaxblocks/kernels/hardware_validation.json "$out/hardware_validation.json"
-timeout "${CHECK_S:-400}" python3 -m jaxblocks.kernels.check_hardware --timeout "${CASE_S:-100}" \
-  --record "$out/hardware_validation.json" --benchmarks "$out/hardware_check.md" \
-  --json "$out/hardware_check.json" >"$out/check.log" 2>&1
-echo "check_hardware exit $?"
-pkill -f "check_hardware --worker" && sleep 2  # a case still running when the budget ran out
-tail -n 40 "$out/check.log"
+if [ "${OPS:-all}" != none ]; then
+  ops=(); [ "${OPS:-all}" != all ] && ops=(--ops "$OPS")
+  timeout "${CHECK_S:-400}" python3 -m jaxblocks.kernels.check_hardware --timeout "${CASE_S:-100}" \
+    "${ops[@]}" --record "$out/hardware_validation.json" --benchmarks "$out/hardware_check.md" \
+    --json "$out/hardware_check.json" >"$out/check.log" 2>&1
+  echo "check_hardware exit $?"
+  pkill -f "check_hardware --worker" && sleep 2  # a case still running when the budget ran out
+  tail -n 40 "$out/check.log"
+fi
 timeout "${BENCH_S:-160}" python3 -m benchmarks.run gla --quick --append "$out/bench_gla.md" \
   >"$out/bench.log" 2>&1
 echo "benchmark exit $?"
