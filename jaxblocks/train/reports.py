@@ -149,8 +149,8 @@ def sr_baseline(cfg: ml_collections.ConfigDict, workdir: str, results) -> str:
 
 def pruning_sweep(cfg: ml_collections.ConfigDict, workdir: str, results) -> str:
     """Retrain the last stage at each final sparsity of ``optimizer.pruning.sweep`` (same data,
-    seed and steps; the configured sparsity reuses the finished run) and tabulate the task's main metric with the sparsity measured on the
-    pruned parameters."""
+    seed and steps; the configured sparsity reuses the finished run) and tabulate the task's
+    main metric with the sparsity measured on the pruned parameters."""
     import re
 
     from jaxblocks.compress import sparsity_of
