@@ -50,3 +50,63 @@ def test_the_class_sees_the_pixels_through_the_coarse_tier():
     spread = float(jnp.max(jnp.abs(logits[0] - logits[1])))
     # 0.0126 here; 0.00048 with the block removed (the earlier structure)
     assert spread > 4e-3, spread
+
+
+def _digits_batch(n=4, seed=0):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    image = jnp.round(jax.random.uniform(k1, (n, 8, 8, 1)) * 4) / 4  # on the 5-level grid
+    mask = jax.random.bernoulli(k2, 0.4, (n, 8, 8, 1))
+    return pack_observed(image, mask), mask
+
+
+def test_class_temperature_and_completed_pixels():
+    # clftau starts at √10 (the pixels' τ init), not the official 1: the demo then learns the
+    # class within its CPU budget (see MonotoneDBMConfig.clf_tau_init); logits scale as clftau².
+    x, mask = _digits_batch()
+    model = MonotoneDBM(**TINY)
+    variables = model.init(jax.random.key(1), x)
+    np.testing.assert_allclose(variables["params"]["clf_tau"], np.sqrt(10), rtol=1e-6)
+    official = MonotoneDBM(**TINY, clf_tau_init=1.0)
+    v1 = official.init(jax.random.key(1), x)
+    np.testing.assert_allclose(v1["params"]["clf_tau"], 1.0)
+    completed, logits, pixel_logits = model.apply(variables, x)
+    _, logits1, _ = official.apply(v1, x)
+    np.testing.assert_allclose(logits, 10.0 * logits1, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="clf_tau_init"):
+        MonotoneDBMConfig(clf_tau_init=0.0)
+    # Completed pixels: the expectation under softmax(pixel logits), not under the fixed point's
+    # own pixel marginals, which lack τ² (~10× flatter than the distribution the loss trains).
+    expected = jnp.einsum("bhwk,k->bhw", jax.nn.softmax(pixel_logits, -1), jnp.linspace(0, 1, 5))
+    np.testing.assert_allclose(
+        np.where(mask, 0, completed), np.where(mask, 0, expected[..., None]), atol=1e-5
+    )
+
+
+@pytest.mark.slow  # ~30 s; tests/layers/test_monotone_dbm.py checks the implicit gradient
+def test_class_gradient_reaches_the_hidden_kernels(monkeypatch):
+    # The class CE's implicit gradient on every kernel (the hidden tiers' included) equals
+    # autodiff unrolled through the damped iteration: no path of the class is cut.
+    import jaxblocks.models.monotone_dbm as mdbm
+
+    x, _ = _digits_batch(n=3, seed=2)
+    labels = jnp.array([0, 3, 7])
+    model = MonotoneDBM(**{**TINY, "tol": 1e-6, "max_iter": 200})
+    params = model.init(jax.random.key(1), x)["params"]
+    params = {k: v * 3.0 if k.startswith("A_") else v for k, v in params.items()}
+
+    def ce(p):
+        _, logits, _ = model.apply({"params": p}, x)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+
+    implicit = jax.jit(jax.grad(ce))(params)
+
+    def unrolled(fn, p, z0, _config):
+        return jax.lax.fori_loop(0, 600, lambda _, z: fn(p, z), z0)
+
+    monkeypatch.setattr(mdbm, "fixed_point", unrolled)
+    reference = jax.jit(jax.grad(ce))(params)
+    for name in ("A_10", "A_11", "A_20", "A_21", "A_22", "A_32", "A_33"):
+        a, b = np.asarray(implicit[name]), np.asarray(reference[name])
+        assert np.linalg.norm(b) > 1e-6, name
+        err = np.linalg.norm(a - b) / np.linalg.norm(b)
+        assert err < 1e-3, (name, err)

@@ -124,6 +124,10 @@ SLOW_RUNTIME = {
     # 20k HLO ops from the Poincaré maps: ~40 s to compile the tiny model's gradient at -O0;
     # test_poincare_resnet.py checks a residual block's jitted gradient
     "hyperbolic_resnet20",
+    # Two stacked complex U-Nets with complex FSMNs: ~30-55 s to compile the tiny model's
+    # gradient; the frcrn_denoise smoke run (test_configs_smoke.py) trains frcrn_tiny's 2-level
+    # U-Nets through the trainer, and test_frcrn.py checks the forward, masks and train mode
+    "frcrn",
 }
 
 
