@@ -64,14 +64,21 @@ def measure(
     whose FLOPs XLA cannot see).
     """
     compiled, temp, xla_flops = compile_stats(fn, args)
+    median_s, _ = time_compiled(compiled, args, warmup=warmup, iters=iters)
+    return Measurement(case, impl, median_s, temp, flops if flops else xla_flops)
+
+
+def time_compiled(compiled, args: Sequence[Any], *, warmup: int, iters: int) -> tuple[float, Any]:
+    """(median wall time of ``compiled(*args)`` over ``iters`` blocking calls after ``warmup``,
+    the last call's output): the timing rule of `measure`."""
     for _ in range(warmup):
         jax.block_until_ready(compiled(*args))
-    times = []
+    times, out = [], None
     for _ in range(iters):
         t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
+        out = jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - t0)
-    return Measurement(case, impl, statistics.median(times), temp, flops if flops else xla_flops)
+    return statistics.median(times), out
 
 
 def _fmt_bytes(n: int | None) -> str:

@@ -16,13 +16,11 @@ dstates and grads kernels, assembly); only run on a GPU.
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import Measurement, compile_stats, measure, table
+from benchmarks.common import Measurement, compile_stats, measure, table, time_compiled
 from jaxblocks.kernels.gla import chunk_gla, specs
 
 
@@ -176,14 +174,8 @@ def _stage_rows(stages, case: str, *, warmup: int, iters: int):
     rows, outputs = [], {}
     for name, fn, args in stages:
         compiled = compile_stats(fn, args)[0]
-        for _ in range(warmup):
-            jax.block_until_ready(compiled(*args))
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            outputs[name] = jax.block_until_ready(compiled(*args))
-            times.append(time.perf_counter() - t0)
-        rows.append(Measurement(case, name, statistics.median(times)))
+        median_s, outputs[name] = time_compiled(compiled, args, warmup=warmup, iters=iters)
+        rows.append(Measurement(case, name, median_s))
     rows.append(Measurement(case, "sum of the stages", sum(r.median_s for r in rows)))
     return rows, outputs
 
