@@ -199,6 +199,9 @@ class Checkpointer:
         steps = [step] if step is not None else self.all_steps()[::-1]
         if not steps:
             return None
+        # Before the first read, not after a failed one: the stray callbacks can reach the closed
+        # loop while the failure is still unwinding to our `except`.
+        _quiet_closed_loop_errors()
         skipped: list[tuple[int, str]] = []
         for s in steps:
             tree, why = self._state_metadata(s)
@@ -213,7 +216,6 @@ class Checkpointer:
                         ),
                     )
                 except Exception as e:  # noqa: BLE001 - any read failure means "skip this one"
-                    _quiet_closed_loop_errors()
                     why = f"unreadable: {_reason(e)}"
                 else:
                     self._set_aside(skipped, log)
