@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxblocks.layers import monotone_dbm
 from jaxblocks.layers.monotone_dbm import (
     CouplingStructure,
     SolverConfig,
@@ -65,6 +66,25 @@ def test_prox_softmax_matches_argmin_and_softmax(alpha):
         np.testing.assert_allclose(row, prox_softmax_argmin(yr, alpha), atol=2e-4)
     if alpha == 1.0:
         np.testing.assert_allclose(p, jax.nn.softmax(y, -1), atol=1e-6)
+
+
+def test_prox_softmax_stops_at_convergence(monkeypatch):
+    # The tolerance stop gives what running every capped iteration gives, on inputs from tiny to
+    # large spreads and group sizes 2 to 256.
+    ys = [
+        s * jax.random.normal(jax.random.key(n), (16, n))
+        for s in (0.1, 3.0, 100.0)
+        for n in (2, 11, 256)
+    ]
+    stopped = [np.asarray(prox_softmax(y, a)) for y in ys for a in (0.125, 0.9)]
+
+    def every_iteration(step, x0, max_iters):
+        return jax.lax.fori_loop(0, max_iters, lambda _, x: step(x), x0)
+
+    monkeypatch.setattr(monotone_dbm, "_until_converged", every_iteration)
+    capped = [np.asarray(prox_softmax(y, a)) for y in ys for a in (0.125, 0.9)]
+    for a, b in zip(stopped, capped, strict=True):
+        np.testing.assert_allclose(a, b, atol=5e-6)
 
 
 def test_prox_softmax_vjp_matches_finite_differences():
