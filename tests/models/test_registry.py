@@ -215,7 +215,7 @@ def _check_published_count(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_eval_shape_and_published_param_count(name, record_property):
+def test_eval_shape_and_published_param_count(name):
     """Full-size preset through `jax.eval_shape` only: its parameter count equals the published
     one (one eval_shape serves both checks), and apply gives batch-leading float outputs."""
     _check_published_count(name)
@@ -224,7 +224,6 @@ def test_eval_shape_and_published_param_count(name, record_property):
     leaves = jax.tree.leaves(abstract)
     assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
     n = _n_params(name)
-    record_property("n_params", n)
     print(f"{name}: {n:,} parameters")
     assert n > 0
     out, _ = jax.eval_shape(
