@@ -449,14 +449,18 @@ def _loop(cfg, tr, ckpt, guard, writer, steps, state, start, stop_after, descrip
         variant = "conadv" if cfg.conadv.enabled else "default"
         if cfg.agvm.enabled and step % cfg.agvm.interval == 0 and step >= tr.agvm_start_step:
             variant = "agvm"
+        logged = (step + 1) % cfg.log_every == 0 or step + 1 == end or step == start
+        timed = logged and step > start  # the first step compiles
+        if timed:
+            # Steps dispatch asynchronously: drain the queue, so the clock times this step alone
+            # (else it would also count the unlogged steps still running before it).
+            jax.block_until_ready(state)
         t0 = time.perf_counter()
         state, m = steps[variant](state, batch)
         step += 1
-        last = step == end
-        logged = step % cfg.log_every == 0 or last or step == start + 1
         if logged:
             m = jax.device_get(m)
-            if step > start + 1:  # the first step compiles
+            if timed:
                 step_times.append(time.perf_counter() - t0)
         r = progress.update(step, {"loss": float(m["loss"])} if logged else None)
         if logged:

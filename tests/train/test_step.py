@@ -1,5 +1,7 @@
 """Train-step variants: gradient accumulation == one big batch, ConAdv, AGVM, mixed precision."""
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,3 +84,40 @@ def test_agvm_step_runs_and_refreshes_multipliers():
     assert mult.shape == (3,) and mult[0] == np.float32(1.0)
     assert not np.allclose(mult[1:], 1.0)
     assert np.isfinite(float(m["loss"]))
+
+
+def test_step_time_counts_one_step(tmp_path, monkeypatch):
+    # Steps dispatch asynchronously: the median step time must time one step, not also the
+    # unlogged steps still queued before a logged one (it read ~log_every x the step on a TGN).
+    # Each train step gets matmuls well above its dispatch time, so unlogged steps queue.
+    compile_steps = loop.compile_steps
+    seen = {}
+
+    def slow_steps(*args, **kwargs):
+        def slow(f):
+            @jax.jit
+            def step(state, batch):
+                state, m = f(state, batch)
+                x = jnp.full((384, 384), 1e-3) + m["loss"] * 1e-9
+                x = jax.lax.fori_loop(0, 40, lambda _, x: jnp.tanh(x @ x), x)
+                return state, {**m, "loss": m["loss"] + 0.0 * x[0, 0]}
+
+            def spy(state, batch):
+                seen["args"] = (state, batch)
+                return step(state, batch)
+
+            seen["step"] = step
+            return spy
+
+        steps = compile_steps(*args, **kwargs)
+        return {**steps, "default": slow(steps["default"])}
+
+    monkeypatch.setattr(loop, "compile_steps", slow_steps)
+    cfg = tiny_config("mlp_tiny", train_steps=16, log_every=5, checkpoint__every_steps=100)
+    res = loop.train(cfg, str(tmp_path), devices=jax.devices()[:1])
+    one = []  # the same step, run one at a time
+    for _ in range(5):
+        t0 = time.perf_counter()
+        jax.block_until_ready(seen["step"](*seen["args"]))
+        one.append(time.perf_counter() - t0)
+    assert res.timings["step_s"] < 2.0 * np.median(one), (res.timings, one)
