@@ -214,13 +214,22 @@ def pres_official_blend(
 
     ``T = official_normalize(incr)``; ``s_blend = γ (prev + T) + (1 − γ) updated`` for every node;
     ``c = official_normalize(stop_gradient(s_blend − prev))``; ``incr += 1 + c``,
-    ``incr_sq += c²`` (the official ``Filter.update``). ``s_blend`` is meant only as the input of
-    the batch's embeddings; the stored memory stays ``updated``.
+    ``incr_sq += c²`` (the official ``Filter.update``). As in the official code the whole update
+    (the ``+ 1`` included) is skipped when ``max(s_blend − prev) == 0`` — e.g. on the first
+    batch of a fresh memory, where adding only the ``+ 1`` would leave a constant ``incr = 1``
+    that the next batch adds, un-normalised, to every node's memory. ``s_blend`` is meant only as
+    the input of the batch's embeddings; the stored memory stays ``updated``.
     """
     pred = prev + official_normalize(incr)
     blend = gamma * pred + (1.0 - gamma) * updated
-    change = official_normalize(jax.lax.stop_gradient(blend - prev))
-    return blend, incr + 1.0 + change, incr_sq + change * change
+    raw = jax.lax.stop_gradient(blend - prev)
+    change = official_normalize(raw)
+    ok = jnp.max(raw) != 0
+    return (
+        blend,
+        jnp.where(ok, incr + 1.0 + change, incr),
+        jnp.where(ok, incr_sq + change * change, incr_sq),
+    )
 
 
 def pres_variance(count: Array, incr_sum: Array, incr_sumsq: Array) -> Array:

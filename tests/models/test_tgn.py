@@ -214,9 +214,11 @@ def test_pres_official_blend_matches_numpy_loop():
         if step == 0:
             assert np.all(transition == 0)  # an empty filter predicts no change
         want = gamma * (prev + transition) + (1 - gamma) * upd
-        change = _np_official_normalize(want - prev)
-        inc_np = inc_np + 1 + change  # the official update adds 1 to the increment sum
-        sq_np = sq_np + change * change
+        change = want - prev
+        if change.max() != 0:  # the official update is skipped when max(change) == 0
+            change = _np_official_normalize(change)
+            inc_np = inc_np + 1 + change  # the official update adds 1 to the increment sum
+            sq_np = sq_np + change * change
         np.testing.assert_allclose(blend, want, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(incr, inc_np, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(sq, sq_np, rtol=1e-5, atol=1e-5)
@@ -227,6 +229,23 @@ def test_pres_official_blend_matches_numpy_loop():
     # max == 0 is left alone as in the official code; a constant non-zero tensor too
     np.testing.assert_array_equal(official_normalize(jnp.asarray([-2.0, 0.0])), [-2.0, 0.0])
     np.testing.assert_array_equal(official_normalize(jnp.full((2,), 3.0)), [3.0, 3.0])
+
+
+def test_pres_official_blend_skips_update_without_change():
+    # a fresh memory with no messages: the blend equals prev, the official filter is not
+    # updated (no "+ 1"), so the next batch's prediction is still prev, not prev + 1
+    n, d = 5, 3
+    z = jnp.zeros((n, d))
+    blend, incr, sq = pres_official_blend(z, z, z, z, 0.9)
+    np.testing.assert_array_equal(incr, np.zeros((n, d)))
+    np.testing.assert_array_equal(sq, np.zeros((n, d)))
+    upd = jnp.asarray(np.random.default_rng(0).standard_normal((n, d)), jnp.float32)
+    blend, incr, _ = pres_official_blend(z, upd, incr, sq, 0.9)
+    np.testing.assert_allclose(blend, 0.1 * upd, rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(incr).max()) > 0  # a real change is recorded
+    # a non-positive change whose max is exactly 0: skipped too, as in the official code
+    _, incr2, _ = pres_official_blend(z, (-jnp.abs(upd)).at[0, 0].set(0.0), incr, incr, 0.0)
+    np.testing.assert_array_equal(incr2, incr)
 
 
 def test_official_mode_blends_embeddings_but_stores_gru_memory():
