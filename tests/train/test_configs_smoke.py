@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from jaxblocks.registry import create_model
 from jaxblocks.train import config as config_lib
 from jaxblocks.train import loop, optim
 from jaxblocks.train.metrics import read_metrics
@@ -147,6 +148,18 @@ def test_config_smoke_run(tmp_path, name, arg):
         assert "examples_per_s" in [r for r in recs if r["split"] == "train"][-1]
     for report in tuple(cfg.reports):
         assert os.path.getsize(tmp_path / f"{report}.md") > 0
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_config_variants_apply_and_validate(name):
+    # Each ``config.variants`` entry of the full config (retrained by its reports) overrides
+    # keys that exist, validates, and names a model its kwargs build: smoke runs that skip the
+    # retraining (hnerv_video's) still have their variants checked.
+    cfg = config_lib.load_config(name)
+    for v in tuple(cfg.variants):
+        vc = config_lib.apply_overrides(cfg, list(v.get("overrides", ())))
+        config_lib.validate(vc, num_devices=len(jax.devices()))
+        assert create_model(vc.model.name, **dict(vc.model.kwargs)) is not None, v["name"]
 
 
 def test_large_batch_smoke_step_count_is_regime_adapted():
