@@ -15,6 +15,10 @@ term, so it is reported but does not train) and plots the three test-accuracy cu
 ``pres_batch_sizes.png``. The paper's claim: large batches with PRES approach the small-batch
 accuracy (while running 10× fewer sequential memory updates per window).
 
+Measured (BENCHMARKS.md; three seeds, 300 steps): b = 10 0.722 test accuracy, b = 100 0.683,
+b = 100 with PRES 0.679. The staleness gap reproduces; PRES does not close it here (the
+investigation is recorded there).
+
 Switches: ``smoke`` (a few steps of a tiny model, CPU tests; the report is skipped).
 """
 
