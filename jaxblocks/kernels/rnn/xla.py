@@ -1,31 +1,47 @@
-"""Fast pure-JAX `flashrnn`: one fused recurrent matmul per step inside an unrolled `lax.scan`.
+"""Fast pure-JAX `flashrnn`: one fused recurrent matmul per step and a hand-written backward.
 
 Differences from the reference that make it fast (all exact up to rounding):
 
-* the bias is added to the input projections once for the whole sequence, outside the loop
-  (for the GRU only ``b_g`` stays inside: it is multiplied by the reset gate);
+* the bias is added to the input projections outside the loop (for the GRU only ``b_g`` stays
+  inside: it is multiplied by the reset gate);
 * the Gr head-wise matrices are concatenated to ``[N, D, Gr·D]`` so each step is a single batched
   matmul ``einsum('nbd,nde->nbe')`` with fp32 accumulation, in R's dtype (bf16 stays bf16 on the
   MXU / tensor cores, as in FlashRNN);
 * inside the loop the states are head-major ``[N, B, D]``, so the batched matmul has its batch
   (head) dimension leading and XLA inserts no transposes per step;
-* the scan is unrolled (``unroll`` steps per loop iteration, 2 by default) so XLA fuses the cell of
-  consecutive steps and amortises the loop overhead;
-* the per-step outputs are stored in the input dtype.
+* a `custom_vjp`, as torch's and cuDNN's RNNs have: the forward saves every gate's
+  pre-activation (``[T, N, B, Gb·D]``, the size of ``Wx``) and the states before each step; the
+  backward is one reverse scan whose step is the cells' hand-derived `pointwise_bwd` and one fused
+  matmul ``dRy R_catᵀ``, and ``dR = Σ_t h_{t-1}ᵀ dRy_t`` is a single matmul over all B·T rows
+  after the loop. Autodiff of the scan instead saved every intermediate of the cell, multiplied
+  per gate and accumulated ``dR`` with a B-row outer product every step;
+* the scans are unrolled per cell and direction (`UNROLL`), as measured on XLA:CPU.
 
-The matmul takes the op's ``precision`` when its operands are fp32 (HIGHEST: full fp32; DEFAULT,
-"tf32": TF32 on GPUs, one bf16 pass on TPUs); bf16 operands are multiplied exactly either way.
-Gradients come from autodiff of the scan, whose transposed products keep that precision.
+The matmuls take the op's ``precision`` when their operands are fp32 (HIGHEST: full fp32;
+DEFAULT, "tf32": TF32 on GPUs, one bf16 pass on TPUs); bf16 operands are multiplied exactly.
+On XLA:CPU most of the time outside the matmuls goes to first touches of fresh buffers (page
+faults, ~0.35 ms per MB on the benchmark machine), so the residuals are laid out for the backward
+and nothing is transposed twice.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from jaxblocks.kernels.rnn.cells import CELLS, pointwise
+from jaxblocks.kernels.rnn.cells import CELLS, pointwise, pointwise_bwd
 
-DEFAULT_UNROLL = 2  # XLA:CPU: 8 is ~10% faster forward but 4-6x slower backward (sLSTM)
+# Scan unroll per cell, (forward, backward). Measured on XLA:CPU (AMD EPYC, 2 cores; B16 T512,
+# N1 D256 and N4 D64): 8 steps per iteration halve the forward's loop overhead; unrolling the
+# backward made it slower at every factor tried (2, 4, 8).
+UNROLL: dict[str, tuple[int, int]] = {
+    "lstm": (8, 1),
+    "slstm": (8, 1),
+    "gru": (8, 1),
+    "elman": (8, 1),
+}
 
 
 def _dot_dtype(R):
@@ -35,6 +51,153 @@ def _dot_dtype(R):
     return R.dtype
 
 
+def _split(y, n: int, D: int) -> list:
+    """``[..., n·D]`` -> n arrays ``[..., D]``."""
+    return [y[..., g * D : (g + 1) * D] for g in range(n)]
+
+
+def _inputs(Wx, b, function):
+    """The gate inputs with the bias hoisted, time-major: ``[T, N, B, Gb·D]`` fp32.
+
+    Gate g's pre-activation is ``x[g] + Ry[g]``. For the GRU the first of its Gb = 4 slots holds
+    ``b_g`` (its pre-activation is ``q = b_g + Ry_g``, multiplied by the reset gate) and the
+    last ``x_n + b_n`` takes no recurrent term, so ``Ry`` is padded by one slot (`_add_ry`).
+    """
+    B, T, G, N, D = Wx.shape
+    f32 = jnp.float32
+    x = Wx.astype(f32)
+    if function == "gru":  # slots (g, r, z, n)
+        x = jnp.concatenate([jnp.zeros((B, T, 1, N, D), f32), x], axis=2)
+    x = x + b.astype(f32)[None, None]  # [B, T, Gb, N, D]
+    return jnp.transpose(x, (1, 3, 0, 2, 4)).reshape(T, N, B, -1)  # [T, N, B, Gb*D]
+
+
+def _add_ry(function, x_t, ry):
+    """Every gate's pre-activation ``[N, B, Gb·D]``: ``x_t + Ry`` (the GRU's n slot takes none)."""
+    if function == "gru":
+        return jnp.concatenate([x_t[..., : ry.shape[-1]] + ry, x_t[..., ry.shape[-1] :]], -1)
+    return x_t + ry
+
+
+def _cell_args(function: str, pre: list) -> tuple[list, list, list]:
+    """``(wx, ry, b)`` for `pointwise` / `pointwise_bwd` that reproduce the pre-activations.
+
+    With these, `pointwise_bwd`'s bias cotangent ``d_b`` is the pre-activations' cotangent (one
+    array per slot of `_inputs`, Gb in all); ``Ry``'s cotangent is its first Gr entries.
+    """
+    if function == "gru":  # r = σ(a_r), z = σ(a_z), n = tanh(x_n + r q)
+        return pre[1:], [pre[0], 0.0, 0.0], [0.0] * 4
+    return pre, [0.0] * len(pre), [0.0] * len(pre)
+
+
+def _forward(Wx, R, b, states, function, precision, unroll):
+    """The forward scan: the last fp32 states ``[S, N, B, D]``, the states before every step
+    ``[T, S, N, B, D]`` and every pre-activation ``[T, N, B, Gb·D]`` (written in place over
+    the inputs: on XLA:CPU a fresh buffer costs as much as a pass over it)."""
+    cell = CELLS[function]
+    f32 = jnp.float32
+    B, T, G, N, D = Wx.shape
+    Gr = cell.Gr
+    r_cat = jnp.transpose(R, (1, 2, 0, 3)).reshape(N, D, Gr * D).astype(_dot_dtype(R))
+    precision = precision if r_cat.dtype == f32 else None  # bf16 operands: exact either way
+
+    def step(s, x_t):  # s: S states [N, B, D] fp32; x_t: [N, B, Gb*D]
+        ry = jnp.einsum(  # [N, B, D] @ [N, D, Gr*D] -> [N, B, Gr*D]
+            "nbd,nde->nbe",
+            s[0].astype(r_cat.dtype),
+            r_cat,
+            preferred_element_type=f32,
+            precision=precision,
+        )
+        pre = _add_ry(function, x_t, ry)  # [N, B, Gb*D]
+        new = pointwise(function, *_cell_args(function, _split(pre, cell.Gb, D)), s)
+        return new, (jnp.stack(s), pre)
+
+    s0 = tuple(jnp.swapaxes(states[k], 0, 1).astype(f32) for k in range(cell.S))  # [N, B, D]
+    last, (s_before, pre_all) = jax.lax.scan(
+        step, s0, _inputs(Wx, b, function), unroll=max(1, min(unroll, T))
+    )
+    return jnp.stack(last), s_before, pre_all
+
+
+def _to_output(s_before, last, dtype):
+    """The states before every step ``[T, S, N, B, D]`` and the last ``[S, N, B, D]`` (fp32) ->
+    ``(states_all [S, B, T, N, D], last [S, B, N, D])`` in ``dtype``."""
+    s_after = jnp.concatenate([s_before[1:], last[None]])  # fused into the transpose
+    states_all = jnp.transpose(s_after, (1, 3, 0, 2, 4)).astype(dtype)
+    return states_all, jnp.swapaxes(last, 1, 2).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _flashrnn(Wx, R, b, states, function, precision, unroll):
+    last, s_before, _ = _forward(Wx, R, b, states, function, precision, unroll[0])
+    return _to_output(s_before, last, Wx.dtype)
+
+
+def _flashrnn_fwd(Wx, R, b, states, function, precision, unroll):
+    last, s_before, pre_all = _forward(Wx, R, b, states, function, precision, unroll[0])
+    return _to_output(s_before, last, Wx.dtype), (R, b, states, s_before, pre_all)
+
+
+def _flashrnn_bwd(function, precision, unroll, residuals, cotangents):
+    R, b, states, s_before, pre_all = residuals
+    d_all, d_last = cotangents  # [S, B, T, N, D], [S, B, N, D]
+    cell = CELLS[function]
+    f32 = jnp.float32
+    B, T, N, D = d_all.shape[1:]
+    G, Gr, Gb = cell.G, cell.Gr, cell.Gb
+    dot_dtype = _dot_dtype(R)
+    precision = precision if dot_dtype == f32 else None
+    # [N, Gr*D, D]: R_catᵀ laid out once, outside the loop (a transposed operand inside the loop
+    # cost XLA:CPU a copy per step)
+    r_cat_t = jnp.transpose(R, (1, 0, 3, 2)).reshape(N, Gr * D, D).astype(dot_dtype)
+    d_all = jnp.transpose(d_all.astype(f32), (2, 0, 3, 1, 4))  # [T, S, N, B, D]
+
+    def step(carry, xs):  # d_s: S cotangents [N, B, D] of the states after step t
+        d_s, buf = carry  # buf: the pre-activations, then their cotangents (in place)
+        t, sp_t, d_t = xs
+        d_new = [d_t[k] + d_s[k] for k in range(cell.S)]
+        pre = _split(buf[t], Gb, D)
+        _, _, d_pre, d_sp = pointwise_bwd(
+            function, *_cell_args(function, pre), [sp_t[k] for k in range(cell.S)], d_new
+        )
+        d_pre = jnp.concatenate(d_pre, axis=-1)  # [N, B, Gb*D]
+        dh = jnp.einsum(  # dRy [N, B, Gr*D] @ R_catᵀ [N, Gr*D, D] -> [N, B, D]
+            "nbe,ned->nbd",
+            d_pre[..., : Gr * D].astype(dot_dtype),
+            r_cat_t,
+            preferred_element_type=f32,
+            precision=precision,
+        )
+        return ((d_sp[0] + dh, *d_sp[1:]), buf.at[t].set(d_pre)), None
+
+    d_s_last = tuple(jnp.swapaxes(d_last[k].astype(f32), 0, 1) for k in range(cell.S))
+    (d_s0, d_pre_all), _ = jax.lax.scan(  # d_pre_all: [T, N, B, Gb*D]
+        step,
+        (d_s_last, pre_all),
+        (jnp.arange(T), s_before, d_all),
+        reverse=True,
+        unroll=max(1, min(unroll[1], T)),
+    )
+    d_rcat = jnp.einsum(  # Σ_t h_{t-1}ᵀ dRy_t: [N, D, Gr*D], one matmul over T·B rows
+        "tnbd,tnbe->nde",
+        s_before[:, 0].astype(dot_dtype),
+        d_pre_all[..., : Gr * D].astype(dot_dtype),
+        preferred_element_type=f32,
+        precision=precision,
+    )
+    dR = jnp.transpose(d_rcat.reshape(N, D, Gr, D), (2, 0, 1, 3))  # [Gr, N, D, D]
+    db = jnp.swapaxes(jnp.sum(d_pre_all, axis=(0, 2)).reshape(N, Gb, D), 0, 1)  # [Gb, N, D]
+    d_x = d_pre_all[..., (Gb - G) * D :].reshape(T, N, B, G, D)  # the inputs' (bias hoisted)
+    dWx = jnp.transpose(d_x, (2, 0, 3, 1, 4))  # [T, N, B, G, D] -> [B, T, G, N, D]
+    d_states = jnp.swapaxes(jnp.stack(d_s0), 1, 2)  # [S, B, N, D]
+    dWx = dWx.astype(cotangents[0].dtype)  # Wx's dtype (the outputs')
+    return dWx, dR.astype(R.dtype), db.astype(b.dtype), d_states.astype(states.dtype)
+
+
+_flashrnn.defvjp(_flashrnn_fwd, _flashrnn_bwd)
+
+
 def flashrnn_xla(
     Wx,
     R,
@@ -42,52 +205,14 @@ def flashrnn_xla(
     states,
     function: str,
     precision: jax.lax.Precision = jax.lax.Precision.HIGHEST,
-    unroll: int = DEFAULT_UNROLL,
+    unroll: tuple[int, int] | None = None,
 ):
-    """`flashrnn` with hoisted bias, fused head-wise matmul and an unrolled scan.
+    """`flashrnn` with hoisted bias, fused head-wise matmuls, unrolled scans and a `custom_vjp`.
 
-    Inside the loop everything is head-major (``[N, B, D]``) so the per-step batched matmul has
-    its batch dimension leading and needs no transposes.
+    ``unroll``: (forward, backward) steps per loop iteration; None takes the cell's `UNROLL`.
     """
-    cell = CELLS[function]
-    f32 = jnp.float32
-    B, T, G, N, D = Wx.shape
-    b32 = b.astype(f32)
-    if function == "gru":
-        # input gates (r, z, n) take biases b[1:4]; b_g stays in the loop (it is gated by r).
-        xb = Wx.astype(f32) + b32[1:][None, None]
-        bias_in = [b32[0][:, None], 0.0, 0.0, 0.0]  # [N, 1, D]
-    else:
-        xb = Wx.astype(f32) + b32[None, None]
-        bias_in = [0.0] * cell.Gb
-    xb = jnp.transpose(xb, (1, 2, 3, 0, 4))  # [T, G, N, B, D]
-    r_cat = jnp.transpose(R, (1, 2, 0, 3)).reshape(N, D, cell.Gr * D)  # [N, D, Gr*D]
-    dot_dtype = _dot_dtype(R)
-    r_cat = r_cat.astype(dot_dtype)
-    precision = precision if dot_dtype == f32 else None  # bf16 operands: exact either way
-
-    def step(s, x_t):  # s: tuple of S [N, B, D] fp32, x_t: [G, N, B, D]
-        ry = jnp.einsum(  # [N, B, D] @ [N, D, Gr*D] -> [N, B, Gr*D]
-            "nbd,nde->nbe",
-            s[0].astype(dot_dtype),
-            r_cat,
-            preferred_element_type=f32,
-            precision=precision,
-        )
-        new = pointwise(
-            function,
-            [x_t[g] for g in range(G)],
-            [ry[..., g * D : (g + 1) * D] for g in range(cell.Gr)],
-            bias_in,
-            s,
-        )
-        return new, jnp.stack(new).astype(Wx.dtype)
-
-    s0 = tuple(jnp.swapaxes(states[k], 0, 1).astype(f32) for k in range(cell.S))  # [N, B, D]
-    last, all_t = jax.lax.scan(step, s0, xb, unroll=max(1, min(unroll, T)))
-    states_all = jnp.transpose(all_t, (1, 3, 0, 2, 4))  # [T, S, N, B, D] -> [S, B, T, N, D]
-    last = jnp.swapaxes(jnp.stack(last), 1, 2).astype(Wx.dtype)  # [S, B, N, D]
-    return states_all, last
+    unroll = UNROLL[function] if unroll is None else tuple(unroll)
+    return _flashrnn(Wx, R, b, states, function, precision, unroll)
 
 
 def flashrnn_step(
