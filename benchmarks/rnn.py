@@ -9,10 +9,10 @@ full recurrent matrix, so N× the recurrent FLOPs at N=4, and it includes the pe
 projection) and, on GPU, cuDNN's LSTM (`jax.experimental.rnn.lstm`, also full R). Inputs are
 fp32 on CPU and bf16 on accelerators. ``tokens/s`` = B·T / median time.
 
-On CPU with the ``torch`` extra installed, the LSTM and GRU cases also time ``torch.nn.LSTM`` /
-``torch.nn.GRU`` (hidden N·D, full recurrent matrix, input projection included) beside
-``xla + input projection`` (`flashrnn` after the ``x @ W`` projection, the same work at N = 1):
-the comparison of issue #13.
+On CPU with the ``torch`` extra installed, the LSTM, GRU and Elman cases at N = 1 also time
+``torch.nn.LSTM`` / ``GRU`` / ``RNN`` (tanh; hidden N·D, full recurrent matrix, input projection
+included) beside ``xla + input projection`` (`flashrnn` after the ``x @ W`` projection, the same
+work), in alternating rounds: the comparison of issue #13.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import Measurement, measure, table
+from benchmarks.common import Measurement, compile_stats, measure, table
 from jaxblocks.kernels.rnn.api import IMPLEMENTATIONS, flashrnn
 from jaxblocks.kernels.rnn.specs import (
     BENCHMARK_CASES,
@@ -118,17 +118,17 @@ def _xla_with_projection(case: Case, backward: bool):
     return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)), (x, w, r, b, s)
 
 
-def _torch_rnn(case: Case, backward: bool, iters: int, warmup: int) -> Measurement | None:
-    """torch.nn.LSTM / GRU on CPU (fp32), median wall time; None without torch."""
+TORCH_CELLS = {"lstm": "LSTM", "gru": "GRU", "elman": "RNN"}  # torch.nn.RNN: tanh, as elman
+
+
+def _torch_step(case: Case, backward: bool):
+    """One blocking call of torch.nn.LSTM / GRU / RNN(tanh) on CPU (fp32); None without torch."""
     try:
         import torch
     except ImportError:
         return None
-    import statistics
-    import time
-
     H = case.N * case.D
-    mod = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[case.function](H, H, batch_first=True)
+    mod = getattr(torch.nn, TORCH_CELLS[case.function])(H, H, batch_first=True)
     x = torch.randn(case.B, case.T, H, requires_grad=backward)
 
     def step():
@@ -141,15 +141,37 @@ def _torch_rnn(case: Case, backward: bool, iters: int, warmup: int) -> Measureme
             with torch.no_grad():
                 mod(x)
 
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    name = f"torch.nn.{case.function.upper()}, full R + input projection"
-    return Measurement(case.name, name, statistics.median(times))
+    return step
+
+
+def _side_by_side(case: Case, backward: bool, iters: int, warmup: int) -> list[Measurement]:
+    """``xla + input projection`` and torch.nn's cell, timed in alternating rounds (median of
+    each): both see the same machine state, which drifts on a shared VM."""
+    import statistics
+    import time
+
+    torch_step = _torch_step(case, backward)
+    if torch_step is None:
+        return []
+    fn, fargs = _xla_with_projection(case, backward)
+    compiled, temp, _ = compile_stats(fn, fargs)
+    ours = lambda: jax.block_until_ready(compiled(*fargs))
+    times: dict[str, list[float]] = {"ours": [], "torch": []}
+    for step in (ours, torch_step):
+        for _ in range(warmup):
+            step()
+    rounds = 5
+    for _ in range(rounds):
+        for name, step in (("ours", ours), ("torch", torch_step)):
+            for _ in range(max(1, iters // rounds)):
+                t0 = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - t0)
+    torch_name = f"torch.nn.{TORCH_CELLS[case.function]}, full R + input projection"
+    return [
+        Measurement(case.name, "xla + input projection", statistics.median(times["ours"]), temp),
+        Measurement(case.name, torch_name, statistics.median(times["torch"])),
+    ]
 
 
 def _with_tokens(m: Measurement, case: Case) -> Measurement:
@@ -187,13 +209,10 @@ def run(quick: bool = False) -> str:
                     flops=flops(case, backward),
                 )
                 rows.append(_with_tokens(m, case))
-            if on_cpu and case.function in ("lstm", "gru") and case.N == 1:
-                torch_row = _torch_rnn(case, backward, iters, warmup)
-                if torch_row is not None:
-                    fn, fargs = _xla_with_projection(case, backward)
-                    m = measure(label, "xla + input projection", fn, fargs, iters=iters,
-                                warmup=warmup)  # fmt: skip
-                    rows += [_with_tokens(m, case), _with_tokens(torch_row, case)]
+            if on_cpu and case.function in TORCH_CELLS and case.N == 1:
+                rows += [
+                    _with_tokens(m, case) for m in _side_by_side(case, backward, iters, warmup)
+                ]
             if case.function == "lstm":
                 fn, fargs = _flax_lstm(case, backward)
                 m = measure(

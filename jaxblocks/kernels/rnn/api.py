@@ -111,6 +111,10 @@ def flashrnn(
       ``(states_all [S, B, T, N, D], last_states [S, B, N, D])`` in ``Wx.dtype``: the states after
       every step and after the last one (the initial states when T = 0).
 
+    Gradients: every implementation but ``reference`` is a `jax.custom_vjp` (reverse mode, as
+    torch's and cuDNN's RNNs; its backward is differentiable again, so Hessian-vector products
+    work). Forward mode (`jax.jvp`, `jax.jacfwd`) needs ``implementation="reference"``.
+
     Non-finite values are IEEE arithmetic, not checked: a NaN or inf in ``Wx`` at step t (or in
     ``states``) reaches the states of its batch row and head from that step on (heads are
     independent: ``R`` is block-diagonal), never another row or head; a NaN in ``R`` or ``b``
