@@ -12,7 +12,8 @@ fp32 on CPU and bf16 on accelerators. ``tokens/s`` = B·T / median time.
 On CPU with the ``torch`` extra installed, the LSTM, GRU and Elman cases at N = 1 also time
 ``torch.nn.LSTM`` / ``GRU`` / ``RNN`` (tanh; hidden N·D, full recurrent matrix, input projection
 included) beside ``xla + input projection`` (`flashrnn` after the ``x @ W`` projection, the same
-work), in alternating rounds: the comparison of issue #13.
+work), in alternating rounds: the comparison of issue #13. torch's CPU LSTM runs oneDNN's fused RNN
+primitive; a second LSTM row times it with oneDNN off (torch's own composite cell).
 """
 
 from __future__ import annotations
@@ -121,8 +122,12 @@ def _xla_with_projection(case: Case, backward: bool):
 TORCH_CELLS = {"lstm": "LSTM", "gru": "GRU", "elman": "RNN"}  # torch.nn.RNN: tanh, as elman
 
 
-def _torch_step(case: Case, backward: bool):
-    """One blocking call of torch.nn.LSTM / GRU / RNN(tanh) on CPU (fp32); None without torch."""
+def _torch_step(case: Case, backward: bool, onednn: bool = True):
+    """One blocking call of torch.nn.LSTM / GRU / RNN(tanh) on CPU (fp32); None without torch.
+
+    ``onednn=False`` turns off torch's oneDNN (mkldnn) backend, whose fused RNN primitive runs
+    torch's CPU LSTM: what torch's own composite cell costs.
+    """
     try:
         import torch
     except ImportError:
@@ -131,7 +136,7 @@ def _torch_step(case: Case, backward: bool):
     mod = getattr(torch.nn, TORCH_CELLS[case.function])(H, H, batch_first=True)
     x = torch.randn(case.B, case.T, H, requires_grad=backward)
 
-    def step():
+    def run():
         if backward:
             mod.zero_grad(set_to_none=True)
             x.grad = None
@@ -140,6 +145,10 @@ def _torch_step(case: Case, backward: bool):
         else:
             with torch.no_grad():
                 mod(x)
+
+    def step():
+        with torch.backends.mkldnn.flags(enabled=onednn):
+            run()
 
     return step
 
@@ -150,27 +159,30 @@ def _side_by_side(case: Case, backward: bool, iters: int, warmup: int) -> list[M
     import statistics
     import time
 
-    torch_step = _torch_step(case, backward)
-    if torch_step is None:
+    torch_name = f"torch.nn.{TORCH_CELLS[case.function]}, full R + input projection"
+    steps = {torch_name: _torch_step(case, backward)}
+    if steps[torch_name] is None:
         return []
+    if case.function == "lstm":  # torch's CPU LSTM is oneDNN's fused RNN; also time without it
+        steps[torch_name + ", oneDNN off"] = _torch_step(case, backward, onednn=False)
     fn, fargs = _xla_with_projection(case, backward)
     compiled, temp, _ = compile_stats(fn, fargs)
-    ours = lambda: jax.block_until_ready(compiled(*fargs))
-    times: dict[str, list[float]] = {"ours": [], "torch": []}
-    for step in (ours, torch_step):
+    ours = "xla + input projection"
+    steps = {ours: lambda: jax.block_until_ready(compiled(*fargs)), **steps}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for step in steps.values():
         for _ in range(warmup):
             step()
     rounds = 5
     for _ in range(rounds):
-        for name, step in (("ours", ours), ("torch", torch_step)):
+        for name, step in steps.items():
             for _ in range(max(1, iters // rounds)):
                 t0 = time.perf_counter()
                 step()
                 times[name].append(time.perf_counter() - t0)
-    torch_name = f"torch.nn.{TORCH_CELLS[case.function]}, full R + input projection"
     return [
-        Measurement(case.name, "xla + input projection", statistics.median(times["ours"]), temp),
-        Measurement(case.name, torch_name, statistics.median(times["torch"])),
+        Measurement(case.name, name, statistics.median(t), temp if name == ours else None)
+        for name, t in times.items()
     ]
 
 

@@ -206,3 +206,74 @@ def test_bidirectional_initial_states_pair_and_errors():
         layer.apply(params, x, s_f)
     with pytest.raises(ValueError, match=r"initial_states\[0\] \(forward\) must have shape"):
         layer.apply(params, x, (s_f[:1], s_b))
+
+
+# --- torch.nn.LSTM / GRU / RNN on the same weights (forward and every gradient) ---------------
+
+
+def _torch_to_ours(w: dict, function: str, H: int, *, grads: bool = False) -> dict:
+    """torch.nn.{LSTM, GRU, RNN} arrays of one layer (``weight_ih, weight_hh, bias_ih,
+    bias_hh``) -> our ``num_heads=1`` layer params, or with ``grads`` their gradients -> ours.
+
+    torch stacks its gates as rows: LSTM (i, f, g, o) = our (i, f, z, o); GRU (r, z, n), where
+    ``n = tanh(W_in x + b_in + r (W_hn h + b_hn))`` is our recurrent gate g with bias b_g = b_hn.
+    Our bias is ``b_ih + b_hh`` where torch has both, so its gradient is ``b_ih``'s.
+    """
+    w_ih, w_hh, b_ih, b_hh = (w[n] for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+    G = w_ih.shape[0] // H
+    rows = lambda a, g: a[g * H : (g + 1) * H]
+    both = (lambda g: rows(b_ih, g)) if grads else (lambda g: rows(b_ih, g) + rows(b_hh, g))
+    kernel = np.stack([rows(w_ih, g).T for g in range(G)], 1)[:, :, None]  # [F, G, 1, H]
+    if function == "gru":  # recurrent (g, r, z) = torch (n, r, z); biases (g, r, z, n)
+        recurrent = np.stack([rows(w_hh, g).T for g in (2, 0, 1)])
+        bias = np.stack([rows(b_hh, 2), both(0), both(1), rows(b_ih, 2)])
+    else:
+        recurrent = np.stack([rows(w_hh, g).T for g in range(G)])
+        bias = np.stack([both(g) for g in range(G)])
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    return {
+        "kernel": f32(kernel),
+        "recurrent_kernel": f32(recurrent[:, None]),
+        "bias": f32(bias[:, None]),
+    }
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("cls,function", [(LSTM, "lstm"), (GRU, "gru"), (ElmanRNN, "elman")])
+def test_matches_torch_nn_forward_and_gradients(cls, function):
+    """The default implementation (xla on CPU, a hand-written custom_vjp) against torch.nn in
+    float64: outputs, the last hidden state, and the gradients of x and of every weight."""
+    torch = pytest.importorskip("torch")
+    Bt, Tt, Ft, Ht = 3, 37, 5, 24
+    torch.manual_seed(0)
+    tmod = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "elman": torch.nn.RNN}[function](
+        Ft, Ht, batch_first=True
+    ).double()
+    x, ct_y, ct_h = (np.asarray(_x(k, shape)) for k, shape in
+                     ((3, (Bt, Tt, Ft)), (4, (Bt, Tt, Ht)), (5, (Bt, Ht))))  # fmt: skip
+
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    y_t, carry = tmod(xt)
+    h_t = (carry[0] if function == "lstm" else carry)[0]
+    ((y_t * torch.tensor(ct_y)).sum() + (h_t * torch.tensor(ct_h)).sum()).backward()
+    names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+    weights = {n: getattr(tmod, f"{n}_l0").detach().numpy() for n in names}
+    want_grads = _torch_to_ours(
+        {n: getattr(tmod, f"{n}_l0").grad.numpy() for n in names}, function, Ht, grads=True
+    )
+
+    layer = cls(features=Ht, num_heads=1)
+
+    def loss(p, x):
+        y, last = layer.apply({"params": {"forward": p}}, x)
+        return jnp.sum(y * ct_y) + jnp.sum(last[0, :, 0] * ct_h), (y, last)
+
+    (_, (y, last)), (gp, gx) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+        _torch_to_ours(weights, function, Ht), jnp.asarray(x)
+    )
+    as32 = lambda t: jnp.asarray(t.detach().numpy(), jnp.float32)
+    assert_close(y, as32(y_t), tol=1e-5, name="y")
+    assert_close(last[0, :, 0], as32(h_t), tol=1e-5, name="h_T")
+    assert_close(gx, as32(xt.grad), tol=1e-5, name="dx")
+    for name in ("kernel", "recurrent_kernel", "bias"):
+        assert_close(gp[name], want_grads[name], tol=1e-5, name=f"d{name}")
