@@ -129,6 +129,17 @@ def test_xla_second_order_matches_reference(function):
         assert_close(got, want, tol=3e-6, name=f"{function} Hv[{name}]")
 
 
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_xla_lowers_for_accelerators(platform):
+    """xla serves GPUs and TPUs until their kernels are validated: its custom_vjp exports at the
+    realistic bf16 shapes, one scan forward and one backward, dWx behind its layout barrier."""
+    case = dataclasses.replace(LOWERING_CASES[0], function="gru")
+    args = jax.eval_shape(lambda: make_inputs(case))
+    module = export_mlir(_grad_fn("gru", "xla"), args, platform)
+    assert module.count("stablehlo.while") == 2
+    assert "optimization_barrier" in module
+
+
 def test_forward_mode_runs_on_the_reference_only():
     """xla and the kernels are `custom_vjp`s (reverse mode, as torch's RNNs): `jax.jvp` needs
     ``implementation="reference"``, as flashrnn's docstring says."""
