@@ -22,13 +22,12 @@ limited by KV-cache memory (batch grows until memory is full); here the batch is
 from __future__ import annotations
 
 import functools
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import interleaved_medians
 from jaxblocks.models.block_transformer import (
     BlockTransformer,
     generate,
@@ -94,18 +93,6 @@ def _n_params(variables) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
 
 
-def _median_s(fns, iters):
-    for f in fns.values():  # compile and warm up
-        jax.block_until_ready(f())
-    times = {k: [] for k in fns}
-    for _ in range(iters):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(f())
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def run(quick: bool = False) -> str:
     block = create_model("block_transformer_b4_5")
     vanilla = TransformerLM(**VANILLA)
@@ -142,7 +129,7 @@ def run(quick: bool = False) -> str:
             "v_gen": functools.partial(v_gen, vvars, prompt),
             "b_gen": functools.partial(b_gen, bvars, prompt),
         }
-        t = _median_s(fns, 3 if quick or P >= 2048 else 5)
+        t = interleaved_medians(fns, 3 if quick or P >= 2048 else 5, warmup=1)
         e2e = {k: BATCH * N / t[f"{k}_gen"] for k in ("v", "b")}
         dec = {k: BATCH * N / max(t[f"{k}_gen"] - t[f"{k}_pre"], 1e-9) for k in ("v", "b")}
         ms = {k: f"{1e3 * s:.0f} ms" for k, s in t.items()}

@@ -81,6 +81,25 @@ def time_compiled(compiled, args: Sequence[Any], *, warmup: int, iters: int) -> 
     return statistics.median(times), out
 
 
+def interleaved_medians(
+    fns: dict[str, Callable[[], Any]], iters: int, *, warmup: int = 0
+) -> dict[str, float]:
+    """Median seconds of each blocking call ``fns[name]()``, timed in ``iters`` rounds that call
+    every one once (after ``warmup`` untimed calls of each): drifting machine load, on a shared
+    CPU, then hits every implementation alike. The calls may be jitted JAX (blocked on) or not
+    (e.g. torch)."""
+    for f in fns.values():
+        for _ in range(warmup):
+            jax.block_until_ready(f())
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(iters):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f())
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def _fmt_bytes(n: int | None) -> str:
     return "–" if n is None else f"{n / 2**20:.1f} MiB"
 

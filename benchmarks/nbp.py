@@ -11,27 +11,16 @@ with the block-causal mask (`generate_blocks`). Each generation is one jitted pr
 from __future__ import annotations
 
 import functools
-import statistics
-import time
 
 import jax
 
+from benchmarks.common import interleaved_medians
 from jaxblocks.models.transformer_lm import TransformerLM, generate_blocks, generate_tokens
 
 MODEL = dict(vocab_size=256, dim=128, depth=4, num_heads=4)
 # (block size, blocks to generate)
 CASES = ((16, 16), (64, 4), (64, 8))
 QUICK_CASES = ((16, 8),)
-
-
-def _median_ms(fns, iters):
-    times = {k: [] for k in fns}
-    for _ in range(iters):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(f())
-            times[k].append(1e3 * (time.perf_counter() - t0))
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def run(quick: bool = False) -> str:
@@ -54,7 +43,7 @@ def run(quick: bool = False) -> str:
             "tok": functools.partial(tok, variables, context),
             "blk": functools.partial(blk, variables, context),
         }
-        t = _median_ms(fns, 3 if quick else 7)
+        t = {k: 1e3 * v for k, v in interleaved_medians(fns, 3 if quick else 7).items()}  # ms
         rows.append(
             f"| {k} | {n * k} | {n * k} | {n} | {k:.0f}× | {t['tok']:.1f} ms | "
             f"{t['blk']:.1f} ms | {t['tok'] / t['blk']:.2f}× |"

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import Measurement, compile_stats, measure, table
+from benchmarks.common import Measurement, compile_stats, interleaved_medians, measure, table
 from jaxblocks.kernels.rnn.api import IMPLEMENTATIONS, flashrnn
 from jaxblocks.kernels.rnn.specs import (
     BENCHMARK_CASES,
@@ -154,11 +154,8 @@ def _torch_step(case: Case, backward: bool, onednn: bool = True):
 
 
 def _side_by_side(case: Case, backward: bool, iters: int, warmup: int) -> list[Measurement]:
-    """``xla + input projection`` and torch.nn's cell, timed in alternating rounds (median of
-    each): both see the same machine state, which drifts on a shared VM."""
-    import statistics
-    import time
-
+    """``xla + input projection`` and torch.nn's cell, timed in alternating rounds
+    (`interleaved_medians`): both see the same machine state, which drifts on a shared VM."""
     torch_name = f"torch.nn.{TORCH_CELLS[case.function]}, full R + input projection"
     steps = {torch_name: _torch_step(case, backward)}
     if steps[torch_name] is None:
@@ -168,21 +165,11 @@ def _side_by_side(case: Case, backward: bool, iters: int, warmup: int) -> list[M
     fn, fargs = _xla_with_projection(case, backward)
     compiled, temp, _ = compile_stats(fn, fargs)
     ours = "xla + input projection"
-    steps = {ours: lambda: jax.block_until_ready(compiled(*fargs)), **steps}
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    rounds = 5
-    for _ in range(rounds):
-        for name, step in steps.items():
-            for _ in range(max(1, iters // rounds)):
-                t0 = time.perf_counter()
-                step()
-                times[name].append(time.perf_counter() - t0)
+    steps = {ours: lambda: compiled(*fargs), **steps}
+    medians = interleaved_medians(steps, iters, warmup=warmup)
     return [
-        Measurement(case.name, name, statistics.median(t), temp if name == ours else None)
-        for name, t in times.items()
+        Measurement(case.name, name, t, temp if name == ours else None)
+        for name, t in medians.items()
     ]
 
 

@@ -11,12 +11,10 @@ XLA:CPU does with the paper's sparsity, not what XNNPACK's ARM kernels do.
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import jax
 import jax.numpy as jnp
 
+from benchmarks.common import interleaved_medians
 from jaxblocks.compress import magnitude_mask
 from jaxblocks.compress.sparse_conv import (
     bcoo_pointwise,
@@ -28,16 +26,6 @@ from jaxblocks.compress.sparse_conv import (
 HW, C = 56 * 56, 128
 CASES = tuple((s, b) for b in (1, 4) for s in (0.7, 0.8, 0.9, 0.95))
 QUICK_CASES = ((0.9, 1), (0.9, 4))
-
-
-def _median_ms(fns, iters):
-    times = {k: [] for k in fns}
-    for _ in range(iters):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(f())
-            times[k].append(1e3 * (time.perf_counter() - t0))
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _functions(x, k, sk, bcoo):
@@ -78,7 +66,7 @@ def run(quick: bool = False) -> str:
         for name in ("ours", "ell", "bcoo"):
             err = float(jnp.max(jnp.abs(fns[name]() - want)))
             assert err < 1e-3, f"{name} differs from dense by {err}"
-        t = _median_ms(fns, 5 if quick else 15)
+        t = interleaved_medians(fns, 5 if quick else 15)
         rows.append(
             f"| {sparsity:.0%} | 1×{block} | {sk.density:.3f} | 1.00 | "
             f"{t['ours'] / t['dense']:.2f}× | {t['ell'] / t['dense']:.2f}× | "

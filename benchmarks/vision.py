@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-import statistics
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from benchmarks.common import interleaved_medians
 from jaxblocks.blocks.inception_next import ConvNeXtMixer
 from jaxblocks.layers.attention import SimplifiedLinearAttention
 from jaxblocks.registry import create_model, example_input, list_models
@@ -53,16 +52,6 @@ SMALL_PRESETS = (
 BASELINE = "resnet50"
 TOKENS = (196, 784, 3136, 12544)
 QUICK_TOKENS = (64, 256)
-
-
-def _interleaved_median_s(fns: dict, iters: int) -> dict:
-    times = {k: [] for k in fns}
-    for _ in range(iters):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(f())
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _accepts_train(model: nn.Module) -> bool:
@@ -129,7 +118,7 @@ def _presets_table(quick: bool) -> str:
     for name in names:
         infer, train = _step_fns(create_model(name), _image(name, batch, size))
         fns[f"{name}/infer"], fns[f"{name}/train"] = infer, train
-    t = _interleaved_median_s(fns, 3 if quick else 5)
+    t = interleaved_medians(fns, 3 if quick else 5)
     rows = [
         f"Images/s relative to {BASELINE} in the same run; {size}², batch {batch}, fp32, XLA.\n",
         f"| model | inference vs {BASELINE} | training step vs {BASELINE} |",
@@ -155,7 +144,7 @@ def _convnext_vs_inception(quick: bool) -> str:
     fns = {}
     for label, m in models.items():
         fns[label] = _step_fns(m, x)[1]
-    t = _interleaved_median_s(fns, 3 if quick else 5)
+    t = interleaved_medians(fns, 3 if quick else 5)
     base = t["ConvNeXt-T (MetaNeXt, 7×7 DW)"]
     rows = [
         f"Training images/s relative to the ConvNeXt-T form; {size}², batch {batch}, fp32.\n",
@@ -184,7 +173,7 @@ def _sla_vs_softmax(quick: bool) -> str:
         vt = soft.init(jax.random.key(1), x)
         f_sla = functools.partial(jax.jit(sla.apply, static_argnums=2), vs, x, shape)
         f_soft = functools.partial(jax.jit(soft.apply), vt, x)
-        t = _interleaved_median_s({"sla": f_sla, "soft": f_soft}, 3 if quick else 7)
+        t = interleaved_medians({"sla": f_sla, "soft": f_soft}, 3 if quick else 7)
         rows.append(f"| {n} | {t['soft'] / t['sla']:.2f}× |")
     return "\n".join(rows) + "\n"
 
@@ -220,7 +209,7 @@ def _against_timm(quick: bool) -> str:
                 return tm(xt)
 
         diff = float(np.max(np.abs(np.asarray(ours()) - theirs().numpy())))
-        t = _interleaved_median_s({"ours": ours, "timm": theirs}, 3 if quick else 7)
+        t = interleaved_medians({"ours": ours, "timm": theirs}, 3 if quick else 7)
         rows.append(f"| {name} | {t['ours'] / t['timm']:.2f}× | {diff:.1e} |")
     return "\n".join(rows) + "\n"
 
