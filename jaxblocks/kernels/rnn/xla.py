@@ -2,8 +2,8 @@
 
 Differences from the reference that make it fast (all exact up to rounding):
 
-* the bias is added to the input projections outside the loop (for the GRU only ``b_g`` stays
-  inside: it is multiplied by the reset gate);
+* the bias is added to the input projections outside the loop (the GRU's ``b_g``, which the
+  reset gate multiplies, takes an input slot of its own: `_inputs`);
 * the Gr head-wise matrices are concatenated to ``[N, D, Gr·D]`` so each step is a single batched
   matmul ``einsum('nbd,nde->nbe')`` with fp32 accumulation, in R's dtype (bf16 stays bf16 on the
   MXU / tensor cores, as in FlashRNN);
@@ -15,7 +15,7 @@ Differences from the reference that make it fast (all exact up to rounding):
   matmul ``dRy R_catᵀ``, and ``dR = Σ_t h_{t-1}ᵀ dRy_t`` is a single matmul over all B·T rows
   after the loop. Autodiff of the scan instead saved every intermediate of the cell, multiplied
   per gate and accumulated ``dR`` with a B-row outer product every step;
-* the scans are unrolled per cell and direction (`UNROLL`), as measured on XLA:CPU.
+* the scans are unrolled per direction (`UNROLL`), as measured on XLA:CPU.
 
 The matmuls take the op's ``precision`` when their operands are fp32 (HIGHEST: full fp32;
 DEFAULT, "tf32": TF32 on GPUs, one bf16 pass on TPUs); bf16 operands are multiplied exactly.
@@ -33,15 +33,11 @@ import jax.numpy as jnp
 
 from jaxblocks.kernels.rnn.cells import CELLS, pointwise, pointwise_bwd
 
-# Scan unroll per cell, (forward, backward). Measured on XLA:CPU (AMD EPYC, 2 cores; B16 T512,
-# N1 D256 and N4 D64): 8 steps per iteration halve the forward's loop overhead; unrolling the
-# backward made it slower at every factor tried (2, 4, 8).
-UNROLL: dict[str, tuple[int, int]] = {
-    "lstm": (8, 1),
-    "slstm": (8, 1),
-    "gru": (8, 1),
-    "elman": (8, 1),
-}
+# Scan unroll, (forward, backward), the same for every cell. Measured on XLA:CPU (AMD EPYC, 2
+# cores; B16 T512 N1 D256 for all four cells, also N4 D64 for the LSTM): 8 forward steps per
+# iteration halve the loop overhead (16 was no better); unrolling the backward by 2, 4 or 8 made
+# the LSTM and sLSTM slower and the GRU and Elman no faster.
+UNROLL: tuple[int, int] = (8, 1)
 
 
 def _dot_dtype(R):
@@ -216,9 +212,9 @@ def flashrnn_xla(
 ):
     """`flashrnn` with hoisted bias, fused head-wise matmuls, unrolled scans and a `custom_vjp`.
 
-    ``unroll``: (forward, backward) steps per loop iteration; None takes the cell's `UNROLL`.
+    ``unroll``: (forward, backward) steps per loop iteration; None takes `UNROLL`.
     """
-    unroll = UNROLL[function] if unroll is None else tuple(unroll)
+    unroll = UNROLL if unroll is None else tuple(unroll)
     return _flashrnn(Wx, R, b, states, function, precision, unroll)
 
 
