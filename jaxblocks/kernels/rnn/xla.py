@@ -86,6 +86,43 @@ def _cell_args(function: str, pre: list) -> tuple[list, list, list]:
     return pre, [0.0] * len(pre), [0.0] * len(pre)
 
 
+def _lstm_gates(pre, D: int):
+    """The LSTM's four gate activations (i, f, z, o) from its pre-activations ``[..., 4·D]``
+    with a single ``tanh`` over the whole contiguous array, since σ(x) = ½ tanh(½x) + ½; also
+    returns ``tanh``'s output ``t`` (the derivative of every slot is ``scale² (1 − t²)``).
+
+    Exact up to rounding: XLA expands ``logistic`` through ``tanh`` too, and the forward came
+    out bit-identical to `cells.pointwise` on CPU. What it buys on XLA:CPU: in a scan of the
+    LSTM step alone at B16 D256 (T512), the pointwise part took ~69 µs per step with a sigmoid
+    or tanh per gate slice and ~14 µs with this one ``tanh`` (the step's matmul: ~50 µs); in
+    `flashrnn_xla` the forward took 0.84× and forward+backward 0.86-0.91× the time.
+    """
+    half, one, zero = (jnp.full((D,), v, pre.dtype) for v in (0.5, 1.0, 0.0))
+    lead = (1,) * (pre.ndim - 1)
+    scale = jnp.concatenate([half, half, one, half]).reshape(*lead, -1)  # σ, σ, tanh, σ
+    offset = jnp.concatenate([half, half, zero, half]).reshape(*lead, -1)
+    t = jnp.tanh(pre * scale)
+    return _split(t * scale + offset, 4, D), t, scale
+
+
+def _lstm_step(pre, states, D: int):
+    """`cells.pointwise` for the LSTM from its concatenated pre-activations (`_lstm_gates`)."""
+    (i, f, z, o), _, _ = _lstm_gates(pre, D)
+    c = f * states[1] + i * z
+    return o * jnp.tanh(c), c
+
+
+def _lstm_step_bwd(pre, states, d_new, D: int):
+    """`cells.pointwise_bwd` for the LSTM: ``(d pre [..., 4·D], d states)``."""
+    (i, f, z, o), t, scale = _lstm_gates(pre, D)
+    c = states[1]
+    dh, dc = d_new
+    tc = jnp.tanh(f * c + i * z)
+    dct = dc + dh * o * (1.0 - tc * tc)
+    d_act = jnp.concatenate([dct * z, dct * c, dct * i, dh * tc], axis=-1)
+    return d_act * (scale * scale) * (1.0 - t * t), (jnp.zeros_like(dh), dct * f)
+
+
 def _forward(Wx, R, b, states, function, precision, unroll):
     """The forward scan: the last fp32 states ``[S, N, B, D]``, the states before every step
     ``[T, S, N, B, D]`` and every pre-activation ``[T, N, B, Gb·D]`` (the backward's residuals;
@@ -110,7 +147,10 @@ def _forward(Wx, R, b, states, function, precision, unroll):
             precision=precision,
         )
         pre = _add_ry(function, x_t, ry)  # [N, B, Gb*D]
-        new = pointwise(function, *_cell_args(function, _split(pre, cell.Gb, D)), s)
+        if function == "lstm":
+            new = _lstm_step(pre, s, D)
+        else:
+            new = pointwise(function, *_cell_args(function, _split(pre, cell.Gb, D)), s)
         return new, (jnp.stack(s), pre)
 
     s0 = tuple(jnp.swapaxes(states[k], 0, 1).astype(f32) for k in range(cell.S))  # [N, B, D]
@@ -157,11 +197,14 @@ def _flashrnn_bwd(function, precision, unroll, residuals, cotangents):
         d_s, buf = carry  # buf: the pre-activations, then their cotangents (in place)
         t, sp_t, d_t = xs
         d_new = [d_t[k] + d_s[k] for k in range(cell.S)]
-        pre = _split(buf[t], Gb, D)
-        _, _, d_pre, d_sp = pointwise_bwd(
-            function, *_cell_args(function, pre), [sp_t[k] for k in range(cell.S)], d_new
-        )
-        d_pre = jnp.concatenate(d_pre, axis=-1)  # [N, B, Gb*D]
+        sp = [sp_t[k] for k in range(cell.S)]
+        if function == "lstm":
+            d_pre, d_sp = _lstm_step_bwd(buf[t], sp, d_new, D)
+        else:
+            _, _, d_pre, d_sp = pointwise_bwd(
+                function, *_cell_args(function, _split(buf[t], Gb, D)), sp, d_new
+            )
+            d_pre = jnp.concatenate(d_pre, axis=-1)  # [N, B, Gb*D]
         dh = jnp.einsum(  # dRy [N, B, Gr*D] @ R_catᵀ [N, Gr*D, D] -> [N, B, D]
             "nbe,ned->nbd",
             d_pre[..., : Gr * D].astype(dot_dtype),
