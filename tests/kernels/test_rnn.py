@@ -83,6 +83,26 @@ def test_pointwise_bwd_matches_autodiff(function):
         assert_close(list(g), list(w), tol=1e-5, name=f"{function} d{name}")
 
 
+def test_xla_lstm_one_tanh_gates_match_the_cell_with_saturated_gates():
+    """`xla`'s LSTM step (all four gates from one tanh) against `cells.pointwise` and
+    `pointwise_bwd`, with pre-activations up to ±40 so that every gate saturates somewhere."""
+    from jaxblocks.kernels.rnn import xla
+
+    D = 16
+    ks = jax.random.split(jax.random.key(4), 4)
+    pre = 12 * jax.random.normal(ks[0], (2, 5, 4 * D))
+    st = list(jax.random.normal(ks[1], (2, 2, 5, D)))
+    ct = list(jax.random.normal(ks[2], (2, 2, 5, D)))
+    gates = [pre[..., g * D : (g + 1) * D] for g in range(4)]
+    zeros = [0.0] * 4
+    want = pointwise("lstm", gates, zeros, zeros, st)
+    assert_close(list(xla._lstm_step(pre, st, D)), list(want), tol=1e-6, name="states")
+    _, _, want_dpre, want_dst = pointwise_bwd("lstm", gates, zeros, zeros, st, ct)
+    d_pre, d_st = xla._lstm_step_bwd(pre, st, ct, D)
+    assert_close(d_pre, jnp.concatenate(want_dpre, axis=-1), tol=1e-6, name="d pre")
+    assert_close(list(d_st), list(want_dst), tol=1e-6, name="d states")
+
+
 # --- xla vs reference: long sequences, both dtypes --------------------------------------------
 
 SLOW = pytest.mark.slow
