@@ -15,6 +15,9 @@ Differences from the reference that make it fast (all exact up to rounding):
   matmul ``dRy R_catᵀ``, and ``dR = Σ_t h_{t-1}ᵀ dRy_t`` is a single matmul over all B·T rows
   after the loop. Autodiff of the scan instead saved every intermediate of the cell, multiplied
   per gate and accumulated ``dR`` with a B-row outer product every step;
+* the LSTM activates its four gates with one ``tanh`` over the contiguous pre-activations
+  (`_lstm_gates`), forward and backward; the other cells use `cells.pointwise` /
+  `pointwise_bwd` (`_cell`, `_cell_bwd`);
 * the scans are unrolled per direction (`UNROLL`), as measured on XLA:CPU.
 
 The matmuls take the op's ``precision`` when their operands are fp32 (HIGHEST: full fp32;
@@ -126,6 +129,22 @@ def _lstm_step_bwd(pre, states, d_new, D: int):
     return d_act * (scale * scale) * (1.0 - t * t), (jnp.zeros_like(dh), dct * f)
 
 
+def _cell(function: str, pre, states, D: int) -> tuple:
+    """The new states from one step's concatenated pre-activations ``[N, B, Gb·D]``."""
+    if function == "lstm":
+        return _lstm_step(pre, states, D)
+    return pointwise(function, *_cell_args(function, _split(pre, CELLS[function].Gb, D)), states)
+
+
+def _cell_bwd(function: str, pre, states, d_new, D: int) -> tuple:
+    """``(d pre [N, B, Gb·D], d states)`` of `_cell`; ``d_new`` are the new states' cotangents."""
+    if function == "lstm":
+        return _lstm_step_bwd(pre, states, d_new, D)
+    pre_args = _cell_args(function, _split(pre, CELLS[function].Gb, D))
+    _, _, d_pre, d_states = pointwise_bwd(function, *pre_args, states, d_new)
+    return jnp.concatenate(d_pre, axis=-1), d_states
+
+
 def _forward(Wx, R, b, states, function, precision, unroll):
     """The forward scan: the last fp32 states ``[S, N, B, D]``, the states before every step
     ``[T, S, N, B, D]`` and every pre-activation ``[T, N, B, Gb·D]`` (the backward's residuals;
@@ -150,11 +169,7 @@ def _forward(Wx, R, b, states, function, precision, unroll):
             precision=precision,
         )
         pre = _add_ry(function, x_t, ry)  # [N, B, Gb*D]
-        if function == "lstm":
-            new = _lstm_step(pre, s, D)
-        else:
-            new = pointwise(function, *_cell_args(function, _split(pre, cell.Gb, D)), s)
-        return new, (jnp.stack(s), pre)
+        return _cell(function, pre, s, D), (jnp.stack(s), pre)
 
     s0 = tuple(jnp.swapaxes(states[k], 0, 1).astype(f32) for k in range(cell.S))  # [N, B, D]
     last, (s_before, pre_all) = jax.lax.scan(
@@ -201,13 +216,7 @@ def _flashrnn_bwd(function, precision, unroll, residuals, cotangents):
         t, sp_t, d_t = xs
         d_new = [d_t[k] + d_s[k] for k in range(cell.S)]
         sp = [sp_t[k] for k in range(cell.S)]
-        if function == "lstm":
-            d_pre, d_sp = _lstm_step_bwd(buf[t], sp, d_new, D)
-        else:
-            _, _, d_pre, d_sp = pointwise_bwd(
-                function, *_cell_args(function, _split(buf[t], Gb, D)), sp, d_new
-            )
-            d_pre = jnp.concatenate(d_pre, axis=-1)  # [N, B, Gb*D]
+        d_pre, d_sp = _cell_bwd(function, buf[t], sp, d_new, D)  # [N, B, Gb*D], S states
         dh = jnp.einsum(  # dRy [N, B, Gr*D] @ R_catᵀ [N, Gr*D, D] -> [N, B, D]
             "nbe,ned->nbd",
             d_pre[..., : Gr * D].astype(dot_dtype),
