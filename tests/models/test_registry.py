@@ -311,20 +311,29 @@ def _check_convbn_mode_switching(name, model, x, variables):
     """For models with ConvBN/LinearBN layers (run by `test_init_apply_jit_finite_grads`)."""
     params = _perturb(variables["params"], seed=1)
 
-    @functools.partial(jit, static_argnames="mode")
-    def apply(variables, x, mode):
-        with convbn_mode(mode):
+    @jit
+    def train(variables, x):
+        with convbn_mode("train"):
             return _apply(model, variables, x)
 
-    out_train, updates = apply({**variables, "params": params}, x, "train")
+    @jit
+    def inference_modes(trained, x):
+        # one program for the three inference modes: one compile instead of three
+        with convbn_mode("eval"):
+            out_eval, _ = _apply(model, trained, x)
+        with convbn_mode("tune"):
+            out_tune, _ = _apply(model, trained, x)
+        with convbn_mode("deploy"):
+            out_deploy, _ = _apply(model, fold_for_deploy(trained), x)
+        return out_eval, out_tune, out_deploy
+
+    out_train, updates = train({**variables, "params": params}, x)
     stats = updates["batch_stats"]
     moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), stats, variables["batch_stats"])
     assert all(jax.tree.leaves(moved)), f"{name}: train mode did not update every running stat"
 
     trained = {**variables, "params": params, "batch_stats": stats}
-    out_eval, _ = apply(trained, x, "eval")
-    out_tune, _ = apply(trained, x, "tune")
-    out_deploy, _ = apply(fold_for_deploy(trained), x, "deploy")
+    out_eval, out_tune, out_deploy = inference_modes(trained, x)
     assert_close(out_tune, out_eval, tol=MODE_TOL, name=f"{name} tune vs eval")
     assert_close(out_deploy, out_eval, tol=MODE_TOL, name=f"{name} deploy vs eval")
     diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), out_train, out_eval)

@@ -43,6 +43,10 @@ SLOW_SMOKE = {
     # Teacher + two distillation stages + sampling (~2 min): tests/models/test_asdm.py covers the
     # pieces, tests/train/test_asdm_digits.py runs it under `slow`.
     ("asdm_digits", "smoke"),
+    # MobileNetV2 again with 1x4 block pruning (~29 s, as long as the plain smoke run):
+    # tests/train/test_optim.py prunes with this switch's transform, and the full-size build of
+    # "sparse_mobilenet_digits:blocks4" below builds its optimizer.
+    ("sparse_mobilenet_digits", "smoke,blocks4"),
 }
 # Full-size first steps of 10-20 s of CPU (a full test-set evaluation included); the smoke run of
 # the same config builds the same model and step (convbn_digits's in test_main_job).

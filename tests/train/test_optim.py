@@ -179,3 +179,38 @@ def test_agvm_multipliers_match_closed_form():
     np.testing.assert_allclose(
         u3["dense"]["bias"], -s[0] * np.asarray(g["dense"]["bias"]), rtol=1e-5
     )
+
+
+def test_blocks4_switch_prunes_whole_1x4_blocks_of_output_channels():
+    # sparse_mobilenet_digits's ``blocks4`` switch through `pruning_transform` (the smoke run of
+    # that switch compiles MobileNetV2 again and is `slow`): after the schedule's end, a 1x1 conv
+    # kernel matched by the config's pattern is pruned to the final level in whole 1x4 blocks of
+    # output channels, and a depthwise kernel the pattern leaves out stays dense.
+    from jaxblocks.train import config as config_lib
+
+    cfg = config_lib.load_config("sparse_mobilenet_digits", "blocks4")
+    cfg.optimizer.pruning.frequency = 1  # as in its smoke mode: 40 steps, not 1,500
+    num_steps = 40
+    tx = optax.chain(optax.sgd(1e-2), optim.pruning_transform(cfg, num_steps))
+    k = jax.random.split(jax.random.key(0), 2)
+    params = {
+        "features_3": {
+            "project": {"kernel": jax.random.normal(k[0], (1, 1, 24, 32))},
+            "depthwise": {"kernel": jax.random.normal(k[1], (3, 3, 1, 24))},
+        }
+    }
+    state = tx.init(params)
+    grad_fn = jax.jit(jax.grad(lambda p: sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(p))))
+
+    @jax.jit
+    def step(p, s):
+        u, s = tx.update(grad_fn(p), s, p)
+        return optax.apply_updates(p, u), s
+
+    for _ in range(num_steps):
+        params, state = step(params, state)
+    kernel = np.asarray(params["features_3"]["project"]["kernel"])
+    nonzero = (kernel != 0).reshape(24, 8, 4)
+    assert np.all(nonzero.min(-1) == nonzero.max(-1)), "blocks of 4 output channels split"
+    assert 1 - nonzero.mean() == pytest.approx(cfg.optimizer.pruning.final, abs=1 / 192)
+    assert np.all(np.asarray(params["features_3"]["depthwise"]["kernel"]) != 0)
