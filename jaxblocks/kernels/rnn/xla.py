@@ -2,9 +2,8 @@
 
 Differences from the reference that make it fast (all exact up to rounding):
 
-* the bias is added once per step, to all gates' inputs together, as the step reads its slice
-  of ``Wx`` (no copy of ``Wx`` is made; the GRU's ``b_g``, which the reset gate multiplies,
-  takes an input slot of its own: `_inputs_t`);
+* the bias is added to the input projections outside the loop (the GRU's ``b_g``, which the
+  reset gate multiplies, takes an input slot of its own: `_inputs`);
 * the Gr head-wise matrices are concatenated to ``[N, D, Gr·D]`` so each step is a single batched
   matmul ``einsum('nbd,nde->nbe')`` with fp32 accumulation, in R's dtype (bf16 stays bf16 on the
   MXU / tensor cores, as in FlashRNN);
@@ -56,23 +55,20 @@ def _split(y, n: int, D: int) -> list:
     return [y[..., g * D : (g + 1) * D] for g in range(n)]
 
 
-def _inputs_t(Wx, b_flat, t, function):
-    """Step ``t``'s gate inputs with the bias hoisted: ``[N, B, Gb·D]`` fp32, read from ``Wx``.
+def _inputs(Wx, b, function):
+    """The gate inputs with the bias hoisted, time-major: ``[T, N, B, Gb·D]`` fp32.
 
     Gate g's pre-activation is ``x[g] + Ry[g]``. For the GRU the first of its Gb = 4 slots holds
     ``b_g`` (its pre-activation is ``q = b_g + Ry_g``, multiplied by the reset gate) and the
     last ``x_n + b_n`` takes no recurrent term, so ``Ry`` is padded by one slot (`_add_ry`).
-    ``b_flat`` is the bias as ``[N, 1, Gb·D]`` fp32.
-
-    Each step reads its slice of ``Wx`` in place: a time-major, bias-added copy of the whole
-    ``Wx`` made before the loop (an extra fp32 array of Wx's size, written once and read once)
-    made the forward 5-30 % slower on XLA:CPU (measured per cell, B16 T512).
     """
     B, T, G, N, D = Wx.shape
-    x = jax.lax.dynamic_index_in_dim(Wx, t, 1, keepdims=False).astype(jnp.float32)  # [B, G, N, D]
+    f32 = jnp.float32
+    x = Wx.astype(f32)
     if function == "gru":  # slots (g, r, z, n)
-        x = jnp.concatenate([jnp.zeros((B, 1, N, D), jnp.float32), x], axis=1)
-    return jnp.transpose(x, (2, 0, 1, 3)).reshape(N, B, -1) + b_flat
+        x = jnp.concatenate([jnp.zeros((B, T, 1, N, D), f32), x], axis=2)
+    x = x + b.astype(f32)[None, None]  # [B, T, Gb, N, D]
+    return jnp.transpose(x, (1, 3, 0, 2, 4)).reshape(T, N, B, -1)  # [T, N, B, Gb*D]
 
 
 def _add_ry(function, x_t, ry):
@@ -150,13 +146,9 @@ def _cell_bwd(function: str, pre, states, d_new, D: int) -> tuple:
 
 
 def _forward(Wx, R, b, states, function, precision, unroll):
-    """The forward scan: the last fp32 states (S arrays ``[N, B, D]``), the states before every
-    step (S arrays ``[T, N, B, D]``) and every pre-activation ``[T, N, B, Gb·D]`` (the backward's
-    residuals; jit drops the pre-activations when nothing differentiates).
-
-    Each state is saved as its own array, so the backward's ``dR`` matmul reads the hidden
-    states ``[T·B, D]`` contiguously; stacked ``[T, S, N, B, D]``, XLA:CPU first copied them out
-    in a strided transpose (~15 ms of the LSTM's forward+backward at B16 T512 D256).
+    """The forward scan: the last fp32 states ``[S, N, B, D]``, the states before every step
+    ``[T, S, N, B, D]`` and every pre-activation ``[T, N, B, Gb·D]`` (the backward's residuals;
+    jit drops the pre-activations when nothing differentiates).
 
     Writing the pre-activations over the inputs in place made XLA:CPU copy the whole buffer
     every step of the unrolled loop (3.7× slower), so they are a scan output.
@@ -168,10 +160,7 @@ def _forward(Wx, R, b, states, function, precision, unroll):
     r_cat = jnp.transpose(R, (1, 2, 0, 3)).reshape(N, D, Gr * D).astype(_dot_dtype(R))
     precision = precision if r_cat.dtype == f32 else None  # bf16 operands: exact either way
 
-    b_flat = jnp.swapaxes(b.astype(f32), 0, 1).reshape(N, 1, -1)  # [N, 1, Gb*D]
-
-    def step(s, t):  # s: S states [N, B, D] fp32
-        x_t = _inputs_t(Wx, b_flat, t, function)  # [N, B, Gb*D]
+    def step(s, x_t):  # s: S states [N, B, D] fp32; x_t: [N, B, Gb*D]
         ry = jnp.einsum(  # [N, B, D] @ [N, D, Gr*D] -> [N, B, Gr*D]
             "nbd,nde->nbe",
             s[0].astype(r_cat.dtype),
@@ -180,24 +169,21 @@ def _forward(Wx, R, b, states, function, precision, unroll):
             precision=precision,
         )
         pre = _add_ry(function, x_t, ry)  # [N, B, Gb*D]
-        return _cell(function, pre, s, D), (tuple(s), pre)
+        return _cell(function, pre, s, D), (jnp.stack(s), pre)
 
     s0 = tuple(jnp.swapaxes(states[k], 0, 1).astype(f32) for k in range(cell.S))  # [N, B, D]
-    last, (s_before, pre_all) = jax.lax.scan(step, s0, jnp.arange(T), unroll=max(1, min(unroll, T)))
-    return last, s_before, pre_all
+    last, (s_before, pre_all) = jax.lax.scan(
+        step, s0, _inputs(Wx, b, function), unroll=max(1, min(unroll, T))
+    )
+    return jnp.stack(last), s_before, pre_all
 
 
 def _to_output(s_before, last, dtype):
-    """The states before every step and the last ones (per state ``[T, N, B, D]`` and
-    ``[N, B, D]``, fp32) ->
+    """The states before every step ``[T, S, N, B, D]`` and the last ``[S, N, B, D]`` (fp32) ->
     ``(states_all [S, B, T, N, D], last [S, B, N, D])`` in ``dtype``."""
-    states_all = jnp.stack(  # the shift fuses into the transpose
-        [
-            jnp.transpose(jnp.concatenate([before[1:], after[None]]), (2, 0, 1, 3))
-            for before, after in zip(s_before, last, strict=True)
-        ]
-    )
-    return states_all.astype(dtype), jnp.swapaxes(jnp.stack(last), 1, 2).astype(dtype)
+    s_after = jnp.concatenate([s_before[1:], last[None]])  # fused into the transpose
+    states_all = jnp.transpose(s_after, (1, 3, 0, 2, 4)).astype(dtype)
+    return states_all, jnp.swapaxes(last, 1, 2).astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -229,7 +215,7 @@ def _flashrnn_bwd(function, precision, unroll, residuals, cotangents):
         d_s, buf = carry  # buf: the pre-activations, then their cotangents (in place)
         t, sp_t, d_t = xs
         d_new = [d_t[k] + d_s[k] for k in range(cell.S)]
-        sp = list(sp_t)
+        sp = [sp_t[k] for k in range(cell.S)]
         d_pre, d_sp = _cell_bwd(function, buf[t], sp, d_new, D)  # [N, B, Gb*D], S states
         dh = jnp.einsum(  # dRy [N, B, Gr*D] @ R_catᵀ [N, Gr*D, D] -> [N, B, D]
             "nbe,ned->nbd",
@@ -250,7 +236,7 @@ def _flashrnn_bwd(function, precision, unroll, residuals, cotangents):
     )
     d_rcat = jnp.einsum(  # Σ_t h_{t-1}ᵀ dRy_t: [N, D, Gr*D], one matmul over T·B rows
         "tnbd,tnbe->nde",
-        s_before[0].astype(dot_dtype),
+        s_before[:, 0].astype(dot_dtype),
         d_pre_all[..., : Gr * D].astype(dot_dtype),
         preferred_element_type=f32,
         precision=precision,
