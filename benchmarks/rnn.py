@@ -13,7 +13,9 @@ On CPU with the ``torch`` extra installed, the LSTM, GRU and Elman cases at N = 
 ``torch.nn.LSTM`` / ``GRU`` / ``RNN`` (tanh; hidden N·D, full recurrent matrix, input projection
 included) beside ``xla + input projection`` (`flashrnn` after the ``x @ W`` projection, the same
 work), in alternating rounds: the comparison of issue #13. torch's CPU LSTM runs oneDNN's fused RNN
-primitive; a second LSTM row times it with oneDNN off (torch's own composite cell).
+primitive; a second LSTM row times it with oneDNN off (torch's own composite cell). A third row,
+``xla: its matmuls alone``, times only the matmuls of ``xla + input projection`` (the same
+shapes and count, `_matmuls_alone`): what is left once XLA:CPU's matmuls are paid for.
 """
 
 from __future__ import annotations
@@ -119,6 +121,51 @@ def _xla_with_projection(case: Case, backward: bool):
     return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)), (x, w, r, b, s)
 
 
+def _matmuls_alone(case: Case, backward: bool):
+    """The matmuls of ``xla + input projection`` alone, at the same shapes and count: the floor
+    that XLA:CPU's matmul throughput puts under it (`_side_by_side`'s "xla: its matmuls alone").
+
+    Forward: the projection ``[B·T, H] × [H, G·H]`` and T dependent recurrent products
+    ``[B, H] × [H, Gr·H]``. Forward+backward adds ``dx``, ``dW`` and ``dR`` (three more
+    ``B·T``-row matmuls) and T dependent ``[B, Gr·H] × [Gr·H, H]`` products. A ``tanh`` of each
+    product (``[B, Gr·H]`` or ``[B, H]`` elements) carries the dependence between steps.
+    """
+    from jaxblocks.kernels.rnn.cells import CELLS
+
+    cell = CELLS[case.function]
+    H, BT = case.N * case.D, case.B * case.T
+    hi = jax.lax.Precision.HIGHEST
+    k = jax.random.split(jax.random.key(1), 5)
+    x = jax.random.normal(k[0], (BT, H), case.dtype)
+    w = (jax.random.normal(k[1], (H, cell.G * H)) / H**0.5).astype(case.dtype)
+    r = (jax.random.normal(k[2], (H, cell.Gr * H)) / H**0.5).astype(case.dtype)
+    g_in = jax.random.normal(k[3], (BT, cell.G * H), case.dtype)
+    g_rec = jax.random.normal(k[4], (BT, cell.Gr * H), case.dtype)
+
+    def fwd_steps(h0, r):
+        def step(h, _):
+            return jnp.tanh(jnp.dot(h, r, precision=hi))[:, :H], None
+
+        return jax.lax.scan(step, h0, None, length=case.T)[0]
+
+    def bwd_steps(d0, r_t):
+        def step(d, _):
+            return jnp.tile(jnp.tanh(jnp.dot(d, r_t, precision=hi)), (1, cell.Gr)), None
+
+        return jax.lax.scan(step, d0, None, length=case.T)[0]
+
+    def fn(x, w, r, g_in, g_rec):
+        out = (jnp.dot(x, w, precision=hi), fwd_steps(x[: case.B], r))
+        if not backward:
+            return out
+        dx = jnp.dot(g_in, w.T, precision=hi)
+        dw = jnp.dot(x.T, g_in, precision=hi)
+        dr = jnp.dot(x.T, g_rec, precision=hi)
+        return out + (dx, dw, dr, bwd_steps(g_rec[: case.B], r.T))
+
+    return fn, (x, w, r, g_in, g_rec)
+
+
 TORCH_CELLS = {"lstm": "LSTM", "gru": "GRU", "elman": "RNN"}  # torch.nn.RNN: tanh, as elman
 
 
@@ -165,7 +212,10 @@ def _side_by_side(case: Case, backward: bool, iters: int, warmup: int) -> list[M
     fn, fargs = _xla_with_projection(case, backward)
     compiled, temp, _ = compile_stats(fn, fargs)
     ours = "xla + input projection"
-    steps = {ours: lambda: compiled(*fargs), **steps}
+    mfn, margs = _matmuls_alone(case, backward)
+    mm_compiled = jax.jit(mfn).lower(*margs).compile()
+    floor = "xla: its matmuls alone (same shapes and count)"
+    steps = {ours: lambda: compiled(*fargs), floor: lambda: mm_compiled(*margs), **steps}
     medians = interleaved_medians(steps, iters, warmup=warmup)
     return [
         Measurement(case.name, name, t, temp if name == ours else None)

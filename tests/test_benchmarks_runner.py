@@ -163,3 +163,35 @@ def test_vision_step_functions_train_models_with_and_without_collections(with_ba
     after = train()
     pairs = zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True)
     assert any(not np.allclose(a, b) for a, b in pairs)
+
+
+def _matmul_flops(jaxpr, times: int = 1) -> int:
+    """2·M·N·K summed over every dot_general of a jaxpr, scan bodies counted once per step."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lc, _), _ = eqn.params["dimension_numbers"]
+            k = int(np.prod([eqn.invars[0].aval.shape[d] for d in lc]))
+            total += times * 2 * k * int(np.prod(eqn.outvars[0].aval.shape))
+        n = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+        for v in eqn.params.values():
+            inner = getattr(v, "jaxpr", None)
+            if inner is not None:
+                total += _matmul_flops(getattr(inner, "jaxpr", inner), times * n)
+    return total
+
+
+@pytest.mark.parametrize("function", ["lstm", "gru", "elman"])
+@pytest.mark.parametrize("backward", [False, True])
+def test_rnn_matmuls_alone_do_the_matmul_work_of_the_op(function, backward):
+    """The rnn benchmark's "matmuls alone" row multiplies as much as `xla + input projection`
+    (its forward, or its forward and backward), so the row is the op's matmul floor."""
+    from benchmarks import rnn as bench
+    from jaxblocks.kernels.rnn.specs import Case
+
+    case = Case(function, 2, 5, 1, 8, jax.numpy.float32)
+    ours, ours_args = bench._xla_with_projection(case, backward)
+    alone, alone_args = bench._matmuls_alone(case, backward)
+    want = _matmul_flops(jax.make_jaxpr(ours)(*ours_args).jaxpr)
+    got = _matmul_flops(jax.make_jaxpr(alone)(*alone_args).jaxpr)
+    assert got == want > 0
