@@ -261,7 +261,7 @@ def log_mel_fbank(
         return np.log(np.maximum(power @ fbank, np.finfo(np.float32).eps)).astype(np.float32)
 
     # A few MB of float64 frames at a time: the same numbers (row by row), and for 2,560 clips
-    # of 64 frames 0.6 s instead of 3.8 s with every frame in memory at once.
+    # of 64 frames 0.86 s instead of 4.2 s with every frame in memory at once (one run, both).
     rows = wave.reshape(-1, wave.shape[-1])
     chunk = max(1, (8 << 20) // (8 * n_frames * n_fft))
     out = [features(rows[i : i + chunk]) for i in range(0, max(len(rows), 1), chunk)]
