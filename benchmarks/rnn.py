@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import Measurement, compile_stats, interleaved_medians, measure, table
-from jaxblocks.kernels.rnn.api import IMPLEMENTATIONS, flashrnn
+from jaxblocks.kernels.rnn.api import CELLS, IMPLEMENTATIONS, flashrnn
 from jaxblocks.kernels.rnn.specs import (
     BENCHMARK_CASES,
     QUICK_BENCHMARK_CASES,
@@ -98,8 +98,6 @@ def _cudnn_lstm(case: Case, backward: bool):
 
 def _xla_with_projection(case: Case, backward: bool):
     """x [B, T, H] @ W [H, G·N·D] then `flashrnn` (xla): what torch.nn's cells compute."""
-    from jaxblocks.kernels.rnn.cells import CELLS
-
     cell = CELLS[case.function]
     H = case.N * case.D
     k = jax.random.split(jax.random.key(0), 4)
@@ -130,8 +128,6 @@ def _matmuls_alone(case: Case, backward: bool):
     ``B·T``-row matmuls) and T dependent ``[B, Gr·H] × [Gr·H, H]`` products. A ``tanh`` of each
     product (``[B, Gr·H]`` or ``[B, H]`` elements) carries the dependence between steps.
     """
-    from jaxblocks.kernels.rnn.cells import CELLS
-
     cell = CELLS[case.function]
     H, BT = case.N * case.D, case.B * case.T
     hi = jax.lax.Precision.HIGHEST
