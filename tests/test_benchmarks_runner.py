@@ -7,6 +7,7 @@ import sys
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -195,3 +196,27 @@ def test_rnn_matmuls_alone_do_the_matmul_work_of_the_op(function, backward):
     want = _matmul_flops(jax.make_jaxpr(ours)(*ours_args).jaxpr)
     got = _matmul_flops(jax.make_jaxpr(alone)(*alone_args).jaxpr)
     assert got == want > 0
+
+
+def test_thunk_profile_names_the_optimized_hlos_instructions():
+    """`thunk_profile` reports XLA:CPU's executed instructions by their optimized-HLO names, with
+    a loop body's instruction counted once per iteration and a positive time."""
+    from benchmarks.common import thunk_profile
+
+    steps, runs = 7, 2
+
+    def fn(h, w):
+        def step(h, _):
+            return jnp.tanh(jnp.dot(h, w, precision="highest")), None
+
+        return jax.lax.scan(step, h, None, length=steps)[0]
+
+    k1, k2 = jax.random.split(jax.random.key(0))
+    args = (jax.random.normal(k1, (8, 32)), jax.random.normal(k2, (32, 32)))
+    compiled = jax.jit(fn).lower(*args).compile()
+    rows = thunk_profile(compiled, args, runs=runs, warmup=1)
+    hlo = compiled.as_text()
+    assert rows and all(f"%{name} " in hlo for name, _, _ in rows), rows
+    per_step = [r for r in rows if r[1] == steps]  # the body's dot and tanh, once per step
+    assert per_step and all(ms > 0 for _, _, ms in per_step), rows
+    assert [r[2] for r in rows] == sorted((r[2] for r in rows), reverse=True)
