@@ -25,6 +25,7 @@ from jaxblocks.models.inception_next import (
     inception_next_param_count,
 )
 from jaxblocks.registry import create_model, model_info
+from tests.kernels.harness import leaves_changed
 
 # Correctness checks on tiny inputs: unoptimised XLA compiles several times faster on CPU.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -201,11 +202,7 @@ def test_tiny_forward_and_grad(tiny):
         assert bool(jnp.all(jnp.isfinite(g))), path
     assert float(jnp.max(jnp.abs(grads["stem_0"]["kernel"]))) > 0
     assert float(jnp.max(jnp.abs(grads["stages_3"]["blocks_0"]["gamma"]))) > 0
-    moved = jax.tree.map(
-        lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
-        upd["batch_stats"],
-        v["batch_stats"],
-    )
+    moved = leaves_changed(upd["batch_stats"], v["batch_stats"])
     assert all(jax.tree.leaves(moved)), "train mode must update every running statistic"
 
 

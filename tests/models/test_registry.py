@@ -34,7 +34,7 @@ import pytest
 
 from jaxblocks.layers.conv_bn import ConvBN, LinearBN, convbn_mode, fold_for_deploy
 from jaxblocks.registry import ModelInfo, create_model, example_input, list_models, model_info
-from tests.kernels.harness import assert_close
+from tests.kernels.harness import assert_close, leaves_changed
 
 MODELS = list_models()
 FULL_CHECK_MAX_PARAMS = 2_000_000
@@ -332,9 +332,7 @@ def _check_convbn_mode_switching(name, model, x, variables):
 
     out_train, updates = train({**variables, "params": params}, x)
     stats = updates["batch_stats"]
-    moved = jax.tree.map(
-        lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), stats, variables["batch_stats"]
-    )
+    moved = leaves_changed(stats, variables["batch_stats"])
     assert all(jax.tree.leaves(moved)), f"{name}: train mode did not update every running stat"
 
     trained = {**variables, "params": params, "batch_stats": stats}
